@@ -1,0 +1,384 @@
+"""The pipeline's typed configuration: one schema for every stage.
+
+Config flows one way: a YAML file (``configs/*.yaml``) plus the trigger form's overrides are
+validated here, in Airflow, before any GPU is touched; the resolved config is written next to the
+run's artifacts and every Ray job entrypoint loads that same file back through this module.
+
+Every field is documented by the docstring under it (pydantic turns those into the JSON schema
+descriptions, which the Airflow Params form shows). Unknown keys and bad values are errors that
+name the field and, when loaded from YAML, the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message says which field and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class DataConfig(_Section):
+    domain_corpus: str
+    """JSONL file (local path or s3:// URI) of domain documents, one object per line with a
+    ``text`` field. Relative paths resolve against the config file's folder."""
+
+    instructions: str
+    """JSONL file of chat examples, one object per line with ``messages``: a list of
+    ``{"role": "system"|"user"|"assistant", "content": str}``."""
+
+    seq_len: int = Field(256, ge=16, le=131072)
+    """Tokens per packed training block (CPT and SFT)."""
+
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    """Share of documents and of chat examples kept out of training for evaluation; the split
+    is by content hash, so it is stable when fresh data is appended."""
+
+    min_chars: int = Field(20, ge=0)
+    """Documents shorter than this after cleaning are dropped."""
+
+    scrub_pii: bool = True
+    """Replace e-mail addresses and phone numbers with placeholders before tokenizing."""
+
+    chat_format: Literal["chatml", "llama3"] = "chatml"
+    """How chat turns are rendered into tokens. ``llama3`` needs a tokenizer that has the
+    Llama 3 header tokens; ``chatml`` is used for tokenizers trained by the pipeline."""
+
+    shard_blocks: int = Field(4096, ge=1)
+    """Packed blocks per shard file."""
+
+
+class ModelConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Short name of the model family; used in run names and the registered model name."""
+
+    base: str | None = None
+    """Hugging Face-format model folder (local or s3://) to start from. ``None`` builds a fresh
+    Llama-architecture model from the fields below (tiny models for development and tests)."""
+
+    tokenizer: str | None = None
+    """Tokenizer folder. ``None`` uses the base model's tokenizer, or trains a byte-level BPE
+    tokenizer on the domain corpus when there is no base model."""
+
+    vocab_size: int = Field(4096, ge=256)
+    """Vocabulary size of a tokenizer trained by the pipeline (ignored when one is given)."""
+
+    hidden_size: int = Field(128, ge=8)
+    """Width of the residual stream (models built from config only)."""
+
+    intermediate_size: int = Field(344, ge=8)
+    """Width of the MLP (models built from config only)."""
+
+    num_layers: int = Field(2, ge=1)
+    """Decoder layers (models built from config only)."""
+
+    num_heads: int = Field(4, ge=1)
+    """Attention heads (models built from config only)."""
+
+    num_kv_heads: int = Field(2, ge=1)
+    """Key/value heads for grouped-query attention (models built from config only)."""
+
+    rope_theta: float = Field(10000.0, gt=0)
+    """RoPE base frequency (models built from config only)."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(ge=1)
+    """Optimizer steps."""
+
+    micro_batch_size: int = Field(4, ge=1)
+    """Packed blocks per worker per forward pass."""
+
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+
+    lr: float = Field(gt=0, le=1.0)
+    """Peak learning rate."""
+
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decay floor as a fraction of ``lr``."""
+
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps before the cosine decay."""
+
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+
+    grad_clip: float = Field(1.0, gt=0)
+    """Global gradient-norm clip."""
+
+    seed: int = 0
+    """Seed for model init (when built from config) and data order."""
+
+    log_every: int = Field(1, ge=1)
+    """Log loss, learning rate and tokens/s to MLflow every this many steps."""
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})"
+            )
+        return self
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(8, ge=1)
+    """Held-out blocks per forward pass."""
+
+    max_batches: int = Field(50, ge=1)
+    """Upper bound on held-out batches per metric, to keep evaluation time bounded."""
+
+    min_improvement: float = Field(0.0, ge=0)
+    """Relative improvement in held-out instruction bits-per-byte the candidate needs over the
+    current champion to be promoted (0.0: any strict improvement)."""
+
+    max_domain_regression: float = Field(0.02, ge=0)
+    """Largest relative increase in domain bits-per-byte over the champion that still passes."""
+
+
+class ComputeConfig(_Section):
+    pool: Literal["cpu", "a100", "h100"] = "cpu"
+    """Ray worker group the training workers are placed on."""
+
+    num_workers: int = Field(2, ge=1)
+    """Training workers (one per GPU on GPU pools)."""
+
+    cpus_per_worker: int = Field(1, ge=1)
+    """CPUs reserved per worker (data loading, CPU optimizer offload)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    """DeepSpeed ZeRO stage."""
+
+    offload_optimizer: bool = True
+    """Keep optimizer state on CPU (ZeRO-Offload; uses DeepSpeed's CPU Adam)."""
+
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """Parameter and compute precision; bf16 keeps fp32 master weights in the optimizer."""
+
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    """Attention kernel. ``auto`` picks flash_attention_2 when CUDA and flash-attn are present,
+    else sdpa; the stage logs which one ran."""
+
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> ComputeConfig:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str = "sqlite:///.local/mlflow/mlflow.db"
+    """MLflow tracking URI. Relative sqlite paths resolve against the repository root."""
+
+    artifact_location: str = ".local/mlflow/artifacts"
+    """Where a new MLflow experiment stores run artifacts (only used when the experiment is
+    created). Relative paths resolve against the repository root."""
+
+    experiment: str = "domain-llm"
+    """MLflow experiment that holds one parent run per DAG run."""
+
+    registered_model: str = "domain-llm"
+    """Model registry name the promote stage registers versions under."""
+
+    ui_url: str | None = "http://127.0.0.1:5000"
+    """Base URL of the MLflow UI, for the Airflow task links (``make mlflow-ui`` serves the
+    default store there). ``None`` hides the links."""
+
+
+class StorageConfig(_Section):
+    artifact_root: str = ".local/artifacts"
+    """Where stage outputs go: ``<artifact_root>/<run_key>/<stage>/``. A local folder (relative
+    to the repository root) or an ``s3://bucket/prefix`` URI."""
+
+
+class PipelineConfig(_Section):
+    data: DataConfig
+    model: ModelConfig
+    cpt: TrainConfig
+    sft: TrainConfig
+    eval: EvalConfig = EvalConfig()
+    compute: ComputeConfig = ComputeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+
+    def fingerprint(self) -> str:
+        """Short hash of the resolved config; a stage retry reuses a result only when it matches."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a YAML config, apply dotted overrides and validate.
+
+    Args:
+        path: YAML file. Relative data paths in it resolve against its folder.
+        overrides: ``{"cpt.max_steps": 20, ...}``; a ``None`` value keeps the file's value.
+
+    Returns:
+        The validated config, with local paths made absolute.
+
+    Raises:
+        ConfigError: the file is missing or malformed, a key is unknown, or a value is invalid;
+            the message names the field and the file and line it came from.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    applied = {key: value for key, value in (overrides or {}).items() if value is not None}
+    for key, value in applied.items():
+        _set_dotted(raw, key, value)
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, path, text, overridden=set(applied))) from err
+    return resolve_paths(config, path.parent)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
+    """Validate an already-resolved config (as written next to a run's artifacts)."""
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, Path(source), "")) from err
+
+
+def resolve_paths(config: PipelineConfig, config_dir: Path) -> PipelineConfig:
+    """Make local paths absolute: data files against the config's folder, stores against the repo."""
+
+    def local(value: str, base: Path) -> str:
+        if "://" in value or Path(value).is_absolute():
+            return value
+        return str((base / value).resolve())
+
+    data = config.data.model_copy(
+        update={
+            "domain_corpus": local(config.data.domain_corpus, config_dir),
+            "instructions": local(config.data.instructions, config_dir),
+        }
+    )
+    model = config.model.model_copy(
+        update={
+            "base": local(config.model.base, config_dir) if config.model.base else None,
+            "tokenizer": local(config.model.tokenizer, config_dir)
+            if config.model.tokenizer
+            else None,
+        }
+    )
+    uri = config.tracking.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + local(uri.removeprefix("sqlite:///"), REPO_ROOT)
+    tracking = config.tracking.model_copy(
+        update={
+            "tracking_uri": uri,
+            "artifact_location": local(config.tracking.artifact_location, REPO_ROOT),
+        }
+    )
+    storage = config.storage.model_copy(
+        update={"artifact_root": local(config.storage.artifact_root, REPO_ROOT)}
+    )
+    return config.model_copy(
+        update={"data": data, "model": model, "tracking": tracking, "storage": storage}
+    )
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, field = dotted.partition(".")
+    if not field:
+        raise ConfigError(f"override {dotted!r}: expected 'section.field', e.g. 'cpt.max_steps'")
+    if section not in PipelineConfig.model_fields:
+        raise ConfigError(
+            f"override {dotted!r}: unknown section {section!r}; "
+            f"expected one of {sorted(PipelineConfig.model_fields)}"
+        )
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"override {dotted!r}: section {section!r} is not a mapping")
+    target[field] = value
+
+
+def _describe(
+    err: ValidationError, path: Path, text: str, overridden: set[str] | None = None
+) -> str:
+    lines = [f"{path}: invalid config ({err.error_count()} error(s))"]
+    for item in err.errors():
+        loc = ".".join(str(part) for part in item["loc"])
+        # A value set by an override did not come from the file, so no file line applies.
+        if loc in (overridden or set()):
+            at = " (from override)"
+        else:
+            where = _yaml_line(text, item["loc"])
+            at = f" (line {where})" if where else ""
+        if item["type"] == "extra_forbidden":
+            parent = _fields_at(item["loc"][:-1])
+            lines.append(f"  {loc}{at}: unknown key; allowed keys here: {parent}")
+        else:
+            lines.append(f"  {loc}{at}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the key at ``loc`` in the YAML text, if it is there."""
+    if not text:
+        return None
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key, value in node.value:
+            if key.value == str(part):
+                line, node = key.start_mark.line + 1, value
+                break
+        else:
+            break
+    return line

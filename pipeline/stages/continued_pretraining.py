@@ -1,0 +1,55 @@
+"""Stage 2: continued pre-training (causal LM) on the packed domain text.
+
+Starts from ``model.base``, or builds a fresh Llama-architecture model from the config and keeps
+those initial weights as ``base_model/`` so evaluation can compare against them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+from pipeline import storage
+from pipeline.stages.common import StageContext, StageOutput, local_staging, stage_main
+
+STAGE = "continued_pretraining"
+
+
+def initial_model(ctx: StageContext) -> str:
+    """URI of the weights training starts from."""
+    cfg = ctx.config
+    if cfg.model.base:
+        return cfg.model.base
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.train.model import build_llama
+
+    base_uri = storage.join(ctx.output_uri, "base_model")
+    with local_staging(base_uri) as out, tempfile.TemporaryDirectory() as scratch:
+        tok = load_tokenizer(storage.download_dir(ctx.previous["tokenizer"], scratch))
+        model = build_llama(cfg.model, tok, cfg.data.seq_len, cfg.cpt.seed)
+        model.save_pretrained(str(out), safe_serialization=True)
+        tok.save_pretrained(str(out))
+    return base_uri
+
+
+def run(ctx: StageContext) -> StageOutput:
+    from pipeline.train.loop import LoopSpec
+    from pipeline.train.ray_train import fit
+
+    base_uri = initial_model(ctx)
+    model_uri = storage.join(ctx.output_uri, "model")
+    spec = LoopSpec(
+        config=ctx.config.model_dump(mode="json"),
+        section="cpt",
+        model_uri=base_uri,
+        tokenizer_uri=ctx.previous["tokenizer"],
+        data_uri=ctx.previous["data"],
+        split="cpt_train",
+        output_uri=model_uri,
+        mlflow_run_id=ctx.mlflow_run_id,
+    )
+    metrics = fit(spec, ctx.config.compute, name=f"{ctx.run_key}-{STAGE}")
+    return StageOutput(outputs={"base_model": base_uri, "cpt_model": model_uri}, metrics=metrics)
+
+
+if __name__ == "__main__":
+    stage_main(STAGE, run)

@@ -1,0 +1,31 @@
+"""Stage 3: supervised fine-tuning on chat examples, prompt tokens masked out of the loss."""
+
+from __future__ import annotations
+
+from pipeline import storage
+from pipeline.stages.common import StageContext, StageOutput, stage_main
+
+STAGE = "instruction_finetuning"
+
+
+def run(ctx: StageContext) -> StageOutput:
+    from pipeline.train.loop import LoopSpec
+    from pipeline.train.ray_train import fit
+
+    model_uri = storage.join(ctx.output_uri, "model")
+    spec = LoopSpec(
+        config=ctx.config.model_dump(mode="json"),
+        section="sft",
+        model_uri=ctx.previous["cpt_model"],
+        tokenizer_uri=ctx.previous["tokenizer"],
+        data_uri=ctx.previous["data"],
+        split="sft_train",
+        output_uri=model_uri,
+        mlflow_run_id=ctx.mlflow_run_id,
+    )
+    metrics = fit(spec, ctx.config.compute, name=f"{ctx.run_key}-{STAGE}")
+    return StageOutput(outputs={"sft_model": model_uri}, metrics=metrics)
+
+
+if __name__ == "__main__":
+    stage_main(STAGE, run)

@@ -1,0 +1,140 @@
+"""MLflow helpers: one parent run per DAG run, one child run per stage.
+
+Runs are found by tags, not remembered in process state, so a stage retried on another machine
+attaches to the same parent run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import PipelineConfig, TrackingConfig
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+RUN_KEY_TAG = "pipeline.run_key"
+ROLE_TAG = "pipeline.role"
+STAGE_TAG = "pipeline.stage"
+
+
+def client(tracking: TrackingConfig) -> MlflowClient:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri)
+    mlflow.set_registry_uri(tracking.tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=tracking.tracking_uri, registry_uri=tracking.tracking_uri)
+
+
+def experiment_id(tracking: TrackingConfig) -> str:
+    """Id of the configured experiment, created (with its artifact location) if missing."""
+    mlc = client(tracking)
+    experiment = mlc.get_experiment_by_name(tracking.experiment)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    location = tracking.artifact_location
+    if "://" not in location:
+        location = f"file://{location}"
+    return str(mlc.create_experiment(tracking.experiment, artifact_location=location))
+
+
+def parent_run_id(tracking: TrackingConfig, run_key: str) -> str:
+    """The DAG run's parent run, created on first use."""
+    mlc = client(tracking)
+    exp = experiment_id(tracking)
+    found = mlc.search_runs(
+        [exp], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}' and tags.`{ROLE_TAG}` = 'parent'"
+    )
+    if found:
+        return str(found[0].info.run_id)
+    run = mlc.create_run(exp, run_name=run_key, tags={RUN_KEY_TAG: run_key, ROLE_TAG: "parent"})
+    return str(run.info.run_id)
+
+
+def run_url(tracking: TrackingConfig, run_id: str) -> str | None:
+    if not tracking.ui_url:
+        return None
+    exp = experiment_id(tracking)
+    return f"{tracking.ui_url.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+
+
+def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"cpt": {"lr": 0.1}}`` -> ``{"cpt.lr": "0.1"}`` for MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+@contextmanager
+def stage_run(config: PipelineConfig, run_key: str, stage: str) -> Iterator[str]:
+    """A child run for one stage attempt; FINISHED on success, FAILED (and parent FAILED) on error."""
+    from mlflow.entities import Param
+
+    mlc = client(config.tracking)
+    parent = parent_run_id(config.tracking, run_key)
+    mlc.update_run(parent, status="RUNNING")
+    run = mlc.create_run(
+        experiment_id(config.tracking),
+        run_name=stage,
+        tags={
+            "mlflow.parentRunId": parent,
+            RUN_KEY_TAG: run_key,
+            ROLE_TAG: "stage",
+            STAGE_TAG: stage,
+        },
+    )
+    run_id = str(run.info.run_id)
+    params = [Param(k, v[:6000]) for k, v in flatten(config.model_dump(mode="json")).items()]
+    mlc.log_batch(run_id, params=params)
+    try:
+        yield run_id
+    except BaseException:
+        mlc.set_terminated(run_id, status="FAILED")
+        mlc.update_run(parent, status="FAILED")
+        raise
+    mlc.set_terminated(run_id, status="FINISHED")
+
+
+def finish_parent(tracking: TrackingConfig, run_key: str) -> None:
+    client(tracking).set_terminated(parent_run_id(tracking, run_key), status="FINISHED")
+
+
+def log_metrics(tracking: TrackingConfig, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+    client(tracking).log_batch(run_id, metrics=batch)
+
+
+CHAMPION_ALIAS = "champion"
+
+
+def champion_version(tracking: TrackingConfig) -> Any | None:
+    """The registered model version holding the champion alias, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(tracking).get_model_version_by_alias(tracking.registered_model, CHAMPION_ALIAS)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def download_model_version(tracking: TrackingConfig, source: str, dest: str) -> str:
+    """Local copy of a registered version's files."""
+    import mlflow.artifacts
+
+    client(tracking)
+    path: str = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dest, tracking_uri=tracking.tracking_uri)
+    return path

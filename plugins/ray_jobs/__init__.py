@@ -1,0 +1,1 @@
+"""Airflow plugin package for Ray jobs: REST hook, deferrable operator, async trigger, links."""
