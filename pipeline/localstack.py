@@ -81,6 +81,20 @@ def ray_head(workdir: Path, num_cpus: int = 4) -> Iterator[RayHead]:
         token_path.chmod(0o600)
     token = token_path.read_text().strip()
     port, dashboard_port = free_port(), free_port()
+    # Every fixed default port gets a free one too, so two heads (a demo and a test run, say)
+    # can share a machine; a clash leaves the job agent dead and submissions failing.
+    service_ports = {
+        flag: free_port()
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+            "ray-client-server-port",
+        )
+    }
     # Ray's socket paths must stay under ~107 bytes, so its temp dir lives under /tmp.
     temp_dir = Path("/tmp") / f"ray-{dashboard_port}"
     bin_dir = str(Path(sys.executable).parent)
@@ -106,6 +120,7 @@ def ray_head(workdir: Path, num_cpus: int = 4) -> Iterator[RayHead]:
         "--include-dashboard=true",
         "--disable-usage-stats",
         f"--temp-dir={temp_dir}",
+        *(f"--{flag}={value}" for flag, value in service_ports.items()),
     ]
     with log.open("wb") as log_file:
         proc = subprocess.Popen(
@@ -129,7 +144,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     except ProcessLookupError:
         return
     try:
-        proc.wait(timeout=30)
+        # `ray start --block` does not always exit on SIGTERM; don't wait long for it.
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

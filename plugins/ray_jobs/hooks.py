@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,9 @@ import httpx
 from airflow.sdk.bases.hook import BaseHook
 from airflow.sdk.exceptions import AirflowException
 from airflow.sdk.log import amask_secret, mask_secret
+
+AGENT_WAIT_S = 60.0
+"""How long a submission waits for the job agent of a freshly started head."""
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
@@ -265,7 +269,18 @@ class RayJobsHook(BaseHook):
             "runtime_env": runtime_env,
             "entrypoint_num_cpus": entrypoint_num_cpus,
         }
-        response = self._request("POST", "/api/jobs/", json=body)
+        # A head that just started (or restarted) answers before its job agent is up; Ray says
+        # "No available agent" then. That is worth waiting for, briefly; anything else is not.
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                response = self._request("POST", "/api/jobs/", json=body)
+                break
+            except RayJobsError as err:
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+                self.log.info("Ray job agent not ready yet; retrying the submission")
+                time.sleep(2)
         self._raise_if_404(response)
         submitted: str = response.json()["submission_id"]
         self.log.info("submitted Ray job %s: %s", submitted, self.dashboard_job_url(submitted))
