@@ -14,9 +14,9 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import DAG, Param, get_current_context, task
-from ray_jobs.operators import RayJobOperator
 
 from pipeline.form import form_fields
+from ray_jobs.operators import RayJobOperator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = os.environ.get("PIPELINE_CONFIG", str(REPO_ROOT / "configs" / "demo.yaml"))

@@ -95,7 +95,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = load_config(conf["config"], {k: v for k, v in conf.items() if k != "config"})
     print(f"\nDAG run {dag_run.run_id}: {dag_run.state}")
     print(f"artifacts: {config.storage.artifact_root}")
-    print(f"MLflow:    {config.tracking.tracking_uri}  (make mlflow-ui, then {config.tracking.ui_url})")
+    print(
+        f"MLflow:    {config.tracking.tracking_uri}  (make mlflow-ui, then {config.tracking.ui_url})"
+    )
     return 0 if str(dag_run.state) in ("success", "DagRunState.SUCCESS") else 1
 
 
@@ -106,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    validate = sub.add_parser("validate", help="validate a config (with overrides) and print it resolved")
+    validate = sub.add_parser(
+        "validate", help="validate a config (with overrides) and print it resolved"
+    )
     validate.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
     validate.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     validate.set_defaults(func=cmd_validate)

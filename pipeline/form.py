@@ -33,7 +33,15 @@ FORM_FIELDS = (
 )
 """Config fields a person may change when triggering a run by hand."""
 
-_SCHEMA_KEYS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "pattern")
+_SCHEMA_KEYS = (
+    "type",
+    "enum",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "pattern",
+)
 
 
 def field_schema(dotted: str) -> dict[str, Any]:

@@ -29,8 +29,15 @@ def check_inputs(config: PipelineConfig) -> None:
     ):
         if not storage.exists(uri):
             raise ConfigError(f"{field}: file not found: {uri}")
-    for field, folder in (("model.base", config.model.base), ("model.tokenizer", config.model.tokenizer)):
-        if folder and not storage.exists(storage.join(folder, "config.json" if field == "model.base" else "tokenizer_config.json")):
+    for field, folder in (
+        ("model.base", config.model.base),
+        ("model.tokenizer", config.model.tokenizer),
+    ):
+        if folder and not storage.exists(
+            storage.join(
+                folder, "config.json" if field == "model.base" else "tokenizer_config.json"
+            )
+        ):
             raise ConfigError(f"{field}: no Hugging Face model files found at {folder}")
 
 

@@ -25,7 +25,9 @@ def client(tracking: TrackingConfig) -> MlflowClient:
 
     mlflow.set_tracking_uri(tracking.tracking_uri)
     mlflow.set_registry_uri(tracking.tracking_uri)
-    return mlflow.MlflowClient(tracking_uri=tracking.tracking_uri, registry_uri=tracking.tracking_uri)
+    return mlflow.MlflowClient(
+        tracking_uri=tracking.tracking_uri, registry_uri=tracking.tracking_uri
+    )
 
 
 def experiment_id(tracking: TrackingConfig) -> str:
@@ -106,7 +108,9 @@ def finish_parent(tracking: TrackingConfig, run_key: str) -> None:
     client(tracking).set_terminated(parent_run_id(tracking, run_key), status="FINISHED")
 
 
-def log_metrics(tracking: TrackingConfig, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(
+    tracking: TrackingConfig, run_id: str, metrics: dict[str, float], step: int | None = None
+) -> None:
     import time
 
     from mlflow.entities import Metric
@@ -124,7 +128,9 @@ def champion_version(tracking: TrackingConfig) -> Any | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client(tracking).get_model_version_by_alias(tracking.registered_model, CHAMPION_ALIAS)
+        return client(tracking).get_model_version_by_alias(
+            tracking.registered_model, CHAMPION_ALIAS
+        )
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
             return None
@@ -136,5 +142,7 @@ def download_model_version(tracking: TrackingConfig, source: str, dest: str) -> 
     import mlflow.artifacts
 
     client(tracking)
-    path: str = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dest, tracking_uri=tracking.tracking_uri)
+    path: str = mlflow.artifacts.download_artifacts(
+        artifact_uri=source, dst_path=dest, tracking_uri=tracking.tracking_uri
+    )
     return path

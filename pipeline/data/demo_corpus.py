@@ -80,7 +80,9 @@ def _instruction(rng: random.Random) -> dict[str, list[dict[str, str]]]:
     return {"messages": messages}
 
 
-def write_demo_data(out_dir: Path, n_docs: int = 1500, n_chats: int = 600, seed: int = 1234) -> None:
+def write_demo_data(
+    out_dir: Path, n_docs: int = 1500, n_chats: int = 600, seed: int = 1234
+) -> None:
     """Write ``domain.jsonl`` and ``instructions.jsonl`` under ``out_dir``."""
     rng = random.Random(seed)
     docs = []

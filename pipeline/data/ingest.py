@@ -83,9 +83,7 @@ def is_heldout(key: str, fraction: float) -> bool:
     return int(key[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def load_documents(
-    uri: str, min_chars: int, scrub: bool
-) -> tuple[list[str], IngestStats]:
+def load_documents(uri: str, min_chars: int, scrub: bool) -> tuple[list[str], IngestStats]:
     """Read ``{"text": ...}`` records, clean, scrub, drop short ones and exact duplicates."""
     stats = IngestStats()
     seen: set[str] = set()

@@ -66,11 +66,15 @@ class _BlockWriter:
         if not self.blocks:
             empty = np.zeros((0, self.seq_len), dtype=np.int32)
             return PackedBlocks(empty, empty.copy(), empty.copy())
-        ids, pos, labels = (np.asarray(col, dtype=np.int32) for col in zip(*self.blocks))
+        ids, pos, labels = (
+            np.asarray(col, dtype=np.int32) for col in zip(*self.blocks, strict=True)
+        )
         return PackedBlocks(ids, pos, labels)
 
 
-def pack_documents(docs: Iterable[list[int]], seq_len: int, eos_id: int, pad_id: int) -> PackedBlocks:
+def pack_documents(
+    docs: Iterable[list[int]], seq_len: int, eos_id: int, pad_id: int
+) -> PackedBlocks:
     """Concatenate documents (each followed by EOS) into blocks for causal-LM training.
 
     A document longer than the room left is split across blocks; its continuation restarts

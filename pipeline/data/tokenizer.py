@@ -64,7 +64,8 @@ def token_byte_lengths(tok: PreTrainedTokenizerBase) -> list[int]:
     """
     special = set(tok.all_special_ids)
     size = len(tok)
-    return [
-        0 if i in special else len(tok.decode([i], clean_up_tokenization_spaces=False).encode())
-        for i in range(size)
-    ]
+    lengths = []
+    for i in range(size):
+        text = tok.decode([i], clean_up_tokenization_spaces=False)
+        lengths.append(0 if i in special else len(str(text).encode()))
+    return lengths

@@ -27,7 +27,10 @@ def evaluate_gates(scores: dict[str, Any], cfg: EvalConfig) -> list[Gate]:
         scores: ``{"base"|"candidate"|"champion": {"domain"|"instructions": {...}}}``;
             ``champion`` is absent when no model holds the alias yet.
     """
-    cand_instr, base_instr = _bpb(scores, "candidate", "instructions"), _bpb(scores, "base", "instructions")
+    cand_instr, base_instr = (
+        _bpb(scores, "candidate", "instructions"),
+        _bpb(scores, "base", "instructions"),
+    )
     gates = [
         Gate(
             "beats_base_on_instructions",

@@ -40,10 +40,21 @@ class HeldoutScore:
         return self.nll_sum / math.log(2) / max(self.bytes, 1)
 
     def as_dict(self) -> dict[str, float]:
-        return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+        return {
+            **asdict(self),
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+        }
 
 
-def score_blocks(model: PreTrainedModel, blocks: pack.PackedBlocks, byte_lengths: list[int], batch_size: int, max_batches: int) -> HeldoutScore:
+def score_blocks(
+    model: PreTrainedModel,
+    blocks: pack.PackedBlocks,
+    byte_lengths: list[int],
+    batch_size: int,
+    max_batches: int,
+) -> HeldoutScore:
     """Sum the loss over packed blocks (document-isolated, like training)."""
     import torch
     import torch.nn.functional as F
@@ -71,7 +82,15 @@ def score_blocks(model: PreTrainedModel, blocks: pack.PackedBlocks, byte_lengths
     return HeldoutScore(nll, tokens, nbytes)
 
 
-def score_model(model_dir: str | Path, heldout: dict[str, Any], seq_len: int, chat_format: chat.ChatFormat, batch_size: int, max_batches: int, attention: str) -> dict[str, dict[str, float]]:
+def score_model(
+    model_dir: str | Path,
+    heldout: dict[str, Any],
+    seq_len: int,
+    chat_format: chat.ChatFormat,
+    batch_size: int,
+    max_batches: int,
+    attention: str,
+) -> dict[str, dict[str, float]]:
     """Domain and instruction scores of the model folder (which holds its tokenizer)."""
     import torch
 
@@ -81,7 +100,8 @@ def score_model(model_dir: str | Path, heldout: dict[str, Any], seq_len: int, ch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tok = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir, attention, dtype).to(device).eval()
+    model = load_causal_lm(model_dir, attention, dtype)
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers 5 types .to() oddly
     byte_lengths = token_byte_lengths(tok)
     docs = tok(heldout["documents"], add_special_tokens=False)["input_ids"]
     domain = pack.pack_documents(docs, seq_len, tok.eos_token_id, tok.pad_token_id)
@@ -89,5 +109,7 @@ def score_model(model_dir: str | Path, heldout: dict[str, Any], seq_len: int, ch
     instructions, _ = pack.pack_examples(examples, seq_len, tok.pad_token_id)
     return {
         "domain": score_blocks(model, domain, byte_lengths, batch_size, max_batches).as_dict(),
-        "instructions": score_blocks(model, instructions, byte_lengths, batch_size, max_batches).as_dict(),
+        "instructions": score_blocks(
+            model, instructions, byte_lengths, batch_size, max_batches
+        ).as_dict(),
     }

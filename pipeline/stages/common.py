@@ -53,7 +53,9 @@ class StageOutput:
 def write_resolved_config(config: PipelineConfig, run_key: str) -> str:
     """Write the run's resolved config next to its artifacts; returns its URI."""
     uri = storage.join(config.storage.artifact_root, run_key, CONFIG_FILE)
-    storage.write_bytes(uri, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
+    storage.write_bytes(
+        uri, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode()
+    )
     return uri
 
 
@@ -101,9 +103,13 @@ def previous_outputs(input_uri: str | None) -> dict[str, Any]:
     return outputs
 
 
-def stage_main(stage: str, run: Callable[[StageContext], StageOutput], argv: list[str] | None = None) -> dict[str, Any]:
+def stage_main(
+    stage: str, run: Callable[[StageContext], StageOutput], argv: list[str] | None = None
+) -> dict[str, Any]:
     """Run one stage attempt, or return the committed result of an identical earlier attempt."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = parse_args(stage, argv)
     config = read_resolved_config(args.config)
     output_uri = storage.stage_uri(config.storage.artifact_root, args.run_key, stage)
@@ -135,4 +141,3 @@ def stage_main(stage: str, run: Callable[[StageContext], StageOutput], argv: lis
     log.info("%s committed to %s", stage, output_uri)
     print(json.dumps(result))
     return result
-

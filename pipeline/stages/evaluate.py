@@ -21,7 +21,9 @@ REPORT_FILE = "eval_report.json"
 log = logging.getLogger(__name__)
 
 
-def score_one(config_dict: dict[str, Any], model_uri: str, from_registry: bool, heldout: dict[str, Any]) -> dict[str, Any]:
+def score_one(
+    config_dict: dict[str, Any], model_uri: str, from_registry: bool, heldout: dict[str, Any]
+) -> dict[str, Any]:
     """Runs as a Ray task: fetch the model folder, score it."""
     from pipeline.config import config_from_dict
     from pipeline.eval.perplexity import score_model
@@ -44,7 +46,9 @@ def score_one(config_dict: dict[str, Any], model_uri: str, from_registry: bool, 
         )
 
 
-def score_all(cfg: PipelineConfig, models: dict[str, tuple[str, bool]], heldout: dict[str, Any]) -> dict[str, Any]:
+def score_all(
+    cfg: PipelineConfig, models: dict[str, tuple[str, bool]], heldout: dict[str, Any]
+) -> dict[str, Any]:
     import ray
 
     from pipeline.train.ray_train import worker_resources
@@ -57,7 +61,9 @@ def score_all(cfg: PipelineConfig, models: dict[str, tuple[str, bool]], heldout:
     )
     heldout_ref = ray.put(heldout)
     config_dict = cfg.model_dump(mode="json")
-    refs = {name: task.remote(config_dict, uri, reg, heldout_ref) for name, (uri, reg) in models.items()}
+    refs = {
+        name: task.remote(config_dict, uri, reg, heldout_ref) for name, (uri, reg) in models.items()
+    }
     return {name: ray.get(ref) for name, ref in refs.items()}
 
 
@@ -85,7 +91,9 @@ def run(ctx: StageContext) -> StageOutput:
         storage.write_json(local, report)
         tracking.client(cfg.tracking).log_artifact(ctx.mlflow_run_id, local)
     for gate in report["gates"]:
-        log.info("gate %s: %s (%s)", gate["name"], "pass" if gate["passed"] else "FAIL", gate["detail"])
+        log.info(
+            "gate %s: %s (%s)", gate["name"], "pass" if gate["passed"] else "FAIL", gate["detail"]
+        )
     metrics: dict[str, Any] = {
         f"{model}.{split}.{name}": value
         for model, splits in scores.items()

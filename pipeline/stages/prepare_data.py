@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from typing import Any, TypeVar
 
 from pipeline import storage
 from pipeline.data import chat, ingest, pack, shards, tokenizer
@@ -16,10 +17,13 @@ from pipeline.stages.common import StageContext, StageOutput, local_staging, sta
 STAGE = "prepare_data"
 HELDOUT_FILE = "heldout.json"
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def split_heldout(items: list, keys: list[str], fraction: float) -> tuple[list, list]:
-    train, heldout = [], []
+def split_heldout(items: list[T], keys: list[str], fraction: float) -> tuple[list[T], list[T]]:
+    """Stable train/held-out split by content hash (see ``ingest.is_heldout``)."""
+    train: list[T] = []
+    heldout: list[T] = []
     for item, key in zip(items, keys, strict=True):
         (heldout if ingest.is_heldout(key, fraction) else train).append(item)
     if not train or not heldout:
@@ -32,9 +36,13 @@ def split_heldout(items: list, keys: list[str], fraction: float) -> tuple[list, 
 
 def run(ctx: StageContext) -> StageOutput:
     cfg = ctx.config
-    docs, doc_stats = ingest.load_documents(cfg.data.domain_corpus, cfg.data.min_chars, cfg.data.scrub_pii)
+    docs, doc_stats = ingest.load_documents(
+        cfg.data.domain_corpus, cfg.data.min_chars, cfg.data.scrub_pii
+    )
     chats, chat_stats = ingest.load_chats(cfg.data.instructions, cfg.data.scrub_pii)
-    doc_train, doc_heldout = split_heldout(docs, [ingest.content_hash(d) for d in docs], cfg.data.heldout_fraction)
+    doc_train, doc_heldout = split_heldout(
+        docs, [ingest.content_hash(d) for d in docs], cfg.data.heldout_fraction
+    )
     chat_keys = [ingest.content_hash(repr(c)) for c in chats]
     chat_train, chat_heldout = split_heldout(chats, chat_keys, cfg.data.heldout_fraction)
 
@@ -63,21 +71,29 @@ def run(ctx: StageContext) -> StageOutput:
         truncated += cut
 
     data_uri = storage.join(ctx.output_uri, "data")
-    manifest = {
+    split_entries = {
+        name: shards.write_split(b, data_uri, name, cfg.data.shard_blocks)
+        for name, b in splits.items()
+    }
+    manifest: dict[str, Any] = {
         "seq_len": seq,
         "vocab_size": len(tok),
         "chat_format": cfg.data.chat_format,
-        "splits": {name: shards.write_split(b, data_uri, name, cfg.data.shard_blocks) for name, b in splits.items()},
+        "splits": split_entries,
         "documents": vars(doc_stats),
         "chats": {**vars(chat_stats), "truncated": truncated},
     }
     # Raw held-out text lets evaluation re-tokenize for models with another tokenizer (the champion).
-    storage.write_json(storage.join(data_uri, HELDOUT_FILE), {"documents": doc_heldout, "chats": chat_heldout})
+    storage.write_json(
+        storage.join(data_uri, HELDOUT_FILE), {"documents": doc_heldout, "chats": chat_heldout}
+    )
     storage.write_json(storage.join(data_uri, shards.MANIFEST_FILE), manifest)
-    log.info("manifest: %s", {k: v["blocks"] for k, v in manifest["splits"].items()})
+    log.info("manifest: %s", {k: v["blocks"] for k, v in split_entries.items()})
 
-    metrics = {f"{name}_blocks": entry["blocks"] for name, entry in manifest["splits"].items()}
-    metrics |= {f"{name}_trained_tokens": entry["trained_tokens"] for name, entry in manifest["splits"].items()}
+    metrics = {f"{name}_blocks": entry["blocks"] for name, entry in split_entries.items()}
+    metrics |= {
+        f"{name}_trained_tokens": entry["trained_tokens"] for name, entry in split_entries.items()
+    }
     metrics |= {
         "documents_kept": doc_stats.kept,
         "documents_duplicates": doc_stats.duplicates,

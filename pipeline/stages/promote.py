@@ -57,7 +57,9 @@ def run(ctx: StageContext) -> StageOutput:
         log.info("%s version %s is the new champion", name, version)
     else:
         failed = [g["name"] for g in report["gates"] if not g["passed"]]
-        log.info("%s version %s registered but not promoted; failed gates: %s", name, version, failed)
+        log.info(
+            "%s version %s registered but not promoted; failed gates: %s", name, version, failed
+        )
     tracking.finish_parent(cfg.tracking, ctx.run_key)
     return StageOutput(
         outputs={"registered_model": name, "model_version": version},

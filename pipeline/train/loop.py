@@ -117,7 +117,14 @@ def train_worker(spec_dict: dict[str, Any]) -> None:
     blocks = read_split(spec.data_uri, read_manifest(spec.data_uri), spec.split)
     n_params = count_parameters(engine.module)
     if rank == 0:
-        log.info("%s: %d params, %d blocks, world %d, attention %s", spec.section, n_params, len(blocks), world, attention)
+        log.info(
+            "%s: %d params, %d blocks, world %d, attention %s",
+            spec.section,
+            n_params,
+            len(blocks),
+            world,
+            attention,
+        )
 
     history = train_steps(engine, blocks, train, rank, world, device, spec, config)
 

@@ -12,7 +12,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def build_llama(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seq_len: int, seed: int) -> PreTrainedModel:
+def build_llama(
+    cfg: ModelConfig, tok: PreTrainedTokenizerBase, seq_len: int, seed: int
+) -> PreTrainedModel:
     """A freshly initialised Llama-architecture model sized by ``cfg`` (fp32, on CPU)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -25,7 +27,7 @@ def build_llama(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seq_len: int, se
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=max(seq_len, 2048),
-        rope_theta=cfg.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -43,7 +45,9 @@ def load_causal_lm(path: str | Path, attention: str, dtype: torch.dtype) -> PreT
     """
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attention, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), attn_implementation=attention, dtype=dtype
+    )
 
 
 def count_parameters(model: torch.nn.Module) -> int:
