@@ -10,9 +10,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import REPO_ROOT, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from pipeline.localstack import RayHead
 
 DAG_ID = "domain_llm_retraining"
 DAG_FILE = REPO_ROOT / "dags" / f"{DAG_ID}.py"
@@ -68,30 +71,36 @@ def airflow_env(workdir: Path) -> None:
         subprocess.run([str(airflow), "db", "migrate"], check=True, stdout=subprocess.DEVNULL)
 
 
-def run_dag(conf: dict[str, Any], workdir: Path) -> Any:
-    """Run the real DAG once with ``dag.test()`` against a Ray head started for the run.
+def load_dag() -> Any:
+    """Import the DAG file the way Airflow's parser does (a fresh module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("domain_llm_retraining_dag", DAG_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dag
+
+
+def run_dag(conf: dict[str, Any], head: RayHead) -> Any:
+    """Run the real DAG once with ``dag.test()`` (deferred tasks run their triggers in process).
 
     Returns:
         The finished DagRun.
     """
-    import importlib.util
-
-    from pipeline.localstack import ray_head
-
-    airflow_env(workdir)
-    with ray_head(workdir / "ray") as head:
-        os.environ["AIRFLOW_CONN_RAY_DEFAULT"] = head.airflow_conn_uri()
-        spec = importlib.util.spec_from_file_location("domain_llm_retraining_dag", DAG_FILE)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.dag.test(run_conf=conf)
+    os.environ["AIRFLOW_CONN_RAY_DEFAULT"] = head.airflow_conn_uri()
+    return load_dag().test(run_conf=conf)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the DAG on the demo config and print where to look."""
+    from pipeline.localstack import ray_head
+
     conf = {"config": str(Path(args.config).resolve()), **_parse_overrides(args.set)}
-    dag_run = run_dag(conf, REPO_ROOT / ".local")
+    workdir = REPO_ROOT / ".local"
+    airflow_env(workdir)
+    with ray_head(workdir / "ray") as head:
+        dag_run = run_dag(conf, head)
     config = load_config(conf["config"], {k: v for k, v in conf.items() if k != "config"})
     print(f"\nDAG run {dag_run.run_id}: {dag_run.state}")
     print(f"artifacts: {config.storage.artifact_root}")

@@ -197,9 +197,10 @@ class TrackingConfig(_Section):
     tracking_uri: str = "sqlite:///.local/mlflow/mlflow.db"
     """MLflow tracking URI. Relative sqlite paths resolve against the repository root."""
 
-    artifact_location: str = ".local/mlflow/artifacts"
+    artifact_location: str | None = ".local/mlflow/artifacts"
     """Where a new MLflow experiment stores run artifacts (only used when the experiment is
-    created). Relative paths resolve against the repository root."""
+    created). Relative paths resolve against the repository root. ``None`` lets an MLflow
+    server choose (its ``--artifacts-destination``)."""
 
     experiment: str = "domain-llm"
     """MLflow experiment that holds one parent run per DAG run."""
@@ -307,7 +308,9 @@ def resolve_paths(config: PipelineConfig, config_dir: Path) -> PipelineConfig:
     tracking = config.tracking.model_copy(
         update={
             "tracking_uri": uri,
-            "artifact_location": local(config.tracking.artifact_location, REPO_ROOT),
+            "artifact_location": local(config.tracking.artifact_location, REPO_ROOT)
+            if config.tracking.artifact_location
+            else None,
         }
     )
     storage = config.storage.model_copy(

@@ -37,7 +37,7 @@ def experiment_id(tracking: TrackingConfig) -> str:
     if experiment is not None:
         return str(experiment.experiment_id)
     location = tracking.artifact_location
-    if "://" not in location:
+    if location and "://" not in location:
         location = f"file://{location}"
     return str(mlc.create_experiment(tracking.experiment, artifact_location=location))
 

@@ -1,0 +1,218 @@
+"""Chat templates: exact rendering, prompt masking, and the turn-marker check."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pipeline.data.chat import IGNORE_INDEX, check_chat_tokens, render_segments, tokenize_chat
+from pipeline.data.tokenizer import train_bpe_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+SINGLE_TURN = [
+    {"role": "system", "content": "You are a concise support agent."},
+    {"role": "user", "content": "Where is my pad thai?"},
+    {"role": "assistant", "content": "The courier was delayed by traffic."},
+]
+MULTI_TURN = [
+    {"role": "user", "content": "My order of pizza in Osaka had a missing item. What happened?"},
+    {"role": "assistant", "content": "I am sorry about the missing item. The pizza was refunded."},
+    {"role": "user", "content": "Thanks. Will this happen again?"},
+    {"role": "assistant", "content": "We flagged the missing item so the team can prevent it."},
+]
+LLAMA3_SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def _trainable_text(tok: PreTrainedTokenizerBase, ids: list[int], labels: list[int]) -> str:
+    kept = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+    return tok.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _runs(labels: list[int]) -> list[tuple[int, int]]:
+    """[start, end) spans of consecutive trainable labels."""
+    spans, start = [], None
+    for i, label in enumerate([*labels, IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = i
+        elif label == IGNORE_INDEX and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+# --- render_segments ---------------------------------------------------------------------
+
+
+def test_chatml_segments_are_exact_and_only_the_answer_is_trainable() -> None:
+    assert render_segments(SINGLE_TURN, "chatml") == [
+        ("<|im_start|>system\n", False),
+        ("You are a concise support agent.<|im_end|>", False),
+        ("\n", False),
+        ("<|im_start|>user\n", False),
+        ("Where is my pad thai?<|im_end|>", False),
+        ("\n", False),
+        ("<|im_start|>assistant\n", False),
+        ("The courier was delayed by traffic.<|im_end|>", True),
+        ("\n", False),
+    ]
+
+
+def test_chatml_rendered_text_is_the_standard_template() -> None:
+    text = "".join(t for t, _ in render_segments(SINGLE_TURN, "chatml"))
+    assert text == (
+        "<|im_start|>system\nYou are a concise support agent.<|im_end|>\n"
+        "<|im_start|>user\nWhere is my pad thai?<|im_end|>\n"
+        "<|im_start|>assistant\nThe courier was delayed by traffic.<|im_end|>\n"
+    )
+
+
+def test_llama3_segments_are_exact_and_only_the_answer_is_trainable() -> None:
+    assert render_segments(SINGLE_TURN, "llama3") == [
+        ("<|begin_of_text|>", False),
+        ("<|start_header_id|>system<|end_header_id|>\n\n", False),
+        ("You are a concise support agent.<|eot_id|>", False),
+        ("<|start_header_id|>user<|end_header_id|>\n\n", False),
+        ("Where is my pad thai?<|eot_id|>", False),
+        ("<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+        ("The courier was delayed by traffic.<|eot_id|>", True),
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["chatml", "llama3"])
+def test_system_and_user_segments_are_never_trainable(fmt: str) -> None:
+    segments = render_segments(MULTI_TURN, fmt)  # type: ignore[arg-type]
+    trainable = [text for text, flag in segments if flag]
+    end = "<|im_end|>" if fmt == "chatml" else "<|eot_id|>"
+    assert trainable == [m["content"] + end for m in MULTI_TURN if m["role"] == "assistant"]
+    for message in MULTI_TURN:
+        if message["role"] == "user":
+            assert not any(message["content"] in text for text in trainable)
+
+
+# --- tokenize_chat -----------------------------------------------------------------------
+
+
+def test_labels_mask_prompt_tokens_and_copy_answer_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    ids, labels = tokenize_chat(SINGLE_TURN, tokenizer, "chatml")
+    assert len(ids) == len(labels)
+    prompt = "".join(t for t, flag in render_segments(SINGLE_TURN, "chatml")[:7])
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    answer = tokenizer("The courier was delayed by traffic.<|im_end|>", add_special_tokens=False)[
+        "input_ids"
+    ]
+    # Prompt, then the answer with its end token, then the trailing newline.
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert ids[n_prompt : n_prompt + len(answer)] == answer
+    assert labels[n_prompt : n_prompt + len(answer)] == answer
+    assert labels[n_prompt + len(answer) :] == [IGNORE_INDEX]
+    assert len(ids) == n_prompt + len(answer) + 1
+
+
+def test_trainable_tokens_decode_to_the_answers_and_end_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    ids, labels = tokenize_chat(MULTI_TURN, tokenizer, "chatml")
+    assert _trainable_text(tokenizer, ids, labels) == (
+        "I am sorry about the missing item. The pizza was refunded.<|im_end|>"
+        "We flagged the missing item so the team can prevent it.<|im_end|>"
+    )
+    # Every label is either masked or the token itself.
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels, strict=True))
+
+
+def test_multi_turn_has_one_trainable_run_per_answer_ending_in_im_end(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    ids, labels = tokenize_chat(MULTI_TURN, tokenizer, "chatml")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    runs = _runs(labels)
+    assert len(runs) == 2
+    for _, end in runs:
+        assert ids[end - 1] == im_end  # the model learns to stop
+        assert labels[end] == IGNORE_INDEX  # the newline after it is not trained
+    # Turn markers: 4 starts (never trainable), 4 ends (trainable only after an answer).
+    assert [i for i, t in enumerate(ids) if t == im_start] == [
+        i for i, t in enumerate(ids) if t == im_start and labels[i] == IGNORE_INDEX
+    ]
+    assert ids.count(im_start) == 4
+    assert ids.count(im_end) == 4
+    assert sum(1 for i, t in enumerate(ids) if t == im_end and labels[i] == im_end) == 2
+
+
+def test_tokens_decode_back_to_the_rendered_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    ids, _ = tokenize_chat(MULTI_TURN, tokenizer, "chatml")
+    rendered = "".join(t for t, _ in render_segments(MULTI_TURN, "chatml"))
+    assert tokenizer.decode(ids, skip_special_tokens=False) == rendered
+    # Special tokens are single ids, never split into pieces.
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+
+def test_llama3_tokenization_with_a_tokenizer_that_has_the_header_tokens(
+    domain_texts: list[str],
+) -> None:
+    tok = train_bpe_tokenizer(domain_texts[:200], vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": LLAMA3_SPECIALS})
+    check_chat_tokens(tok, "llama3")
+    ids, labels = tokenize_chat(MULTI_TURN, tok, "llama3")
+    assert ids[0] == tok.bos_token_id == tok.convert_tokens_to_ids("<|begin_of_text|>")
+    assert labels[0] == IGNORE_INDEX
+    assert _trainable_text(tok, ids, labels) == (
+        "I am sorry about the missing item. The pizza was refunded.<|eot_id|>"
+        "We flagged the missing item so the team can prevent it.<|eot_id|>"
+    )
+    # The conversation ends on the trained end-of-turn token (llama3 has no trailing newline).
+    assert ids[-1] == labels[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+
+
+# --- check_chat_tokens -------------------------------------------------------------------
+
+
+def test_trained_tokenizer_supports_chatml(tokenizer: PreTrainedTokenizerBase) -> None:
+    check_chat_tokens(tokenizer, "chatml")  # no error
+
+
+def test_llama3_format_on_a_chatml_tokenizer_names_the_config_field(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    with pytest.raises(ValueError, match=r"data\.chat_format='llama3'.*<\|eot_id\|>") as err:
+        check_chat_tokens(tokenizer, "llama3")
+    assert "choose the chat_format that matches" in str(err.value)
+
+
+def test_chatml_format_on_a_tokenizer_without_chatml_tokens_is_rejected() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(
+        ["plain text only"] * 5,
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+    with pytest.raises(ValueError, match=r"data\.chat_format='chatml'") as err:
+        check_chat_tokens(tok, "chatml")
+    assert "['<|im_start|>', '<|im_end|>']" in str(err.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG pipeline/data/chat.py check_chat_tokens: for llama3 it only checks <|eot_id|>, "
+    "but render_segments also emits <|start_header_id|>/<|end_header_id|>, which a tokenizer "
+    "lacking them silently splits into many byte tokens",
+)
+def test_llama3_check_requires_the_header_tokens(domain_texts: list[str]) -> None:
+    tok = train_bpe_tokenizer(domain_texts[:200], vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    header = tok("<|start_header_id|>", add_special_tokens=False)["input_ids"]
+    assert len(header) > 1  # the marker would be split: the check must reject this tokenizer
+    with pytest.raises(ValueError, match="start_header_id"):
+        check_chat_tokens(tok, "llama3")

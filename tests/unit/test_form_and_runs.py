@@ -1,0 +1,200 @@
+"""Trigger form from the config schema, run keys, input checks, and token byte lengths."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import yaml
+
+from pipeline.config import REPO_ROOT, ConfigError, PipelineConfig, load_config
+from pipeline.data.tokenizer import token_byte_lengths
+from pipeline.form import FORM_FIELDS, field_schema, form_fields
+from pipeline.runs import check_inputs, run_key
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+DEMO = REPO_ROOT / "configs" / "demo.yaml"
+
+
+# --- field_schema / form_fields ----------------------------------------------------------
+
+
+def test_numeric_fields_are_nullable_and_carry_the_schema_bounds() -> None:
+    assert field_schema("cpt.lr") == {
+        "type": ["null", "number"],
+        "exclusiveMinimum": 0,
+        "maximum": 1.0,
+        "description": "Peak learning rate.",
+    }
+    seq_len = field_schema("data.seq_len")
+    assert seq_len["type"] == ["null", "integer"]
+    assert (seq_len["minimum"], seq_len["maximum"]) == (16, 131072)
+    assert field_schema("eval.min_improvement")["minimum"] == 0
+    assert field_schema("compute.num_workers")["minimum"] == 1
+
+
+def test_literal_fields_become_enums_that_include_none() -> None:
+    pool = field_schema("compute.pool")
+    assert pool["enum"] == [None, "cpu", "a100", "h100"]
+    assert "type" not in pool  # the enum alone says what is allowed
+    assert field_schema("compute.zero_stage")["enum"] == [None, 0, 1, 2, 3]
+    assert field_schema("compute.attention")["enum"] == [
+        None,
+        "auto",
+        "flash_attention_2",
+        "sdpa",
+        "eager",
+    ]
+
+
+def test_plain_fields_and_descriptions_on_one_line() -> None:
+    assert field_schema("compute.offload_optimizer")["type"] == ["null", "boolean"]
+    corpus = field_schema("data.domain_corpus")
+    assert corpus["type"] == ["null", "string"]
+    assert "\n" not in corpus["description"]
+    assert "  " not in corpus["description"]
+    assert corpus["description"].startswith("JSONL file (local path or s3:// URI) of domain")
+
+
+def test_form_fields_cover_the_form_and_mention_demo_values() -> None:
+    fields = form_fields(DEMO)
+    assert tuple(fields) == FORM_FIELDS
+    demo = yaml.safe_load(DEMO.read_text())
+    assert fields["cpt.lr"]["description"] == (
+        f"Peak learning rate. Empty keeps demo.yaml's value: {demo['cpt']['lr']}."
+    )
+    assert fields["data.domain_corpus"]["description"].endswith(
+        f"Empty keeps demo.yaml's value: {demo['data']['domain_corpus']}."
+    )
+    assert fields["compute.zero_stage"]["description"].endswith(
+        f"Empty keeps demo.yaml's value: {demo['compute']['zero_stage']}."
+    )
+    # A field the file does not set gets no hint.
+    assert "eval" not in demo or "min_improvement" not in demo["eval"]
+    assert "Empty keeps" not in fields["eval.min_improvement"]["description"]
+
+
+def test_form_fields_without_a_config_file_have_no_hints(tmp_path: Path) -> None:
+    fields = form_fields(tmp_path / "missing.yaml")
+    assert all("Empty keeps" not in f["description"] for f in fields.values())
+    assert fields["cpt.lr"]["description"] == "Peak learning rate."
+
+
+# --- run_key -----------------------------------------------------------------------------
+
+
+def test_run_key_sanitizes_an_airflow_run_id() -> None:
+    key = run_key("domain_llm", "manual__2026-11-29T19:31:21.148200+00:00")
+    assert key == "domain_llm__manual__2026-11-29T19-31-21.148200-00-00"
+    assert "/" not in key and ":" not in key and "+" not in key
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", key)
+
+
+def test_run_key_is_deterministic_and_distinguishes_runs() -> None:
+    a = run_key("domain_llm", "scheduled__2026-11-29T00:00:00+00:00")
+    assert a == run_key("domain_llm", "scheduled__2026-11-29T00:00:00+00:00")
+    assert a != run_key("domain_llm", "scheduled__2026-11-30T00:00:00+00:00")
+    assert a != run_key("other_dag", "scheduled__2026-11-29T00:00:00+00:00")
+
+
+def test_run_key_replaces_runs_of_unsafe_characters_once() -> None:
+    assert run_key("my dag", "a/b::c  d") == "my-dag__a-b-c-d"
+    assert run_key("dag", "+x+") == "dag__-x"  # only the key's outer dashes are stripped
+
+
+# --- check_inputs ------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, **data: str) -> PipelineConfig:
+    raw = {
+        "data": {"domain_corpus": "domain.jsonl", "instructions": "chats.jsonl", **data},
+        "model": {"name": "tiny"},
+        "cpt": {"max_steps": 2, "lr": 1e-3},
+        "sft": {"max_steps": 2, "lr": 1e-3},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
+def test_check_inputs_names_the_missing_domain_corpus(tmp_path: Path) -> None:
+    (tmp_path / "chats.jsonl").write_text("{}\n")
+    config = _config(tmp_path)
+    missing = tmp_path / "domain.jsonl"
+    with pytest.raises(
+        ConfigError, match=re.escape(f"data.domain_corpus: file not found: {missing}")
+    ):
+        check_inputs(config)
+
+
+def test_check_inputs_names_the_missing_instructions(tmp_path: Path) -> None:
+    (tmp_path / "domain.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"^data\.instructions: file not found: "):
+        check_inputs(_config(tmp_path))
+
+
+def test_check_inputs_passes_when_files_exist(tmp_path: Path) -> None:
+    (tmp_path / "domain.jsonl").write_text("{}\n")
+    (tmp_path / "chats.jsonl").write_text("{}\n")
+    assert check_inputs(_config(tmp_path)) is None
+
+
+def test_check_inputs_rejects_a_base_model_folder_without_config_json(tmp_path: Path) -> None:
+    (tmp_path / "domain.jsonl").write_text("{}\n")
+    (tmp_path / "chats.jsonl").write_text("{}\n")
+    (tmp_path / "base").mkdir()
+    config = _config(tmp_path)
+    config = config.model_copy(
+        update={"model": config.model.model_copy(update={"base": str(tmp_path / "base")})}
+    )
+    with pytest.raises(ConfigError, match=r"model\.base: no Hugging Face model files found at"):
+        check_inputs(config)
+    (tmp_path / "base" / "config.json").write_text("{}")
+    check_inputs(config)
+
+
+def test_demo_config_inputs_exist() -> None:
+    check_inputs(load_config(DEMO))
+
+
+# --- token_byte_lengths ------------------------------------------------------------------
+
+
+def test_special_tokens_have_zero_bytes(tokenizer: PreTrainedTokenizerBase) -> None:
+    lengths = token_byte_lengths(tokenizer)
+    assert len(lengths) == len(tokenizer) == 1024
+    assert sorted(tokenizer.all_special_ids) == [0, 1, 2, 3, 4]
+    assert [lengths[i] for i in range(5)] == [0, 0, 0, 0, 0]
+    assert all(n >= 1 for n in lengths[5:])
+
+
+def test_byte_lengths_sum_to_the_text_bytes_for_ascii(
+    tokenizer: PreTrainedTokenizerBase, domain_texts: list[str]
+) -> None:
+    lengths = token_byte_lengths(tokenizer)
+    for text in [*domain_texts[:20], "The ticket was closed after 42 minutes.", "x\n\ty  z!"]:
+        assert text.isascii()
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert sum(lengths[i] for i in ids) == len(text.encode())
+    # Special tokens add nothing.
+    ids = tokenizer("<|im_start|>ok<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert sum(lengths[i] for i in ids) == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG pipeline/data/tokenizer.py token_byte_lengths: a byte-level token holding part "
+    "of a multi-byte UTF-8 character decodes alone to U+FFFD (3 bytes), so non-ASCII text is "
+    "over-counted (e.g. 'café naïve €5': 31 vs 17 bytes) and bits_per_byte is understated",
+)
+def test_byte_lengths_sum_to_the_text_bytes_for_non_ascii(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    lengths = token_byte_lengths(tokenizer)
+    text = "café naïve €5"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert sum(lengths[i] for i in ids) == len(text.encode()) == 17
