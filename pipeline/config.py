@@ -130,7 +130,7 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     """Global gradient-norm clip."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Seed for model init (when built from config) and data order."""
 
     log_every: int = Field(1, ge=1)

@@ -8,6 +8,7 @@ authority; the form only catches mistakes before the run is created.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ def form_fields(default_config: str | Path) -> dict[str, dict[str, Any]]:
         schema = field_schema(dotted)
         value = (raw.get(section) or {}).get(name)
         if value is not None:
-            schema["description"] += f" Empty keeps {path.name}'s value: {value}."
+            shown = json.dumps(value) if isinstance(value, bool) else value  # true, not True
+            schema["description"] += f" Empty keeps {path.name}'s value: {shown}."
         fields[dotted] = schema
     return fields

@@ -17,7 +17,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def run_key(dag_id: str, run_id: str) -> str:
-    """Folder-safe, unique per DAG run: ``<dag_id>/<run_id>`` with unsafe characters replaced."""
+    """Folder-safe, unique per DAG run: ``<dag_id>__<run_id>`` with unsafe characters replaced."""
     return f"{_UNSAFE.sub('-', dag_id)}__{_UNSAFE.sub('-', run_id)}".strip("-")
 
 

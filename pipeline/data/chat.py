@@ -55,7 +55,10 @@ def tokenize_chat(
 
 def check_chat_tokens(tok: PreTrainedTokenizerBase, fmt: ChatFormat) -> None:
     """Fail early when the tokenizer lacks the format's turn markers (they would be split)."""
-    needed = ["<|im_start|>", "<|im_end|>"] if fmt == "chatml" else ["<|eot_id|>"]
+    if fmt == "chatml":
+        needed = ["<|im_start|>", "<|im_end|>"]
+    else:
+        needed = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     vocab = tok.get_vocab()
     missing = [t for t in needed if t not in vocab]
     if missing:

@@ -17,7 +17,11 @@ from pipeline import storage
 
 ROLES = ("system", "user", "assistant")
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
-_PHONE = re.compile(r"\+?\d[\d ()-]{7,}\d")
+# Groups of 3-4 digits joined by spaces or hyphens, optionally after +CC and an (area) code:
+# matches "+1 555 123 4567" and "(020) 7946-0958", not ISO dates or bare order numbers.
+_PHONE = re.compile(
+    r"(?<![\w(])(?:\+\d{1,3}[ -]?)?(?:\(\d{2,4}\)[ -]?)?\d{3,4}(?:[ -]\d{3,4}){1,2}(?!\w)"
+)
 _SPACES = re.compile(r"[ \t\r\f\v]+")
 
 
@@ -45,7 +49,8 @@ def read_jsonl(uri: str) -> list[tuple[int, dict[str, Any]]]:
     except UnicodeDecodeError as err:
         raise DataError(f"{uri}: not UTF-8 text ({err})") from err
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines also breaks on U+2028/U+2029, which JSON strings may hold.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -7,6 +7,7 @@ pieces. Nothing is downloaded: a base model's tokenizer comes from its folder.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,16 +57,44 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-to-printable-character table, inverted: character -> byte value."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
 def token_byte_lengths(tok: PreTrainedTokenizerBase) -> list[int]:
     """UTF-8 bytes each token id stands for (0 for special tokens).
 
     Bits-per-byte divides the loss by these, which makes models with different tokenizers
-    comparable (a candidate against the current champion).
+    comparable (a candidate against the current champion). Counted from the token's own bytes,
+    not by decoding it alone: a token holding part of a multi-byte character decodes to U+FFFD.
     """
+    from tokenizers import decoders
+
     special = set(tok.all_special_ids)
-    size = len(tok)
+    pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+    if isinstance(tok.backend_tokenizer.decoder, decoders.ByteLevel):
+        alphabet = _byte_level_alphabet()
+        return [0 if i in special else sum(c in alphabet for c in p) for i, p in enumerate(pieces)]
+    # SentencePiece-style (Llama 2, Mistral): "▁" is a space, <0xNN> is one raw byte.
     lengths = []
-    for i in range(size):
-        text = tok.decode([i], clean_up_tokenization_spaces=False)
-        lengths.append(0 if i in special else len(str(text).encode()))
+    for i, piece in enumerate(pieces):
+        if i in special:
+            lengths.append(0)
+        elif _BYTE_FALLBACK.match(piece):
+            lengths.append(1)
+        else:
+            lengths.append(len(piece.replace("▁", " ").encode()))
     return lengths

@@ -105,7 +105,7 @@ def train_worker(spec_dict: dict[str, Any]) -> None:
         model_dir = storage.download_dir(spec.model_uri, scratch)
         model = load_causal_lm(model_dir, attention, dtype)
     if config.compute.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -175,7 +175,7 @@ def train_steps(
                 for key in ("input_ids", "position_ids", "labels")
             }
             # No attention_mask: position-id restarts mark document boundaries (see pack.py).
-            loss = engine(**batch).loss
+            loss = engine(**batch, use_cache=False).loss
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()

@@ -32,6 +32,9 @@ def build_llama(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
+        # Training and scoring never decode step by step, and a KV cache makes transformers skip
+        # the packed-sequence detection that keeps packed documents from attending to each other.
+        use_cache=False,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -45,9 +48,12 @@ def load_causal_lm(path: str | Path, attention: str, dtype: torch.dtype) -> PreT
     """
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(path), attn_implementation=attention, dtype=dtype
     )
+    # See build_llama: with a cache, packed documents would attend across their boundaries.
+    model.config.use_cache = False
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

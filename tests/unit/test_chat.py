@@ -203,12 +203,6 @@ def test_chatml_format_on_a_tokenizer_without_chatml_tokens_is_rejected() -> Non
     assert "['<|im_start|>', '<|im_end|>']" in str(err.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG pipeline/data/chat.py check_chat_tokens: for llama3 it only checks <|eot_id|>, "
-    "but render_segments also emits <|start_header_id|>/<|end_header_id|>, which a tokenizer "
-    "lacking them silently splits into many byte tokens",
-)
 def test_llama3_check_requires_the_header_tokens(domain_texts: list[str]) -> None:
     tok = train_bpe_tokenizer(domain_texts[:200], vocab_size=400)
     tok.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})

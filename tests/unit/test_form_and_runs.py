@@ -185,12 +185,6 @@ def test_byte_lengths_sum_to_the_text_bytes_for_ascii(
     assert sum(lengths[i] for i in ids) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG pipeline/data/tokenizer.py token_byte_lengths: a byte-level token holding part "
-    "of a multi-byte UTF-8 character decodes alone to U+FFFD (3 bytes), so non-ASCII text is "
-    "over-counted (e.g. 'café naïve €5': 31 vs 17 bytes) and bits_per_byte is understated",
-)
 def test_byte_lengths_sum_to_the_text_bytes_for_non_ascii(
     tokenizer: PreTrainedTokenizerBase,
 ) -> None:

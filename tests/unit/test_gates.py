@@ -219,13 +219,6 @@ def test_max_batches_bounds_the_blocks_scored(
     assert limited.nll_sum == pytest.approx(full.nll_sum, rel=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG pipeline/eval/perplexity.py score_blocks: model(input_ids, position_ids) "
-    "without use_cache=False leaves config.use_cache=True, so transformers builds a cache and "
-    "skips packed-sequence detection; documents packed together attend to each other and the "
-    "held-out score depends on packing",
-)
 def test_packed_documents_score_like_documents_scored_alone(
     make_tiny_llama: Callable[..., PreTrainedModel],
     tokenizer: PreTrainedTokenizerBase,

@@ -80,12 +80,6 @@ def test_data_error_is_a_value_error() -> None:
     assert issubclass(DataError, ValueError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG pipeline/data/ingest.py read_jsonl: str.splitlines() also splits on U+2028, "
-    "U+2029 and U+0085, which json.dumps(ensure_ascii=False) leaves raw inside strings; a "
-    "valid JSONL line is cut in two (split on '\\n' instead)",
-)
 def test_line_separator_inside_a_string_is_not_a_line_break(tmp_path: Path) -> None:
     record = {"text": "first part\u2028second part"}
     uri = _write(tmp_path / "docs.jsonl", [json.dumps(record, ensure_ascii=False), '{"text": "b"}'])
@@ -167,11 +161,6 @@ def test_scrub_pii_leaves_ordinary_text_alone() -> None:
     assert scrub_pii(text) == (text, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/data/ingest.py _PHONE (r'\\+?\\d[\\d ()-]{7,}\\d') also matches ISO dates "
-    "such as 2026-11-29, so dates in support tickets are replaced with <PHONE>",
-)
 def test_iso_dates_are_not_phone_numbers() -> None:
     assert scrub_pii("Delivered on 2026-11-29.") == ("Delivered on 2026-11-29.", 0)
 

@@ -104,31 +104,11 @@ def test_blocks_from_pack_documents_are_isolated_per_segment(
 @pytest.mark.parametrize(
     "setup",
     [
-        pytest.param(
-            "eval",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: config.use_cache defaults to True, so LlamaModel builds a "
-                "DynamicCache and transformers skips packed-sequence detection; "
-                "pipeline/eval/perplexity.py score_blocks calls model(...) without "
-                "use_cache=False and scores packed documents with cross-document attention",
-            ),
-        ),
-        pytest.param(
-            "train",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: same use_cache default; pipeline/train/loop.py train_steps calls "
-                "engine(**batch) without use_cache=False, so with "
-                "compute.activation_checkpointing=false (the ComputeConfig default) training "
-                "attends across documents",
-            ),
-        ),
+        "eval",
+        "train",
         "train_with_activation_checkpointing",
     ],
 )
-# loop.py still uses the transformers 5 name that now warns (activation_checkpointing_enable).
-@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 def test_the_forward_call_the_pipeline_makes_isolates_documents(
     make_tiny_llama: Callable[..., PreTrainedModel],
     tokenizer: PreTrainedTokenizerBase,
@@ -141,7 +121,7 @@ def test_the_forward_call_the_pipeline_makes_isolates_documents(
         model.train()
     if setup == "train_with_activation_checkpointing":
         # Checkpointing turns use_cache off in training, which is why the presets are unaffected.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     a, b = _two_documents(tokenizer, domain_texts)
     packed = _logits(model, a + b, list(range(len(a))) + list(range(len(b))))
     torch.testing.assert_close(packed[len(a) :], _alone(model, b), atol=ATOL, rtol=0)

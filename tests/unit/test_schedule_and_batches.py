@@ -98,12 +98,6 @@ def test_batch_larger_than_the_dataset_still_works() -> None:
     assert np.bincount(np.concatenate(batches), minlength=3).tolist() == [5, 5, 5]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TrainConfig.seed accepts negative ints (pipeline/config.py 'seed: int = 0', no "
-    "ge=0), but pipeline/train/loop.py global_batches passes [seed, epoch] to "
-    "np.random.default_rng, which raises ValueError for negative entries",
-)
 def test_every_seed_the_config_accepts_works() -> None:
     try:
         train = _train(seed=-1)
