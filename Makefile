@@ -14,7 +14,7 @@ export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-unit lint format mlflow-ui airflow-ui lock clean
+.PHONY: install demo test test-unit lint format mlflow-ui airflow-ui bench lock clean
 
 install: $(STAMP)
 
@@ -53,8 +53,12 @@ format: $(STAMP)
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.local/mlflow/mlflow.db --port 5000
 
+# standalone starts its components as `airflow ...` subprocesses, so the venv must be on PATH.
 airflow-ui: $(STAMP) $(AIRFLOW_HOME)/airflow.db
-	$(VENV)/bin/airflow standalone
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH airflow standalone
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_throughput.py
 
 lock: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | sed -e 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements/constraints.txt

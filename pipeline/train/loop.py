@@ -154,7 +154,8 @@ def train_steps(
     spec: LoopSpec,
     config: PipelineConfig,
 ) -> list[dict[str, float]]:
-    """The optimizer-step loop; returns per-step loss, lr and tokens/s (averaged over ranks)."""
+    """The optimizer-step loop; returns per-step loss (mean over ranks), lr and tokens/s (global
+    tokens over this rank's step time; ranks run in lockstep)."""
     import torch
     import torch.distributed as dist
 
