@@ -146,3 +146,15 @@ def download_model_version(tracking: TrackingConfig, source: str, dest: str) -> 
         artifact_uri=source, dst_path=dest, tracking_uri=tracking.tracking_uri
     )
     return path
+
+
+def log_json_artifact(tracking: TrackingConfig, run_id: str, name: str, obj: Any) -> None:
+    """Attach a small JSON document (manifest, eval report) to a run."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / name
+        path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        client(tracking).log_artifact(run_id, str(path))

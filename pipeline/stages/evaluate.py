@@ -86,10 +86,7 @@ def run(ctx: StageContext) -> StageOutput:
     }
     report_uri = storage.join(ctx.output_uri, REPORT_FILE)
     storage.write_json(report_uri, report)
-    with tempfile.TemporaryDirectory() as scratch:
-        local = f"{scratch}/{REPORT_FILE}"
-        storage.write_json(local, report)
-        tracking.client(cfg.tracking).log_artifact(ctx.mlflow_run_id, local)
+    tracking.log_json_artifact(cfg.tracking, ctx.mlflow_run_id, REPORT_FILE, report)
     for gate in report["gates"]:
         log.info(
             "gate %s: %s (%s)", gate["name"], "pass" if gate["passed"] else "FAIL", gate["detail"]

@@ -10,7 +10,7 @@ import logging
 import tempfile
 from typing import Any, TypeVar
 
-from pipeline import storage
+from pipeline import storage, tracking
 from pipeline.data import chat, ingest, pack, shards, tokenizer
 from pipeline.stages.common import StageContext, StageOutput, local_staging, stage_main
 
@@ -88,6 +88,7 @@ def run(ctx: StageContext) -> StageOutput:
         storage.join(data_uri, HELDOUT_FILE), {"documents": doc_heldout, "chats": chat_heldout}
     )
     storage.write_json(storage.join(data_uri, shards.MANIFEST_FILE), manifest)
+    tracking.log_json_artifact(cfg.tracking, ctx.mlflow_run_id, shards.MANIFEST_FILE, manifest)
     log.info("manifest: %s", {k: v["blocks"] for k, v in split_entries.items()})
 
     metrics = {f"{name}_blocks": entry["blocks"] for name, entry in split_entries.items()}

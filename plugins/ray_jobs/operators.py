@@ -177,6 +177,9 @@ class RayJobOperator(BaseOperator):
         dashboard_url = hook.dashboard_job_url(submission_id)
         context["ti"].xcom_push(key=SUBMISSION_ID_XCOM_KEY, value=submission_id)
         context["ti"].xcom_push(key=RAY_DASHBOARD_URL_KEY, value=dashboard_url)
+        # Links are rendered when the task defers too; an empty value (no button yet) spares
+        # the log an "XCom not found" error for a run URL that only exists once the stage ends.
+        context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value="")
         if plan.action == "reuse" and plan.job is not None:
             event = job_event_payload(
                 status="SUCCEEDED",

@@ -99,6 +99,8 @@ def test_every_stage_run_finished_under_one_parent(
     assert max(m.value for m in lrs) == pytest.approx(3.0e-3, rel=1e-6)
     eval_artifacts = [a.path for a in client.list_artifacts(runs["evaluate"].info.run_id)]
     assert "eval_report.json" in eval_artifacts
+    data_artifacts = [a.path for a in client.list_artifacts(runs["prepare_data"].info.run_id)]
+    assert "manifest.json" in data_artifacts
 
 
 def test_sft_model_beats_base_and_becomes_champion(

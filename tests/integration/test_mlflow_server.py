@@ -25,15 +25,18 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def config(mlflow_server: str) -> PipelineConfig:
-    return load_config(
+    loaded = load_config(
         REPO_ROOT / "configs" / "demo.yaml",
         {
             "tracking.tracking_uri": mlflow_server,
-            "tracking.artifact_location": None,
             "tracking.experiment": "it-server",
             "tracking.registered_model": "it-model",
         },
     )
+    # No artifact_location: the server picks its own store and proxies artifact traffic, as
+    # in production (an override of None would mean "keep the file's value").
+    tracking = loaded.tracking.model_copy(update={"artifact_location": None})
+    return loaded.model_copy(update={"tracking": tracking})
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,9 @@ def test_promote_moves_alias_only_when_gates_pass(
 
     champion = tracking.champion_version(config.tracking)
     assert champion is not None and str(champion.version) == "1" and champion.run_id == first_run
+    assert champion.source.startswith(
+        "mlflow-artifacts:/"
+    )  # served by the server, not a local path
     files = Path(
         tracking.download_model_version(config.tracking, champion.source, str(tmp_path / "dl"))
     )

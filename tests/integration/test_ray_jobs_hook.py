@@ -253,6 +253,7 @@ def test_operator_defers_resumes_from_the_event_and_skips_a_succeeded_job(
         RayJobOperator(**kwargs).execute({"ti": ti})  # type: ignore[typeddict-item]
     [event] = collect(deferred.value.trigger)  # type: ignore[arg-type]
     assert deferred.value.method_name == "execute_complete"
+    assert ti.xcoms["mlflow_run_url"] == ""  # no link yet, and no missing-XCom error either
 
     # Airflow resumes on a fresh operator instance with only the event.
     resumed = RayJobOperator(**kwargs).execute_complete({"ti": ti}, event.payload)  # type: ignore[typeddict-item]
