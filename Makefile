@@ -14,7 +14,7 @@ export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-unit lint format mlflow-ui airflow-ui bench lock clean
+.PHONY: install demo test test-unit lint format mlflow-ui ray-head ray-stop airflow-ui bench lock clean
 
 install: $(STAMP)
 
@@ -53,9 +53,21 @@ format: $(STAMP)
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.local/mlflow/mlflow.db --port 5000
 
+# A long-lived local Ray head for the Airflow UI (the demo and tests start private ones).
+# Token auth on: the token is generated once into ~/.ray/auth_token, where the hook finds it.
+ray-head: $(STAMP)
+	$(VENV)/bin/ray get-auth-token --generate > /dev/null
+	RAY_AUTH_MODE=token PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/ray start --head \
+		--dashboard-host=127.0.0.1 --dashboard-port=8265 --num-cpus=4 --disable-usage-stats
+
+ray-stop: $(STAMP)
+	$(VENV)/bin/ray stop
+
 # standalone starts its components as `airflow ...` subprocesses, so the venv must be on PATH.
+# Triggered runs submit to the head of `make ray-head` unless AIRFLOW_CONN_RAY_DEFAULT says otherwise.
 airflow-ui: $(STAMP) $(AIRFLOW_HOME)/airflow.db
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH airflow standalone
+	AIRFLOW_CONN_RAY_DEFAULT=$${AIRFLOW_CONN_RAY_DEFAULT:-http://127.0.0.1:8265} \
+		PATH=$(CURDIR)/$(VENV)/bin:$$PATH airflow standalone
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

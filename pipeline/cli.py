@@ -94,8 +94,12 @@ def run_dag(conf: dict[str, Any], head: RayHead) -> Any:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the DAG on the demo config and print where to look."""
+    import signal
+
     from pipeline.localstack import ray_head
 
+    # The head runs in its own session; turn SIGTERM into an exit so the `with` stops it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     conf = {"config": str(Path(args.config).resolve()), **_parse_overrides(args.set)}
     workdir = REPO_ROOT / ".local"
     airflow_env(workdir)
