@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +164,19 @@ def commit(stage_dir: str, result: dict[str, Any]) -> None:
     """Write ``result.json`` and then the ``_SUCCESS`` marker, in that order."""
     write_json(join(stage_dir, RESULT_FILE), result)
     write_bytes(join(stage_dir, SUCCESS_MARKER), b"")
+
+
+@contextmanager
+def local_staging(uri: str) -> Iterator[Path]:
+    """A local folder to write into; uploaded to ``uri`` on success when ``uri`` is remote."""
+    if not is_s3(uri):
+        path = Path(uri)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="stage-"))
+    try:
+        yield tmp
+        upload_dir(tmp, uri)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

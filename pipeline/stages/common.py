@@ -10,13 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -65,22 +61,6 @@ def read_resolved_config(uri: str) -> PipelineConfig:
     except FileNotFoundError as err:
         raise SystemExit(f"resolved config not found: {uri}") from err
     return config_from_dict(raw, source=uri)
-
-
-@contextmanager
-def local_staging(uri: str) -> Iterator[Path]:
-    """A local folder to write into; uploaded to ``uri`` on success when ``uri`` is remote."""
-    if not storage.is_s3(uri):
-        path = Path(uri)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="stage-"))
-    try:
-        yield tmp
-        storage.upload_dir(tmp, uri)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:

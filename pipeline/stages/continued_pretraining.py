@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 
 from pipeline import storage
-from pipeline.stages.common import StageContext, StageOutput, local_staging, stage_main
+from pipeline.stages.common import StageContext, StageOutput, stage_main
 
 STAGE = "continued_pretraining"
 
@@ -23,7 +23,7 @@ def initial_model(ctx: StageContext) -> str:
     from pipeline.train.model import build_llama
 
     base_uri = storage.join(ctx.output_uri, "base_model")
-    with local_staging(base_uri) as out, tempfile.TemporaryDirectory() as scratch:
+    with storage.local_staging(base_uri) as out, tempfile.TemporaryDirectory() as scratch:
         tok = load_tokenizer(storage.download_dir(ctx.previous["tokenizer"], scratch))
         model = build_llama(cfg.model, tok, cfg.data.seq_len, cfg.cpt.seed)
         model.save_pretrained(str(out), safe_serialization=True)

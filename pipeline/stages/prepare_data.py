@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from pipeline import storage, tracking
 from pipeline.data import chat, ingest, pack, shards, tokenizer
-from pipeline.stages.common import StageContext, StageOutput, local_staging, stage_main
+from pipeline.stages.common import StageContext, StageOutput, stage_main
 
 STAGE = "prepare_data"
 HELDOUT_FILE = "heldout.json"
@@ -47,7 +47,7 @@ def run(ctx: StageContext) -> StageOutput:
     chat_train, chat_heldout = split_heldout(chats, chat_keys, cfg.data.heldout_fraction)
 
     tokenizer_uri = storage.join(ctx.output_uri, "tokenizer")
-    with local_staging(tokenizer_uri) as tok_dir:
+    with storage.local_staging(tokenizer_uri) as tok_dir:
         source = cfg.model.tokenizer or cfg.model.base
         if source:
             with tempfile.TemporaryDirectory() as scratch:

@@ -202,14 +202,16 @@ def save_model(engine: Any, spec: LoopSpec, config: PipelineConfig, rank: int) -
     import torch.distributed as dist
 
     from pipeline.data.tokenizer import load_tokenizer
-    from pipeline.stages.common import local_staging
 
     if config.compute.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = engine.module.state_dict()
     if rank == 0:
-        with local_staging(spec.output_uri) as out, tempfile.TemporaryDirectory() as scratch:
+        with (
+            storage.local_staging(spec.output_uri) as out,
+            tempfile.TemporaryDirectory() as scratch,
+        ):
             engine.module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
             tok_dir = storage.download_dir(spec.tokenizer_uri, Path(scratch))
             load_tokenizer(tok_dir).save_pretrained(str(out))

@@ -143,3 +143,20 @@ def test_download_of_missing_folder_raises(bucket: str, tmp_path: Path) -> None:
 def test_upload_of_missing_local_folder_raises(bucket: str, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope"):
         storage.upload_dir(tmp_path / "nope", f"s3://{bucket}/run-1/x")
+
+
+def test_local_staging_uploads_on_success_only(bucket: str) -> None:
+    uri = f"s3://{bucket}/run/stage/model"
+    with storage.local_staging(uri) as folder:
+        (folder / "weights.bin").write_bytes(b"\x00\x01")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "config.json").write_text("{}")
+    assert storage.read_bytes(f"{uri}/weights.bin") == b"\x00\x01"
+    assert storage.read_bytes(f"{uri}/sub/config.json") == b"{}"
+    assert not folder.exists()  # the scratch copy is gone
+
+    failed = f"s3://{bucket}/run/stage/failed"
+    with pytest.raises(RuntimeError), storage.local_staging(failed) as folder:
+        (folder / "half.bin").write_bytes(b"x")
+        raise RuntimeError("training died")
+    assert not storage.exists(f"{failed}/half.bin")
