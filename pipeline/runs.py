@@ -29,16 +29,14 @@ def check_inputs(config: PipelineConfig) -> None:
     ):
         if not storage.exists(uri):
             raise ConfigError(f"{field}: file not found: {uri}")
-    for field, folder in (
-        ("model.base", config.model.base),
-        ("model.tokenizer", config.model.tokenizer),
+    for field, folder, marker in (
+        ("model.base", config.model.base, "config.json"),
+        ("model.tokenizer", config.model.tokenizer, "tokenizer_config.json"),
     ):
-        if folder and not storage.exists(
-            storage.join(
-                folder, "config.json" if field == "model.base" else "tokenizer_config.json"
+        if folder and not storage.exists(storage.join(folder, marker)):
+            raise ConfigError(
+                f"{field}: no Hugging Face model files found at {folder} (no {marker})"
             )
-        ):
-            raise ConfigError(f"{field}: no Hugging Face model files found at {folder}")
 
 
 def resolve_run(config_path: str, overrides: dict[str, Any], key: str) -> dict[str, Any]:

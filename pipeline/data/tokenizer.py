@@ -57,20 +57,6 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-to-printable-character table, inverted: character -> byte value."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
-
-
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
@@ -81,12 +67,13 @@ def token_byte_lengths(tok: PreTrainedTokenizerBase) -> list[int]:
     comparable (a candidate against the current champion). Counted from the token's own bytes,
     not by decoding it alone: a token holding part of a multi-byte character decodes to U+FFFD.
     """
-    from tokenizers import decoders
+    from tokenizers import decoders, pre_tokenizers
 
     special = set(tok.all_special_ids)
     pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
     if isinstance(tok.backend_tokenizer.decoder, decoders.ByteLevel):
-        alphabet = _byte_level_alphabet()
+        # Each character of a byte-level token stands for exactly one byte.
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
         return [0 if i in special else sum(c in alphabet for c in p) for i, p in enumerate(pieces)]
     # SentencePiece-style (Llama 2, Mistral): "▁" is a space, <0xNN> is one raw byte.
     lengths = []

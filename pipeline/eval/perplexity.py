@@ -67,8 +67,7 @@ def score_blocks(
             ids = torch.as_tensor(blocks.input_ids[start : start + batch_size], dtype=torch.long)
             pos = torch.as_tensor(blocks.position_ids[start : start + batch_size], dtype=torch.long)
             labels = torch.as_tensor(blocks.labels[start : start + batch_size], dtype=torch.long)
-            out = model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False)
-            logits = out.logits.float()
+            logits = model(input_ids=ids.to(device), position_ids=pos.to(device)).logits.float()
             target = labels[:, 1:]
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]),

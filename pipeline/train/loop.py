@@ -176,7 +176,7 @@ def train_steps(
                 for key in ("input_ids", "position_ids", "labels")
             }
             # No attention_mask: position-id restarts mark document boundaries (see pack.py).
-            loss = engine(**batch, use_cache=False).loss
+            loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()

@@ -33,7 +33,8 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def parsed() -> dict[str, Any]:
+def parsed(airflow_db: Path) -> dict[str, Any]:
+    """The parsed DAG; DagBag looks DAGs up in the metadata DB, so it needs a migrated one."""
     # A fresh interpreter: sys.modules then shows exactly what parsing the DAG imported.
     out = subprocess.run(
         [sys.executable, "-c", PARSE, str(REPO_ROOT / "dags")], capture_output=True, text=True
