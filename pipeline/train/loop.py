@@ -14,7 +14,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from pipeline import storage
 from pipeline.config import PipelineConfig, TrainConfig, config_from_dict
 from pipeline.data.pack import PackedBlocks
 from pipeline.data.shards import read_manifest, read_split
+from pipeline.train.export import save_model
 
 log = logging.getLogger(__name__)
 
@@ -192,30 +192,6 @@ def train_steps(
             log.info("step %d/%d %s", step, train.max_steps, record)
             tracking.log_metrics(config.tracking, spec.mlflow_run_id, record, step=step)
     return history
-
-
-def save_model(engine: Any, spec: LoopSpec, config: PipelineConfig, rank: int) -> None:
-    """Gather the full weights onto rank 0 and write a Hugging Face model folder with tokenizer.
-
-    Under ZeRO-3 every rank must take part in the gather (one layer at a time, to CPU).
-    """
-    import torch.distributed as dist
-
-    from pipeline.data.tokenizer import load_tokenizer
-
-    if config.compute.zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict()
-    if rank == 0:
-        with (
-            storage.local_staging(spec.output_uri) as out,
-            tempfile.TemporaryDirectory() as scratch,
-        ):
-            engine.module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
-            tok_dir = storage.download_dir(spec.tokenizer_uri, Path(scratch))
-            load_tokenizer(tok_dir).save_pretrained(str(out))
-    dist.barrier()
 
 
 def spec_dict(spec: LoopSpec) -> dict[str, Any]:
