@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: validate configs, write the demo data, run the demo DAG.
+"""The ``pipeline`` command: validate configs, prepare data, write the demo data, run the demo DAG.
 
 Help and ``validate`` need no torch, ray or airflow; ``demo`` imports Airflow only when it runs.
 """
@@ -34,9 +34,48 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.runs import check_inputs
+
     config = load_config(args.config, _parse_overrides(args.set))
+    check_inputs(config)
     print(json.dumps(config.model_dump(mode="json"), indent=2))
     print(f"ok: {args.config} is valid (fingerprint {config.fingerprint()})", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the memory and throughput plan of a config (no torch, no GPU)."""
+    from pipeline.planning.report import format_plan
+    from pipeline.planning.search import make_plan
+
+    config = load_config(args.config, _parse_overrides(args.set))
+    plan = make_plan(config, args.section)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(format_plan(plan, limit=None if args.all else 12))
+    return 0
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    """Run the prepare_data stage in this process (no Airflow, no Ray head); print its report."""
+    import time
+
+    from pipeline import storage
+    from pipeline.runs import check_inputs
+    from pipeline.stages import prepare_data
+    from pipeline.stages.common import stage_main, write_resolved_config
+
+    config = load_config(args.config, _parse_overrides(args.set))
+    check_inputs(config)
+    key = args.run_key or time.strftime("local-%Y%m%d-%H%M%S")
+    config_uri = write_resolved_config(config, key)
+    result = stage_main(
+        prepare_data.STAGE, prepare_data.run, ["--config", config_uri, "--run-key", key]
+    )
+    data_uri = result["outputs"]["data"]
+    print(storage.read_bytes(storage.join(data_uri, prepare_data.REPORT_FILE)).decode())
+    print(f"data: {data_uri}")
     return 0
 
 
@@ -128,6 +167,29 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     validate.set_defaults(func=cmd_validate)
 
+    prepare = sub.add_parser(
+        "prepare-data",
+        help="run the data preparation stage in this process and print its report",
+    )
+    prepare.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
+    prepare.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    prepare.add_argument(
+        "--run-key", default=None, help="names the run folder (default: local-<timestamp>)"
+    )
+    prepare.set_defaults(func=cmd_prepare_data)
+
+    plan = sub.add_parser(
+        "plan",
+        help="predict GPU memory, host RAM, step time and MFU of every DeepSpeed setting; "
+        "show the fastest that fits",
+    )
+    plan.add_argument("config", help="YAML config file, e.g. configs/llama2-70b-h100.yaml")
+    plan.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    plan.add_argument("--section", choices=("cpt", "sft"), default="cpt", help="training stage")
+    plan.add_argument("--json", action="store_true", help="configured, candidates, chosen as JSON")
+    plan.add_argument("--all", action="store_true", help="show every candidate, not the top 12")
+    plan.set_defaults(func=cmd_plan)
+
     demo_data = sub.add_parser("demo-data", help="regenerate the demo corpus and instruction set")
     demo_data.add_argument("--out", default=str(REPO_ROOT / "configs" / "demo_data"))
     demo_data.set_defaults(func=cmd_demo_data)
@@ -146,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:  # DataError and other input problems: the message says the fix
+        if args.command != "prepare-data":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return code
 
 

@@ -29,13 +29,88 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    domain_corpus: str
-    """JSONL file (local path or s3:// URI) of domain documents, one object per line with a
-    ``text`` field. Relative paths resolve against the config file's folder."""
+    domain_corpus: str | list[str]
+    """JSONL file (local path or s3:// URI) of domain documents, or a list of files, globs
+    (``data/*.jsonl``), folders and ``s3://`` prefixes. JSONL, JSON arrays (``.json``), Parquet
+    and plain text (``.txt``: one document per file) are read; records carry the
+    ``text_field``. Relative paths resolve against the config file's folder."""
 
-    instructions: str
-    """JSONL file of chat examples, one object per line with ``messages``: a list of
-    ``{"role": "system"|"user"|"assistant", "content": str}``."""
+    instructions: str | list[str]
+    """Chat examples, as paths, globs or ``s3://`` prefixes like ``domain_corpus``: records with
+    ``messages_field`` (a list of ``{role_field, content_field}`` turns, roles system, user,
+    assistant) or with ``prompt_field`` and ``response_field``."""
+
+    replay_corpus: str | list[str] | None = None
+    """Optional general-domain documents mixed into continued pre-training (never held out),
+    read like ``domain_corpus``; guards against forgetting general skills."""
+
+    replay_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of CPT training tokens taken from ``replay_corpus`` (0.2: one token in five); fewer
+    when the replay corpus runs out, and the manifest records the share reached."""
+
+    text_field: str = "text"
+    """Field holding a document's text in JSONL, JSON and Parquet records."""
+
+    messages_field: str = "messages"
+    """Field holding a chat's list of turns."""
+
+    role_field: str = "role"
+    """Field of a turn holding its role (``system``, ``user`` or ``assistant``)."""
+
+    content_field: str = "content"
+    """Field of a turn holding its text."""
+
+    prompt_field: str = "prompt"
+    """For prompt/response records (no ``messages_field``): the user's prompt."""
+
+    response_field: str = "response"
+    """For prompt/response records: the assistant's answer."""
+
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Largest share of bad records (invalid UTF-8 or JSON, missing or wrong fields, unusable
+    chats) the stage accepts; each goes to ``quarantine.jsonl`` with file, line and reason.
+    Above it the stage fails, listing the first bad lines and the counts per reason."""
+
+    max_doc_chars: int = Field(100_000, ge=100)
+    """Longest document kept whole (characters, after cleaning); see ``long_doc_action``."""
+
+    long_doc_action: Literal["split", "drop"] = "split"
+    """What happens to a longer document: split at paragraph (else line, else character)
+    boundaries into pieces of at most ``max_doc_chars``, or dropped. Both are counted."""
+
+    pii_patterns: dict[str, str] = Field(default_factory=dict)
+    """Extra PII patterns scrubbed after the built-in ones (e-mail, phone, payment card, IP):
+    ``{TYPE: regex}``; matches become ``<TYPE>`` and are counted per type."""
+
+    near_dup_threshold: float | None = Field(0.8, gt=0.0, le=1.0)
+    """Estimated Jaccard similarity (MinHash LSH over token 5-grams, candidates verified on
+    their signatures) from which two documents count as near duplicates; one per cluster is
+    kept, and the held-out split is drawn by cluster. ``None`` keeps near duplicates (exact
+    duplicates are always removed)."""
+
+    chat_near_dup_threshold: float | None = Field(0.95, gt=0.0, le=1.0)
+    """``near_dup_threshold`` for chats. Stricter by default: instruction sets are often
+    templated on purpose (the same request about different items), which is not duplication."""
+
+    decontaminate_ngram: int | None = Field(32, ge=8)
+    """Training documents and chats (their answers) sharing a run of this many tokens with the
+    evaluation data (``eval_sets``; the held-out split too with ``decontaminate_heldout``) are
+    dropped and counted. ``None`` turns it off."""
+
+    eval_sets: list[str] = Field(default_factory=list)
+    """Evaluation data (paths, globs, ``s3://`` prefixes; documents or chats, e.g. benchmark
+    questions with answers) that training data must not overlap (``decontaminate_ngram``)."""
+
+    decontaminate_heldout: bool = False
+    """Also treat the held-out split as evaluation data for decontamination. Off by default:
+    the split is already drawn by near-duplicate cluster, and in-domain text shares long
+    boilerplate (signatures, disclaimers, templated answers) that would drop most of it."""
+
+    num_workers: int | None = Field(None, ge=1)
+    """Processes that read, clean and tokenize in parallel. ``None``: one per CPU core."""
+
+    chunk_bytes: int = Field(64 * 2**20, ge=2**16)
+    """Input bytes one worker handles at a time; with ``num_workers`` it bounds the memory."""
 
     seq_len: int = Field(256, ge=16, le=131072)
     """Tokens per packed training block (CPT and SFT)."""
@@ -48,11 +123,16 @@ class DataConfig(_Section):
     """Documents shorter than this after cleaning are dropped."""
 
     scrub_pii: bool = True
-    """Replace e-mail addresses and phone numbers with placeholders before tokenizing."""
+    """Replace e-mail addresses, phone numbers, payment card numbers (Luhn-checked) and IPv4/IPv6
+    addresses, plus ``pii_patterns``, with typed placeholders (``<EMAIL>``) before tokenizing."""
 
-    chat_format: Literal["chatml", "llama3"] = "chatml"
-    """How chat turns are rendered into tokens. ``llama3`` needs a tokenizer that has the
-    Llama 3 header tokens; ``chatml`` is used for tokenizers trained by the pipeline."""
+    chat_format: Literal["chatml", "llama3", "tokenizer"] = "chatml"
+    """How chat turns are rendered into tokens. ``chatml``: ``<|im_start|>``/``<|im_end|>``
+    turns; when the tokenizer lacks these tokens they are added (and the model's embeddings
+    grow to match). ``llama3``: the Llama 3 header tokens, which the tokenizer must have.
+    ``tokenizer``: the base tokenizer's own ``chat_template`` (e.g. an instruct model's), nothing
+    added; it must render each conversation as a prefix of its continuation. The exported
+    tokenizer carries the template training used, so ``apply_chat_template`` matches it."""
 
     shard_blocks: int = Field(4096, ge=1)
     """Packed blocks per shard file."""
@@ -63,12 +143,15 @@ class ModelConfig(_Section):
     """Short name of the model family; used in run names and the registered model name."""
 
     base: str | None = None
-    """Hugging Face-format model folder (local or s3://) to start from. ``None`` builds a fresh
-    Llama-architecture model from the fields below (tiny models for development and tests)."""
+    """Model to start from: a Hugging Face-format folder (local or ``s3://``) or a registered
+    version, ``models:/<name>@champion`` (the model in production, for weekly retraining) or
+    ``models:/<name>/<version>``. Fetched once per node, not once per rank. ``None`` builds a
+    fresh model from the fields below (tiny models for development and tests)."""
 
     tokenizer: str | None = None
-    """Tokenizer folder. ``None`` uses the base model's tokenizer, or trains a byte-level BPE
-    tokenizer on the domain corpus when there is no base model."""
+    """Tokenizer folder (local, ``s3://`` or ``models:/``; only its tokenizer files are read).
+    ``None`` uses the base model's tokenizer, or trains a byte-level BPE tokenizer on the
+    domain corpus when there is no base model."""
 
     vocab_size: int = Field(4096, ge=256)
     """Vocabulary size of a tokenizer trained by the pipeline (ignored when one is given)."""
@@ -91,6 +174,22 @@ class ModelConfig(_Section):
     rope_theta: float = Field(10000.0, gt=0)
     """RoPE base frequency (models built from config only)."""
 
+    config_json: str | None = None
+    """Hugging Face ``config.json`` (local or s3://) describing ``base``'s architecture for the
+    memory and throughput planner (``pipeline plan``), so presets plan without reaching ``base``.
+    ``None``: the planner reads ``base``'s config.json, or the fields of a model built from
+    config. Relative paths resolve against the config file's folder."""
+
+    architecture: Literal["llama", "mixtral"] = "llama"
+    """Architecture of a model built from config (``base: null``): dense Llama or sparse
+    mixture-of-experts Mixtral. A base model's architecture comes from its ``config.json``."""
+
+    num_experts: int = Field(8, ge=2)
+    """Experts per MoE layer (``architecture: mixtral`` built from config only)."""
+
+    experts_per_token: int = Field(2, ge=1)
+    """Experts each token is routed to (``architecture: mixtral`` built from config only)."""
+
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
         if self.hidden_size % self.num_heads:
@@ -101,6 +200,11 @@ class ModelConfig(_Section):
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
                 f"({self.num_kv_heads})"
+            )
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"experts_per_token ({self.experts_per_token}) must not exceed num_experts "
+                f"({self.num_experts})"
             )
         return self
 
@@ -134,7 +238,28 @@ class TrainConfig(_Section):
     """Seed for model init (when built from config) and data order."""
 
     log_every: int = Field(1, ge=1)
-    """Log loss, learning rate and tokens/s to MLflow every this many steps."""
+    """Log the step metrics (loss, learning rate applied, grad norm, tokens/s, MFU, memory) to
+    MLflow and the job log every this many steps."""
+
+    checkpoint_every: int = Field(50, ge=1)
+    """Write a resumable checkpoint (DeepSpeed engine state plus loop state) every this many
+    optimizer steps, and always after the last step. A new attempt of the stage resumes from
+    the newest complete one."""
+
+    keep_last: int = Field(2, ge=1)
+    """Complete checkpoints to keep; older ones are deleted only after a newer one is complete."""
+
+    max_bad_steps: int = Field(3, ge=0)
+    """Consecutive steps with a non-finite loss that are skipped (no optimizer update) before
+    the stage aborts, naming the step and the last good checkpoint."""
+
+    spike_factor: float | None = Field(None, gt=1.0)
+    """Loss-spike guard, off by default: abort when the loss stays above this many times its
+    running mean for ``spike_steps`` consecutive steps (the weights of a diverging run are
+    never saved past the last good checkpoint)."""
+
+    spike_steps: int = Field(5, ge=1)
+    """Consecutive spiking steps that trip the loss-spike guard (see ``spike_factor``)."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:
@@ -179,17 +304,56 @@ class ComputeConfig(_Section):
     precision: Literal["fp32", "bf16"] = "bf16"
     """Parameter and compute precision; bf16 keeps fp32 master weights in the optimizer."""
 
-    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    attention: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = "auto"
     """Attention kernel. ``auto`` picks flash_attention_2 when CUDA and flash-attn are present,
-    else sdpa; the stage logs which one ran."""
+    else flex_attention on CUDA, else sdpa; ``eager`` only on request. Requesting
+    flash_attention_2 or flex_attention where it cannot run stops the stage at start; the stage
+    logs which kernel ran. Packed documents stay isolated on every kernel
+    (``pipeline.train.attention.packed_model_inputs``)."""
 
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+
+    offload_params: bool = False
+    """Keep ZeRO-3 parameter partitions on CPU too (ZeRO-Infinity style; needs zero_stage 3 and
+    offload_optimizer). Frees GPU memory for the largest models at the cost of PCIe traffic."""
+
+    plan: Literal["off", "auto"] = "off"
+    """``auto``: the first task replaces zero_stage, the offload switches, activation
+    checkpointing and each stage's micro-batch size (keeping its global batch) with the plan
+    ``pipeline plan`` predicts fastest among those that fit the pool, and logs it to MLflow."""
+
+    gpu_memory_gib: float | None = Field(None, gt=0)
+    """Memory of one GPU. ``None``: the pool's figure (a100: 80, h100: 80); set 40 for
+    A100 40GB hosts. Used by the planner only."""
+
+    gpus_per_node: int | None = Field(None, ge=1)
+    """GPUs (or CPU workers) per host. ``None``: the pool's figure (a100: 4, h100: 8). Nodes are
+    num_workers / gpus_per_node, rounded up. Used by the planner only."""
+
+    host_memory_gb: float | None = Field(None, gt=0)
+    """RAM of one host in GB. ``None``: the pool's figure (a100: 600, h100: 1872). Used by the
+    planner only."""
+
+    interconnect_gbit_s: float | None = Field(None, gt=0)
+    """Network bandwidth between hosts, per host, in Gbit/s. ``None``: the pool's figure
+    (a100: 400, h100: 3200). Used by the planner only."""
+
+    pcie_gbyte_s: float | None = Field(None, gt=0)
+    """Host-to-GPU copy bandwidth per GPU in GB/s (offload traffic). ``None``: the pool's
+    figure (a100: 20, h100: 40). Used by the planner only."""
+
+    max_failures: int = Field(2, ge=0)
+    """Worker-group restarts Ray Train attempts inside one Ray job when a worker process dies
+    (``FailureConfig.max_failures``); each restart resumes from the newest complete
+    checkpoint."""
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> ComputeConfig:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.offload_params and not (self.zero_stage == 3 and self.offload_optimizer):
+            raise ValueError("offload_params needs zero_stage 3 and offload_optimizer: true")
         return self
 
 
@@ -284,14 +448,21 @@ def resolve_paths(config: PipelineConfig, config_dir: Path) -> PipelineConfig:
     """Make local paths absolute: data files against the config's folder, stores against the repo."""
 
     def local(value: str, base: Path) -> str:
-        if "://" in value or Path(value).is_absolute():
+        # ``models:/name@alias`` is a registry URI with a single slash, not a relative path.
+        if "://" in value or value.startswith("models:/") or Path(value).is_absolute():
             return value
         return str((base / value).resolve())
 
+    def local_inputs(value: str | list[str], base: Path) -> str | list[str]:
+        return local(value, base) if isinstance(value, str) else [local(v, base) for v in value]
+
+    replay = config.data.replay_corpus
     data = config.data.model_copy(
         update={
-            "domain_corpus": local(config.data.domain_corpus, config_dir),
-            "instructions": local(config.data.instructions, config_dir),
+            "domain_corpus": local_inputs(config.data.domain_corpus, config_dir),
+            "instructions": local_inputs(config.data.instructions, config_dir),
+            "replay_corpus": local_inputs(replay, config_dir) if replay is not None else None,
+            "eval_sets": [local(v, config_dir) for v in config.data.eval_sets],
         }
     )
     model = config.model.model_copy(
@@ -299,6 +470,9 @@ def resolve_paths(config: PipelineConfig, config_dir: Path) -> PipelineConfig:
             "base": local(config.model.base, config_dir) if config.model.base else None,
             "tokenizer": local(config.model.tokenizer, config_dir)
             if config.model.tokenizer
+            else None,
+            "config_json": local(config.model.config_json, config_dir)
+            if config.model.config_json
             else None,
         }
     )

@@ -22,13 +22,21 @@ def run_key(dag_id: str, run_id: str) -> str:
 
 
 def check_inputs(config: PipelineConfig) -> None:
-    """Fail fast on inputs that do not exist."""
-    for field, uri in (
+    """Fail fast on inputs that do not exist (every data entry must match at least one file)."""
+    from pipeline.data.sources import DataError, expand_inputs
+
+    for field, spec in (
         ("data.domain_corpus", config.data.domain_corpus),
         ("data.instructions", config.data.instructions),
+        ("data.replay_corpus", config.data.replay_corpus),
+        ("data.eval_sets", config.data.eval_sets),
     ):
-        if not storage.exists(uri):
-            raise ConfigError(f"{field}: file not found: {uri}")
+        if not spec:
+            continue
+        try:
+            expand_inputs(spec, field)
+        except DataError as err:
+            raise ConfigError(str(err)) from err
     for field, folder, marker in (
         ("model.base", config.model.base, "config.json"),
         ("model.tokenizer", config.model.tokenizer, "tokenizer_config.json"),
@@ -40,16 +48,35 @@ def check_inputs(config: PipelineConfig) -> None:
 
 
 def resolve_run(config_path: str, overrides: dict[str, Any], key: str) -> dict[str, Any]:
-    """Validate config + overrides, check inputs, write the resolved config.
+    """Validate config + overrides, check inputs, apply the plan, write the resolved config.
+
+    With ``compute.plan: auto`` the planner's chosen settings replace the configured ones before
+    the config is written (so every Ray job trains with them), and the plan is logged to the
+    DAG run's MLflow parent run.
 
     Returns:
-        Small dict for XCom: ``config_uri``, ``run_key``, ``artifact_root``, ``fingerprint``.
+        Small dict for XCom: ``config_uri``, ``run_key``, ``artifact_root``, ``fingerprint``, and
+        ``plan`` (the chosen settings per section) when ``compute.plan`` is ``auto``.
+
+    Raises:
+        ConfigError: invalid config, missing inputs, or no plan fits the pool.
     """
     config = load_config(config_path, overrides)
     check_inputs(config)
-    return {
+    chosen: dict[str, Any] | None = None
+    if config.compute.plan == "auto":
+        from pipeline import tracking
+        from pipeline.planning.search import apply_plan
+
+        config, plan = apply_plan(config)
+        tracking.log_plan(config.tracking, key, plan)
+        chosen = {section: plan[section]["chosen"] for section in ("cpt", "sft")}
+    resolved: dict[str, Any] = {
         "config_uri": write_resolved_config(config, key),
         "run_key": key,
         "artifact_root": config.storage.artifact_root,
         "fingerprint": config.fingerprint(),
     }
+    if chosen is not None:
+        resolved["plan"] = chosen
+    return resolved

@@ -1,66 +1,216 @@
 """Chat templates rendered as (text, trainable) segments, tokenized with prompt tokens masked.
 
-Tokenizing segment by segment (instead of the whole rendered string) makes the mask exact: no
-BPE merge can straddle the boundary between a prompt and an answer.
+Training and serving render a conversation the same way: the built-in formats (``chatml``,
+``llama3``) are described once by ``_FORMATS``, which gives both ``render_segments`` (training)
+and the Jinja ``chat_template`` the exported tokenizer carries (``apply_chat_template`` at
+serving time). With ``chat_format: tokenizer`` the tokenizer's own template renders both.
+
+A conversation is tokenized as one string, exactly as ``apply_chat_template`` would, so a
+SentencePiece tokenizer sees the same word boundaries in training as in serving; the labels come
+from character offsets, and a token belongs to the segment it starts in.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
-ChatFormat = Literal["chatml", "llama3"]
+ChatFormat = Literal["chatml", "llama3", "tokenizer"]
+BuiltinFormat = Literal["chatml", "llama3"]
+
+
+@dataclass(frozen=True)
+class _Turns:
+    """The text around each turn of a built-in chat format."""
+
+    start: str
+    """Once, before the first turn."""
+    header: str
+    """Opens a turn; ``{role}`` is replaced by the message's role."""
+    end: str
+    """Closes the content; trained after an answer, so the model learns to stop."""
+    trailer: str
+    """After the end token; never trained."""
+    tokens: tuple[str, ...]
+    """Special tokens the format needs as single ids."""
+
+
+_FORMATS: dict[str, _Turns] = {
+    "chatml": _Turns(
+        start="",
+        header="<|im_start|>{role}\n",
+        end="<|im_end|>",
+        trailer="\n",
+        tokens=("<|im_start|>", "<|im_end|>"),
+    ),
+    "llama3": _Turns(
+        start="<|begin_of_text|>",
+        header="<|start_header_id|>{role}<|end_header_id|>\n\n",
+        end="<|eot_id|>",
+        trailer="",
+        tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    ),
+}
+
+
+def format_tokens(fmt: ChatFormat) -> list[str]:
+    """Special tokens a built-in format needs (none for ``tokenizer``: its template decides)."""
+    return list(_FORMATS[fmt].tokens) if fmt in _FORMATS else []
+
+
+def end_of_turn_token(fmt: ChatFormat) -> str | None:
+    """The token that ends an assistant turn (generation stops there), if the format has one."""
+    return _FORMATS[fmt].end if fmt in _FORMATS else None
 
 
 def render_segments(messages: list[dict[str, str]], fmt: ChatFormat) -> list[tuple[str, bool]]:
-    """Render a conversation as segments; ``True`` marks text the model is trained to produce.
+    """Render a conversation in a built-in format; ``True`` marks text the model is trained to
+    produce.
 
     Only assistant content and the end-of-turn token that closes it are trainable, so the model
     learns to answer and to stop, never to imitate the user.
+
+    Raises:
+        ValueError: ``fmt`` is ``tokenizer`` (use ``conversation_segments``).
     """
+    if fmt not in _FORMATS:
+        raise ValueError(f"chat format {fmt!r} needs the tokenizer; use conversation_segments")
+    turns = _FORMATS[fmt]
     segments: list[tuple[str, bool]] = []
-    if fmt == "llama3":
-        segments.append(("<|begin_of_text|>", False))
+    if turns.start:
+        segments.append((turns.start, False))
     for message in messages:
         role, content = message["role"], message["content"]
-        if fmt == "chatml":
-            header, end = f"<|im_start|>{role}\n", "<|im_end|>"
-            trailer = "\n"
-        else:
-            header, end = f"<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>"
-            trailer = ""
-        trainable = role == "assistant"
-        segments.append((header, False))
-        segments.append((content + end, trainable))
-        if trailer:
-            segments.append((trailer, False))
+        segments.append((turns.header.format(role=role), False))
+        segments.append((content + turns.end, role == "assistant"))
+        if turns.trailer:
+            segments.append((turns.trailer, False))
     return segments
+
+
+def chat_template(fmt: BuiltinFormat) -> str:
+    """The Jinja ``chat_template`` that renders exactly what ``render_segments`` renders.
+
+    Assistant turns are wrapped in ``{% generation %}`` so ``apply_chat_template`` can return
+    the same assistant mask training used (``return_assistant_tokens_mask=True``).
+    """
+    turns = _FORMATS[fmt]
+    before, after = turns.header.split("{role}")
+    q = json.dumps  # a JSON string literal is a valid Jinja string literal
+    content = f"{{{{ message['content'] + {q(turns.end)} }}}}"
+    return (
+        (f"{{{{ {q(turns.start)} }}}}" if turns.start else "")
+        + "{% for message in messages %}"
+        + f"{{{{ {q(before)} + message['role'] + {q(after)} }}}}"
+        + "{% if message['role'] == 'assistant' %}{% generation %}"
+        + content
+        + "{% endgeneration %}{% else %}"
+        + content
+        + "{% endif %}"
+        + (f"{{{{ {q(turns.trailer)} }}}}" if turns.trailer else "")
+        + "{% endfor %}"
+        + f"{{% if add_generation_prompt %}}{{{{ {q(before + 'assistant' + after)} }}}}"
+        + "{% endif %}"
+    )
+
+
+def template_segments(
+    messages: list[dict[str, str]], tok: PreTrainedTokenizerBase
+) -> list[tuple[str, bool]]:
+    """Segments rendered by the tokenizer's own ``chat_template`` (``chat_format: tokenizer``).
+
+    Each answer is the text the template adds between the conversation up to it (with the
+    generation prompt) and the conversation including it; whitespace after the answer's end is
+    not trained.
+
+    Raises:
+        ValueError: the tokenizer has no template, or its template does not render a
+            conversation as a prefix of its continuation (the answers cannot be located).
+    """
+    check_chat_tokens(tok, "tokenizer")
+
+    def render(upto: int, prompt: bool) -> str:
+        text = tok.apply_chat_template(
+            messages[:upto], tokenize=False, add_generation_prompt=prompt
+        )
+        assert isinstance(text, str)
+        return text
+
+    def after(prefix: str, text: str) -> str:
+        if not text.startswith(prefix):
+            raise ValueError(
+                "data.chat_format='tokenizer': the tokenizer's chat_template does not render a "
+                "conversation as a prefix of its continuation, so answers cannot be masked; "
+                "use chat_format 'chatml' instead"
+            )
+        return text[len(prefix) :]
+
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(i, True)
+        answer = after(prompt, render(i + 1, False))
+        trained = answer.rstrip()
+        segments += [(after(done, prompt), False), (trained, True), (answer[len(trained) :], False)]
+        done = prompt + answer
+    segments.append((after(done, render(len(messages), False)), False))
+    return [(text, trainable) for text, trainable in segments if text]
+
+
+def conversation_segments(
+    messages: list[dict[str, str]], tok: PreTrainedTokenizerBase, fmt: ChatFormat
+) -> list[tuple[str, bool]]:
+    """Segments of one conversation in ``fmt`` (see ``render_segments``, ``template_segments``)."""
+    if fmt == "tokenizer":
+        return template_segments(messages, tok)
+    return render_segments(messages, fmt)
 
 
 def tokenize_chat(
     messages: list[dict[str, str]], tok: PreTrainedTokenizerBase, fmt: ChatFormat
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels for one conversation; labels are IGNORE_INDEX on prompt tokens."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for text, trainable in render_segments(messages, fmt):
-        piece = tok(text, add_special_tokens=False)["input_ids"]
-        ids.extend(piece)
-        labels.extend(piece if trainable else [IGNORE_INDEX] * len(piece))
+    """Token ids and labels for one conversation; labels are IGNORE_INDEX on prompt tokens.
+
+    The ids are those of ``tok.apply_chat_template(messages)`` with the exported template.
+    """
+    segments = conversation_segments(messages, tok, fmt)
+    spans, start = [], 0
+    for text, trainable in segments:
+        if trainable:
+            spans.append((start, start + len(text)))
+        start += len(text)
+    encoded = tok(
+        "".join(text for text, _ in segments),
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+    )
+    ids: list[int] = encoded["input_ids"]
+    labels = [
+        token if any(lo <= begin < hi for lo, hi in spans) else IGNORE_INDEX
+        for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
     return ids, labels
 
 
 def check_chat_tokens(tok: PreTrainedTokenizerBase, fmt: ChatFormat) -> None:
-    """Fail early when the tokenizer lacks the format's turn markers (they would be split)."""
-    if fmt == "chatml":
-        needed = ["<|im_start|>", "<|im_end|>"]
-    else:
-        needed = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    """Fail early when the tokenizer lacks the format's turn markers (they would be split), or,
+    for ``tokenizer``, has no ``chat_template``."""
+    if fmt == "tokenizer":
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(
+                "data.chat_format='tokenizer' needs a tokenizer with a chat_template; this one "
+                "has none: choose chat_format 'chatml' (its tokens are added when missing)"
+            )
+        return
     vocab = tok.get_vocab()
-    missing = [t for t in needed if t not in vocab]
+    missing = [t for t in format_tokens(fmt) if t not in vocab]
     if missing:
         raise ValueError(
             f"data.chat_format={fmt!r} needs tokens {missing} that the tokenizer does not have; "

@@ -1,19 +1,27 @@
 """Tokenizers: load the model's own, or train a byte-level BPE on the domain corpus.
 
-A trained tokenizer carries the chat special tokens, so SFT never splits a turn marker into
-pieces. Nothing is downloaded: a base model's tokenizer comes from its folder.
+The training tokenizer always carries the chat format's special tokens (added to a base
+tokenizer that lacks them, so SFT never splits a turn marker into pieces) and the chat template
+training renders with, so the exported model formats a conversation the way it was trained.
+Nothing is downloaded from a model hub: a base model's tokenizer comes from its folder.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline import storage
+from pipeline.data import chat
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from pipeline.config import PipelineConfig, TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,121 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# Every file a Hugging Face tokenizer may be saved as; the weights next to them are not read.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def training_tokenizer(
+    config: PipelineConfig, scratch: str | Path, corpus: Iterable[str] = ()
+) -> PreTrainedTokenizerBase:
+    """The tokenizer every stage trains with, ready to save next to the data.
+
+    Loads ``model.tokenizer`` (else the base model's tokenizer; only its tokenizer files are
+    fetched, never the weights), or trains a byte-level BPE on ``corpus`` when there is no base
+    model. Adds the chat format's special tokens the tokenizer lacks (the training loop grows the
+    model's embeddings to ``len(tokenizer)``) and attaches the chat template training uses.
+
+    Args:
+        config: the resolved pipeline config (``model`` and ``data.chat_format`` are read).
+        scratch: a folder for remote tokenizer files; must outlive the returned tokenizer's use
+            only until it is saved.
+        corpus: training documents, used only when a tokenizer is trained.
+
+    Raises:
+        ValueError: a tokenizer must be trained but ``corpus`` is empty, or
+            ``chat_format: tokenizer`` and the tokenizer has no chat template.
+        FileNotFoundError: the configured folder holds no tokenizer files.
+    """
+    source = config.model.tokenizer or config.model.base
+    if source:
+        tok = load_tokenizer(fetch_tokenizer_files(source, config.tracking, Path(scratch)))
+    else:
+        texts = iter(corpus)
+        first = next(texts, None)
+        if first is None:
+            raise ValueError("no model.tokenizer or model.base: a corpus is needed to train one")
+        tok = train_bpe_tokenizer(itertools.chain([first], texts), config.model.vocab_size)
+    added = add_chat_tokens(tok, config.data.chat_format)
+    if added:
+        log.info("added chat tokens %s to the tokenizer of %s (%d tokens)", added, source, len(tok))
+    attach_chat_template(tok, config.data.chat_format)
+    return tok
+
+
+def add_chat_tokens(tok: PreTrainedTokenizerBase, fmt: chat.ChatFormat) -> list[str]:
+    """Add the chat format's special tokens the tokenizer lacks; returns the ones added."""
+    vocab = tok.get_vocab()
+    missing = [t for t in chat.format_tokens(fmt) if t not in vocab]
+    if missing:
+        tok.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
+    return missing
+
+
+def attach_chat_template(tok: PreTrainedTokenizerBase, fmt: chat.ChatFormat) -> None:
+    """Set the template ``fmt`` renders with as ``tok.chat_template`` (kept as is for
+    ``tokenizer``, which must have one).
+
+    Raises:
+        ValueError: ``fmt`` is ``tokenizer`` and the tokenizer has no template.
+    """
+    if fmt == "tokenizer":
+        chat.check_chat_tokens(tok, fmt)
+        return
+    tok.chat_template = chat.chat_template(fmt)
+
+
+def fetch_tokenizer_files(uri: str, tracking: TrackingConfig, dest: Path) -> Path:
+    """A local folder with the tokenizer files of ``uri`` (a local, ``s3://`` or ``models:/``
+    model or tokenizer folder); local folders are used in place.
+
+    Raises:
+        FileNotFoundError: no tokenizer file is there.
+    """
+    from pipeline.train.model import resolve_model_uri
+
+    source = resolve_model_uri(uri, tracking)
+    if "://" not in source:
+        if not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(f"no tokenizer files in {source} (from {uri})")
+        return Path(source)
+    dest.mkdir(parents=True, exist_ok=True)
+    if storage.is_s3(source):
+        for name in TOKENIZER_FILES:
+            try:
+                (dest / name).write_bytes(storage.read_bytes(storage.join(source, name)))
+            except FileNotFoundError:
+                continue
+    else:
+        import mlflow.artifacts
+
+        listed = mlflow.artifacts.list_artifacts(
+            artifact_uri=source, tracking_uri=tracking.tracking_uri
+        )
+        for info in listed:
+            name = info.path.rsplit("/", 1)[-1]
+            if name in TOKENIZER_FILES:
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=storage.join(source, name),
+                    dst_path=str(dest),
+                    tracking_uri=tracking.tracking_uri,
+                )
+    if not any(dest.iterdir()):
+        raise FileNotFoundError(f"no tokenizer files under {source} (from {uri})")
+    return dest
 
 
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")

@@ -1,109 +1,227 @@
 """Stage 1: raw domain text and chat examples -> tokenizer, packed shards and a manifest.
 
-Outputs (under ``<run>/prepare_data/``): ``tokenizer/``, ``data/manifest.json`` and the shards
-``data/{cpt,sft}_{train,heldout}-NNNNN.npz``.
+Read it top to bottom: fetch (or train) the tokenizer; split every input into units; worker
+processes read, validate, clean, scrub, tokenize and sign each unit into spill files; the driver
+checks the bad-record share, drops exact and near duplicates, draws the held-out split by
+cluster, then streams the kept records into shards, dropping training records that overlap the
+evaluation data. Memory stays bounded by ``num_workers`` x ``chunk_bytes`` plus small
+per-record metadata; the corpus itself only ever sits in scratch files.
+
+Outputs (under ``<run>/prepare_data/``): ``tokenizer/`` and ``data/`` with ``manifest.json``,
+shards (``{split}-NNNNN.{ids,flags}.npy``), ``heldout.json``, ``quarantine.jsonl`` and
+``data_report.md``.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from typing import Any, TypeVar
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pipeline import storage, tracking
-from pipeline.data import chat, ingest, pack, shards, tokenizer
+from pipeline import storage
+from pipeline.config import PipelineConfig
+from pipeline.data import chat, chunks, ingest, report, select, sources
+from pipeline.data.assemble import assemble
 from pipeline.stages.common import StageContext, StageOutput, stage_main
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 STAGE = "prepare_data"
 HELDOUT_FILE = "heldout.json"
+QUARANTINE_FILE = "quarantine.jsonl"
+REPORT_FILE = "data_report.md"
+_TOKENIZER_SAMPLE_CHARS = 200_000_000
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
-def split_heldout(items: list[T], keys: list[str], fraction: float) -> tuple[list[T], list[T]]:
-    """Stable train/held-out split by content hash (see ``ingest.is_heldout``)."""
-    train: list[T] = []
-    heldout: list[T] = []
-    for item, key in zip(items, keys, strict=True):
-        (heldout if ingest.is_heldout(key, fraction) else train).append(item)
+def build_tokenizer(
+    cfg: PipelineConfig, units: list[sources.WorkUnit], scratch: str
+) -> PreTrainedTokenizerBase:
+    """The configured or base model's tokenizer, or a BPE trained on a sample of the corpus."""
+    from pipeline.data import tokenizer
+
+    fields = _fields(cfg)
+
+    def sample() -> Any:
+        taken = 0
+        for unit in units:
+            for record in sources.read_unit(unit)[1]:
+                if isinstance(record, sources.Record):
+                    text = ingest.document_text(record.value, fields)
+                    if isinstance(text, str) and text:
+                        yield text
+                        taken += len(text)
+                        if taken >= _TOKENIZER_SAMPLE_CHARS:
+                            return
+
+    # Base tokenizer files only (or a BPE trained on the sample), chat tokens added, template on.
+    return tokenizer.training_tokenizer(cfg, scratch, sample())
+
+
+def _fields(cfg: PipelineConfig) -> ingest.Fields:
+    d = cfg.data
+    return ingest.Fields(
+        d.text_field,
+        d.messages_field,
+        d.role_field,
+        d.content_field,
+        d.prompt_field,
+        d.response_field,
+    )
+
+
+def plan_jobs(
+    cfg: PipelineConfig, settings: chunks.ChunkSettings
+) -> dict[str, list[chunks.ChunkJob]]:
+    """Work units per corpus: domain, replay, instructions, eval."""
+    d = cfg.data
+    specs: dict[str, tuple[Any, str, chunks.Kind]] = {
+        "domain": (d.domain_corpus, "data.domain_corpus", "documents"),
+        "replay": (d.replay_corpus, "data.replay_corpus", "documents"),
+        "instructions": (d.instructions, "data.instructions", "chats"),
+        "eval": (d.eval_sets, "data.eval_sets", "eval"),
+    }
+    jobs: dict[str, list[chunks.ChunkJob]] = {}
+    index = 0
+    for corpus, (spec, field, kind) in specs.items():
+        jobs[corpus] = []
+        if not sources.as_list(spec):
+            continue
+        for unit in sources.plan_units(sources.expand_inputs(spec, field), d.chunk_bytes):
+            jobs[corpus].append(chunks.ChunkJob(index, unit, kind, settings))
+            index += 1
+    return jobs
+
+
+def run_workers(jobs: list[chunks.ChunkJob], workers: int) -> dict[int, chunks.ChunkResult]:
+    """Process every unit on ``workers`` processes, logging progress."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    total = sum(max(0, j.unit.end - j.unit.start) for j in jobs)
+    started, done_bytes, last_log = time.monotonic(), 0, 0.0
+    results: dict[int, chunks.ChunkResult] = {}
+
+    def progress(result: chunks.ChunkResult) -> None:
+        nonlocal done_bytes, last_log
+        results[result.index] = result
+        done_bytes += result.bytes
+        now = time.monotonic()
+        if now - last_log > 5 or len(results) == len(jobs):
+            last_log = now
+            rate = done_bytes / max(now - started, 1e-9) / 1e6
+            log.info(
+                "prepare_data: %d/%d units, %.1f MB%s, %.1f MB/s",
+                len(results), len(jobs), done_bytes / 1e6,
+                f" of {total / 1e6:.1f}" if total else "", rate,
+            )  # fmt: skip
+
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            progress(chunks.process_chunk(job))
+        return results
+    # spawn: the driver may hold threads (MLflow, Ray) that a fork would copy mid-operation.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for future in as_completed([pool.submit(chunks.process_chunk, job) for job in jobs]):
+            progress(future.result())
+    return results
+
+
+def prepare(cfg: PipelineConfig, output_uri: str) -> dict[str, Any]:
+    """Run the whole preparation; returns the manifest (also written under ``data/``)."""
+    import os
+
+    d = cfg.data
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="prepare-data-") as scratch:
+        # Settings need the tokenizer folder; the domain units are planned first to train one.
+        domain_units = sources.plan_units(
+            sources.expand_inputs(d.domain_corpus, "data.domain_corpus"), d.chunk_bytes
+        )
+        tok = build_tokenizer(cfg, domain_units, scratch)
+        chat.check_chat_tokens(tok, d.chat_format)
+        tok_dir = Path(scratch) / "tokenizer"
+        tok.save_pretrained(str(tok_dir))
+        spill = Path(scratch) / "spill"
+        spill.mkdir()
+        settings = chunks.ChunkSettings(
+            str(tok_dir), str(spill), _fields(cfg), d.chat_format, d.scrub_pii,
+            dict(d.pii_patterns), d.min_chars, d.max_doc_chars, d.long_doc_action,
+        )  # fmt: skip
+        jobs = plan_jobs(cfg, settings)
+        every = [job for corpus_jobs in jobs.values() for job in corpus_jobs]
+        workers = d.num_workers or os.cpu_count() or 1
+        results = run_workers(every, workers)
+
+        data_uri = storage.join(output_uri, "data")
+        with storage.local_staging(data_uri) as out:
+            first_bad = select.merge_quarantine(every, results, str(spill), out / QUARANTINE_FILE)
+            read = sum(r.counts["read"] for r in results.values())
+            bad: Counter[str] = sum((r.bad for r in results.values()), Counter())
+            select.check_bad_fraction(read, bad, first_bad, d.max_bad_fraction)
+            docs = [results[j.index] for j in jobs["domain"] + jobs["replay"]]
+            chats = [results[j.index] for j in jobs["instructions"]]
+            doc_sel = select.select(
+                docs, {j.index for j in jobs["domain"]}, d.heldout_fraction, d.near_dup_threshold
+            )
+            chat_sel = select.select(
+                chats,
+                {j.index for j in jobs["instructions"]},
+                d.heldout_fraction,
+                d.chat_near_dup_threshold,
+            )
+            _check_split(doc_sel, "documents", d.heldout_fraction)
+            _check_split(chat_sel, "chats", d.heldout_fraction)
+            manifest = assemble(cfg, tok, jobs, results, doc_sel, chat_sel, str(spill), out)
+            manifest["sources"] = {
+                corpus: [sources.fingerprint(u) for u in dict.fromkeys(j.unit.uri for j in js)]
+                for corpus, js in jobs.items()
+                if js
+            }
+            manifest["sources_digest"] = sources.sources_digest(
+                [p for prints in manifest["sources"].values() for p in prints]
+            )
+            manifest["counts"] = report.counts(jobs, results, doc_sel, chat_sel, bad, manifest)
+            manifest["workers"] = workers
+            manifest["seconds"] = round(time.monotonic() - started, 2)
+            manifest["files"] = {
+                "heldout": HELDOUT_FILE,
+                "quarantine": QUARANTINE_FILE,
+                "report": REPORT_FILE,
+            }
+            storage.write_json(str(out / "manifest.json"), manifest)
+            (out / REPORT_FILE).write_text(report.markdown(manifest))
+        storage.upload_dir(tok_dir, storage.join(output_uri, "tokenizer"))
+    return manifest
+
+
+def _check_split(selection: select.Selection, what: str, fraction: float) -> None:
+    train, heldout = selection.counts["train"], selection.counts["heldout"]
     if not train or not heldout:
         raise ValueError(
-            f"data.heldout_fraction={fraction} leaves {len(train)} training and {len(heldout)} "
-            "held-out records; provide more data or change the fraction"
+            f"data.heldout_fraction={fraction} leaves {train} training and {heldout} held-out "
+            f"{what}; provide more data or change the fraction"
         )
-    return train, heldout
 
 
 def run(ctx: StageContext) -> StageOutput:
+    from pipeline import tracking
+
     cfg = ctx.config
-    docs, doc_stats = ingest.load_documents(
-        cfg.data.domain_corpus, cfg.data.min_chars, cfg.data.scrub_pii
-    )
-    chats, chat_stats = ingest.load_chats(cfg.data.instructions, cfg.data.scrub_pii)
-    doc_train, doc_heldout = split_heldout(
-        docs, [ingest.content_hash(d) for d in docs], cfg.data.heldout_fraction
-    )
-    chat_keys = [ingest.content_hash(repr(c)) for c in chats]
-    chat_train, chat_heldout = split_heldout(chats, chat_keys, cfg.data.heldout_fraction)
-
-    tokenizer_uri = storage.join(ctx.output_uri, "tokenizer")
-    with storage.local_staging(tokenizer_uri) as tok_dir:
-        source = cfg.model.tokenizer or cfg.model.base
-        if source:
-            with tempfile.TemporaryDirectory() as scratch:
-                tok = tokenizer.load_tokenizer(storage.download_dir(source, scratch))
-        else:
-            tok = tokenizer.train_bpe_tokenizer(doc_train, cfg.model.vocab_size)
-        tok.save_pretrained(str(tok_dir))
-    chat.check_chat_tokens(tok, cfg.data.chat_format)
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-
-    seq = cfg.data.seq_len
-    encode = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-    splits = {
-        "cpt_train": pack.pack_documents(encode(doc_train), seq, eos, pad),
-        "cpt_heldout": pack.pack_documents(encode(doc_heldout), seq, eos, pad),
-    }
-    truncated = 0
-    for name, convs in (("sft_train", chat_train), ("sft_heldout", chat_heldout)):
-        examples = [chat.tokenize_chat(c, tok, cfg.data.chat_format) for c in convs]
-        splits[name], cut = pack.pack_examples(examples, seq, pad)
-        truncated += cut
-
+    manifest = prepare(cfg, ctx.output_uri)
     data_uri = storage.join(ctx.output_uri, "data")
-    split_entries = {
-        name: shards.write_split(b, data_uri, name, cfg.data.shard_blocks)
-        for name, b in splits.items()
-    }
-    manifest: dict[str, Any] = {
-        "seq_len": seq,
-        "vocab_size": len(tok),
-        "chat_format": cfg.data.chat_format,
-        "splits": split_entries,
-        "documents": vars(doc_stats),
-        "chats": {**vars(chat_stats), "truncated": truncated},
-    }
-    # Raw held-out text lets evaluation re-tokenize for models with another tokenizer (the champion).
-    storage.write_json(
-        storage.join(data_uri, HELDOUT_FILE), {"documents": doc_heldout, "chats": chat_heldout}
+    tracking.log_json_artifact(cfg.tracking, ctx.mlflow_run_id, "manifest.json", manifest)
+    report.log_to_mlflow(cfg, ctx.mlflow_run_id, data_uri, manifest)
+    log.info("data report:\n%s", report.markdown(manifest))
+    return StageOutput(
+        outputs={"tokenizer": storage.join(ctx.output_uri, "tokenizer"), "data": data_uri},
+        metrics=report.metrics(manifest),
     )
-    storage.write_json(storage.join(data_uri, shards.MANIFEST_FILE), manifest)
-    tracking.log_json_artifact(cfg.tracking, ctx.mlflow_run_id, shards.MANIFEST_FILE, manifest)
-    log.info("manifest: %s", {k: v["blocks"] for k, v in split_entries.items()})
-
-    metrics = {f"{name}_blocks": entry["blocks"] for name, entry in split_entries.items()}
-    metrics |= {
-        f"{name}_trained_tokens": entry["trained_tokens"] for name, entry in split_entries.items()
-    }
-    metrics |= {
-        "documents_kept": doc_stats.kept,
-        "documents_duplicates": doc_stats.duplicates,
-        "pii_replacements": doc_stats.pii_replacements + chat_stats.pii_replacements,
-        "chats_kept": chat_stats.kept,
-        "chats_truncated": truncated,
-        "vocab_size": len(tok),
-    }
-    return StageOutput(outputs={"tokenizer": tokenizer_uri, "data": data_uri}, metrics=metrics)
 
 
 if __name__ == "__main__":

@@ -1,247 +1,141 @@
-"""Ingest: errors that name file and line, cleaning, PII scrubbing, dedup and the held-out split."""
+"""Reading and validating records: every bad-input kind is quarantined with file, line, reason."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.ingest import (
-    ROLES,
-    DataError,
-    IngestStats,
-    clean_text,
-    content_hash,
-    is_heldout,
-    load_chats,
-    load_documents,
-    read_jsonl,
-    scrub_pii,
-)
+from pipeline.data import sources
+from pipeline.data.ingest import Fields, Rejection, chat_messages, document_text, is_heldout
+from pipeline.data.sources import BadRecord, DataError, Record, WorkUnit
 
 ANSWER = {"role": "assistant", "content": "Your refund is on its way."}
 QUESTION = {"role": "user", "content": "Where is my refund?"}
+FIELDS = Fields()
 
 
-def _write(path: Path, lines: list[str]) -> str:
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
+def _records(unit: WorkUnit) -> list[Record | BadRecord]:
+    return list(sources.read_unit(unit)[1])
 
 
-def _jsonl(path: Path, records: list[object]) -> str:
-    return _write(path, [json.dumps(r) for r in records])
+def test_jsonl_bad_lines_do_not_stop_reading_and_keep_their_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(
+        b'{"text": "fine"}\n\n{"text": "broken\n'
+        + b'{"text": "caf\xe9"}\n'  # latin-1, not UTF-8
+        + b'{"text": "still read"}\n'
+    )
+    got = _records(WorkUnit(str(path), "jsonl", 0, path.stat().st_size))
+    assert [type(r).__name__ for r in got] == ["Record", "BadRecord", "BadRecord", "Record"]
+    assert (got[1].line, got[1].reason) == (3, "malformed_json")
+    assert (got[2].line, got[2].reason) == (4, "invalid_utf8")
+    assert got[3] == Record(5, {"text": "still read"})
 
 
-# --- read_jsonl errors -------------------------------------------------------------------
-
-
-def test_bad_json_names_file_and_line(tmp_path: Path) -> None:
-    uri = _write(tmp_path / "docs.jsonl", ['{"text": "fine"}', "", '{"text": "broken'])
-    with pytest.raises(DataError, match=re.escape(f"{uri}:3: not valid JSON")):
-        read_jsonl(uri)
-
-
-def test_blank_lines_are_skipped_and_line_numbers_kept(tmp_path: Path) -> None:
-    uri = _write(tmp_path / "docs.jsonl", ['{"text": "a"}', "   ", "", '{"text": "b"}'])
-    assert read_jsonl(uri) == [(1, {"text": "a"}), (4, {"text": "b"})]
-
-
-def test_non_object_line_names_the_type(tmp_path: Path) -> None:
-    uri = _write(tmp_path / "docs.jsonl", ['{"text": "fine"}', "[1, 2]"])
-    with pytest.raises(DataError, match=re.escape(f"{uri}:2: expected a JSON object, got list")):
-        read_jsonl(uri)
-
-
-def test_missing_file_points_at_the_config(tmp_path: Path) -> None:
-    uri = str(tmp_path / "nowhere.jsonl")
-    with pytest.raises(
-        DataError, match=re.escape(f"data file not found: {uri} (check data.* in the config)")
-    ):
-        read_jsonl(uri)
-
-
-def test_empty_file_has_no_records(tmp_path: Path) -> None:
-    uri = _write(tmp_path / "empty.jsonl", ["", ""])
-    with pytest.raises(DataError, match=re.escape(f"{uri}: no records")):
-        read_jsonl(uri)
-
-
-def test_non_utf8_file_is_rejected(tmp_path: Path) -> None:
-    path = tmp_path / "latin1.jsonl"
-    path.write_bytes('{"text": "café"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match=re.escape(f"{path}: not UTF-8 text")):
-        read_jsonl(str(path))
-
-
-def test_data_error_is_a_value_error() -> None:
-    assert issubclass(DataError, ValueError)
+def test_units_split_a_file_at_line_starts_and_count_lines(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": f"document number {i}"}) for i in range(200)]
+    path.write_text("\n".join(lines) + "\n")
+    units = sources.plan_units([str(path)], chunk_bytes=1000)
+    assert len(units) > 3
+    assert units[0].start == 0 and units[-1].end == path.stat().st_size
+    texts, total_lines = [], 0
+    for unit in units:
+        count, records = sources.read_unit(unit)
+        texts += [r.value["text"] for r in records if isinstance(r, Record)]
+        total_lines += count
+    assert texts == [f"document number {i}" for i in range(200)]
+    assert total_lines == 200
 
 
 def test_line_separator_inside_a_string_is_not_a_line_break(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
     record = {"text": "first part\u2028second part"}
-    uri = _write(tmp_path / "docs.jsonl", [json.dumps(record, ensure_ascii=False), '{"text": "b"}'])
-    assert read_jsonl(uri) == [(1, record), (2, {"text": "b"})]
+    path.write_text(json.dumps(record, ensure_ascii=False) + '\n{"text": "b"}\n')
+    assert _records(WorkUnit(str(path), "jsonl", 0, -1)) == [
+        Record(1, record),
+        Record(2, {"text": "b"}),
+    ]
 
 
-# --- record validation -------------------------------------------------------------------
+def test_json_array_parquet_and_text_inputs(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}]))
+    pq.write_table(pa.table({"text": ["three", "four"]}), tmp_path / "b.parquet")
+    (tmp_path / "c.txt").write_text("def f():\n    return 1\n")
+    uris = sources.expand_inputs(str(tmp_path / "*"), "data.domain_corpus")
+    values = [r.value for u in sources.plan_units(uris, 1 << 20) for r in _records(u)]
+    assert values == [
+        {"text": "one"}, {"text": "two"}, {"text": "three"}, {"text": "four"},
+        "def f():\n    return 1\n",
+    ]  # fmt: skip
 
 
-def test_document_without_text_names_the_line(tmp_path: Path) -> None:
-    uri = _jsonl(tmp_path / "docs.jsonl", [{"text": "a fine document"}, {"body": "x"}])
-    with pytest.raises(DataError, match=re.escape(f"{uri}:2: expected a string field 'text'")):
-        load_documents(uri, min_chars=0, scrub=False)
+def test_expand_inputs_takes_lists_globs_and_folders_and_names_the_field(tmp_path: Path) -> None:
+    for name in ("x.jsonl", "y.jsonl", "notes.bin"):
+        (tmp_path / name).write_text("{}\n")
+    assert sources.expand_inputs(str(tmp_path), "f") == [
+        str(tmp_path / "x.jsonl"),
+        str(tmp_path / "y.jsonl"),
+    ]
+    assert sources.expand_inputs([str(tmp_path / "y.jsonl"), str(tmp_path / "*.jsonl")], "f") == [
+        str(tmp_path / "y.jsonl"), str(tmp_path / "x.jsonl"),
+    ]  # fmt: skip
+    with pytest.raises(DataError, match=r"data\.instructions: no input files found at"):
+        sources.expand_inputs(str(tmp_path / "missing-*.jsonl"), "data.instructions")
 
 
-def test_document_with_non_string_text_is_rejected(tmp_path: Path) -> None:
-    uri = _jsonl(tmp_path / "docs.jsonl", [{"text": 42}])
-    with pytest.raises(DataError, match=re.escape(f"{uri}:1: expected a string field 'text'")):
-        load_documents(uri, min_chars=0, scrub=False)
-
-
-def test_invalid_role_names_the_index_and_the_allowed_roles(tmp_path: Path) -> None:
-    bad = {"messages": [QUESTION, {"role": "bot", "content": "hi"}, ANSWER]}
-    uri = _jsonl(tmp_path / "chats.jsonl", [{"messages": [QUESTION, ANSWER]}, bad])
-    expected = (
-        f"{uri}:2: messages[1].role is 'bot'; expected one of ('system', 'user', 'assistant')"
+def test_document_fields_are_checked() -> None:
+    assert document_text({"text": "  indented\n    code"}, FIELDS) == "  indented\n    code"
+    assert document_text({"body": "x"}, FIELDS) == Rejection(
+        "missing_field", "expected a string field 'text'"
     )
-    with pytest.raises(DataError, match=re.escape(expected)):
-        load_chats(uri, scrub=False)
-    assert ROLES == ("system", "user", "assistant")
-
-
-def test_conversation_without_an_assistant_message_is_rejected(tmp_path: Path) -> None:
-    uri = _jsonl(tmp_path / "chats.jsonl", [{"messages": [QUESTION, QUESTION]}])
-    with pytest.raises(DataError, match=re.escape(f"{uri}:1: no assistant message")):
-        load_chats(uri, scrub=False)
+    assert document_text({"text": 42}, FIELDS).reason == "wrong_type"  # type: ignore[union-attr]
+    assert document_text([1, 2], FIELDS) == Rejection(
+        "not_an_object", "expected a JSON object, got list"
+    )
+    assert document_text({"body": "x"}, Fields(text="body")) == "x"
 
 
 @pytest.mark.parametrize(
-    ("messages", "message"),
+    ("value", "reason"),
     [
-        (None, "expected a non-empty list field 'messages'"),
-        ([], "expected a non-empty list field 'messages'"),
-        ([QUESTION, "hello"], "messages[1] is not an object"),
-        ([{"role": "assistant", "content": 3}], "messages[0].content must be a string"),
-        ([{"content": "no role"}], "messages[0].role is None"),
+        ({"messages": [QUESTION, {"role": "bot", "content": "hi"}, ANSWER]}, "unknown_role"),
+        ({"messages": [QUESTION, QUESTION]}, "no_assistant_turn"),
+        ({"messages": [QUESTION, {"role": "assistant", "content": "  \n"}]}, "empty_assistant"),
+        ({"messages": [QUESTION, ANSWER, QUESTION]}, "final_turn_not_assistant"),
+        ({"messages": []}, "wrong_type"),
+        ({"messages": [QUESTION, "hello"]}, "wrong_type"),
+        ({"messages": [{"role": "assistant", "content": 3}]}, "wrong_type"),
+        ({"chat": []}, "missing_field"),
+        ("just text", "not_an_object"),
     ],
 )
-def test_malformed_messages(tmp_path: Path, messages: object, message: str) -> None:
-    uri = _jsonl(tmp_path / "chats.jsonl", [{"messages": messages}])
-    with pytest.raises(DataError, match=re.escape(f"{uri}:1: {message}")):
-        load_chats(uri, scrub=False)
+def test_bad_chats_are_rejected_with_their_reason(value: object, reason: str) -> None:
+    result = chat_messages(value, FIELDS)
+    assert isinstance(result, Rejection)
+    assert result.reason == reason
 
 
-# --- cleaning and scrubbing --------------------------------------------------------------
-
-
-def test_clean_text_collapses_spaces_drops_blank_lines_and_normalizes() -> None:
-    raw = "  Hello\t\t world  \r\n\n \n  second \u000b  line  \nCafe\u0301"
-    assert clean_text(raw) == "Hello world\nsecond line\nCaf\u00e9"
-    assert clean_text("already clean") == "already clean"
-    assert clean_text(" \n\t\n ") == ""
-
-
-def test_scrub_pii_replaces_emails_and_phones_and_counts_them() -> None:
-    text = (
-        "Mail jane.doe+orders@mail.example.co.uk or chidi.31@example.com, "
-        "call +1 555 101 1996 or 020 7946-0958. Credit of $14.00 after 42 minutes."
-    )
-    scrubbed, count = scrub_pii(text)
-    assert scrubbed == (
-        "Mail <EMAIL> or <EMAIL>, call <PHONE> or <PHONE>. Credit of $14.00 after 42 minutes."
-    )
-    assert count == 4
-
-
-def test_scrub_pii_leaves_ordinary_text_alone() -> None:
-    text = "Surge multiplier 2.4, rated 4 stars, pickup at 20:00, order #4512."
-    assert scrub_pii(text) == (text, 0)
-
-
-def test_iso_dates_are_not_phone_numbers() -> None:
-    assert scrub_pii("Delivered on 2026-11-29.") == ("Delivered on 2026-11-29.", 0)
-
-
-# --- load_documents / load_chats ---------------------------------------------------------
-
-
-def test_load_documents_drops_short_docs_and_duplicates_with_stats(tmp_path: Path) -> None:
-    records = [
-        {"text": "The courier was delayed by traffic."},
-        {"text": "The   courier was delayed\tby traffic.  "},  # duplicate once cleaned
-        {"text": "too short"},
-        {"text": "Contact a@b.com or +1 555 101 1996 today."},
-        {"text": "Contact c@d.org or +1 555 222 3333 today."},  # duplicate once scrubbed
-        {"text": "A refund was issued for the missing item."},
+def test_prompt_response_pairs_and_custom_field_names() -> None:
+    pair = chat_messages({"prompt": "Where?", "response": "Here."}, FIELDS)
+    assert pair == [
+        {"role": "user", "content": "Where?"},
+        {"role": "assistant", "content": "Here."},
     ]
-    uri = _jsonl(tmp_path / "docs.jsonl", records)
-    docs, stats = load_documents(uri, min_chars=20, scrub=True)
-    assert docs == [
-        "The courier was delayed by traffic.",
-        "Contact <EMAIL> or <PHONE> today.",
-        "A refund was issued for the missing item.",
+    custom = Fields(messages="turns", role="from", content="value")
+    turns = {"turns": [{"from": "user", "value": "Q"}, {"from": "assistant", "value": "A"}]}
+    assert chat_messages(turns, custom) == [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
     ]
-    assert stats == IngestStats(read=6, too_short=1, duplicates=2, pii_replacements=4, kept=3)
-
-
-def test_load_documents_without_scrubbing_keeps_pii_and_distinct_docs(tmp_path: Path) -> None:
-    records = [
-        {"text": "Contact a@b.com or +1 555 101 1996 today."},
-        {"text": "Contact c@d.org or +1 555 222 3333 today."},
-    ]
-    uri = _jsonl(tmp_path / "docs.jsonl", records)
-    docs, stats = load_documents(uri, min_chars=0, scrub=False)
-    assert docs == [r["text"] for r in records]
-    assert stats == IngestStats(read=2, too_short=0, duplicates=0, pii_replacements=0, kept=2)
-
-
-def test_short_is_measured_after_cleaning_and_scrubbing(tmp_path: Path) -> None:
-    # 18 raw characters but 8 once cleaned; the second is exactly 12 (kept: >= min_chars).
-    uri = _jsonl(
-        tmp_path / "docs.jsonl", [{"text": "   only   ten     "}, {"text": "12 chars ok!"}]
-    )
-    docs, stats = load_documents(uri, min_chars=12, scrub=False)
-    assert docs == ["12 chars ok!"]
-    assert (stats.too_short, stats.kept) == (1, 1)
-
-
-def test_load_chats_cleans_scrubs_and_deduplicates(tmp_path: Path) -> None:
-    records = [
-        {"messages": [{"role": "user", "content": "Mail  me at a@b.com"}, ANSWER]},
-        {"messages": [{"role": "user", "content": "Mail me at c@d.com"}, ANSWER]},
-        {"messages": [QUESTION, ANSWER]},
-    ]
-    uri = _jsonl(tmp_path / "chats.jsonl", records)
-    chats, stats = load_chats(uri, scrub=True)
-    assert chats == [
-        [{"role": "user", "content": "Mail me at <EMAIL>"}, ANSWER],
-        [QUESTION, ANSWER],
-    ]
-    assert stats == IngestStats(read=3, too_short=0, duplicates=1, pii_replacements=2, kept=2)
-
-
-# --- held-out split ----------------------------------------------------------------------
-
-
-def test_content_hash_is_sha256_hex() -> None:
-    assert content_hash("abc") == hashlib.sha256(b"abc").hexdigest()
-
-
-def test_is_heldout_is_stable_and_matches_the_fraction() -> None:
-    keys = [content_hash(f"document {i}") for i in range(10_000)]
-    first = [is_heldout(k, 0.1) for k in keys]
-    assert first == [is_heldout(k, 0.1) for k in keys]
-    assert 0.08 <= sum(first) / len(keys) <= 0.12
-    assert 0.28 <= sum(is_heldout(k, 0.3) for k in keys) / len(keys) <= 0.32
-    # Raising the fraction only moves records into held-out, never out of it.
-    assert all(is_heldout(k, 0.3) for k, held in zip(keys, first, strict=True) if held)
 
 
 def test_is_heldout_reads_the_first_32_bits_of_the_hash() -> None:
     assert is_heldout("00000000" + "f" * 56, 0.01)
     assert not is_heldout("ffffffff" + "0" * 56, 0.49)
-    assert is_heldout("19999999" + "0" * 56, 0.1)  # 429496729 / 4294967295 < 0.1
+    assert is_heldout("19999999" + "0" * 56, 0.1)
     assert not is_heldout("1999999a" + "0" * 56, 0.1)

@@ -5,9 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pytest
 
 from pipeline.data.chat import IGNORE_INDEX, tokenize_chat
-from pipeline.data.pack import pack_documents, pack_examples
+from pipeline.data.pack import (
+    BlockBuffer,
+    DocumentPacker,
+    PackedBlocks,
+    pack_documents,
+    pack_examples,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -115,7 +122,7 @@ def test_real_tokenized_documents(
 # --- pack_examples -----------------------------------------------------------------------
 
 
-def test_examples_are_never_split_across_blocks() -> None:
+def test_examples_are_packed_best_fit_and_never_split() -> None:
     examples = [
         ([5, 6, 7], [M, M, 7]),
         ([8, 9, 10, 11], [M, 9, 10, 11]),
@@ -123,9 +130,10 @@ def test_examples_are_never_split_across_blocks() -> None:
     ]
     blocks, truncated = pack_examples(examples, seq_len=6, pad_id=PAD)
     assert truncated == 0
-    assert blocks.input_ids.tolist() == [[5, 6, 7, PAD, PAD, PAD], [8, 9, 10, 11, 12, 13]]
-    assert blocks.position_ids.tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1]]
-    assert blocks.labels.tolist() == [[M, M, 7, M, M, M], [M, 9, 10, 11, M, 13]]
+    # Longest first; the 2-token example fills the room the 4-token one leaves.
+    assert blocks.input_ids.tolist() == [[8, 9, 10, 11, 12, 13], [5, 6, 7, PAD, PAD, PAD]]
+    assert blocks.position_ids.tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
+    assert blocks.labels.tolist() == [[M, 9, 10, 11, M, 13], [M, M, 7, M, M, M]]
     assert blocks.trained_tokens == 5
 
 
@@ -144,15 +152,84 @@ def test_long_examples_are_truncated_and_counted() -> None:
     assert truncated == 2
     assert blocks.input_ids.tolist() == [
         [20, 21, 22, 23, 24, 25],
-        [1, 2, PAD, PAD, PAD, PAD],
         [40, 41, 42, 43, 44, 45],
+        [1, 2, PAD, PAD, PAD, PAD],
     ]
-    assert blocks.labels.tolist() == [
-        [M, 21, 22, 23, 24, 25],
-        [M, 2, M, M, M, M],
-        [M] * 6,
-    ]
+    assert blocks.labels.tolist() == [[M, 21, 22, 23, 24, 25], [M] * 6, [M, 2, M, M, M, M]]
     assert blocks.trained_tokens == 6
+
+
+def _segments(blocks: PackedBlocks) -> list[list[int]]:
+    """Attention spans: runs of a row from one position-0 to the next."""
+    spans = []
+    for ids, pos in zip(blocks.input_ids.tolist(), blocks.position_ids.tolist(), strict=True):
+        for i, p in enumerate(pos):
+            if p == 0:
+                spans.append([])
+            spans[-1].append(ids[i])
+    return spans
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_property_examples_never_share_a_span_and_no_token_is_lost(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    seq_len = int(rng.integers(8, 64))
+    examples = []
+    for k in range(int(rng.integers(1, 60))):
+        n = int(rng.integers(1, seq_len + 1))
+        ids = [1000 * (k + 1) + i for i in range(n)]  # ids name their example
+        labels = [t if rng.random() < 0.5 else M for t in ids]
+        examples.append((ids, labels))
+    blocks, truncated = pack_examples(examples, seq_len, PAD, window=int(rng.integers(1, 20)))
+    assert truncated == 0
+    spans = [s for s in _segments(blocks) if s[0] != PAD]
+    # Each attention span is exactly one example: none mixed, none split, none lost.
+    assert sorted(map(tuple, spans)) == sorted(tuple(ids) for ids, _ in examples)
+    trained = sorted(t for t in blocks.labels.reshape(-1).tolist() if t != M)
+    assert trained == sorted(t for ids, labels in examples for t in labels[1:] if t != M)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_property_documents_lose_no_token_and_positions_restart(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    seq_len = int(rng.integers(4, 40))
+    docs = [[1000 * (k + 1) + i for i in range(int(rng.integers(1, 90)))] for k in range(20)]
+    blocks = pack_documents(docs, seq_len, EOS, PAD)
+    flat = blocks.input_ids.reshape(-1).tolist()
+    assert [t for t in flat if t != PAD] == [t for d in docs for t in [*d, EOS]]
+    for span in _segments(blocks):
+        owners = {t // 1000 for t in span if t not in (EOS, PAD)}
+        assert len(owners) <= 1  # a span never holds two documents
+
+
+def test_sft_labels_cover_every_answer_token_and_end_of_turn_and_no_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Where is my order?"},
+        {"role": "assistant", "content": "On its way."},
+        {"role": "user", "content": "And the refund?"},
+        {"role": "assistant", "content": "Issued today."},
+    ]
+    ids, labels = tokenize_chat(chat, tokenizer, "chatml")
+    blocks, _ = pack_examples([(ids, labels)], seq_len=len(ids) + 3, pad_id=PAD)
+    trained = [t for t in blocks.labels[0].tolist() if t != M]
+    expected = tokenizer("On its way.<|im_end|>", add_special_tokens=False)["input_ids"]
+    expected += tokenizer("Issued today.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert trained == expected
+    assert tokenizer.decode(trained) == "On its way.<|im_end|>Issued today.<|im_end|>"
+
+
+def test_buffered_packer_reports_efficiency() -> None:
+    rows: list[np.ndarray] = []
+    buffer = BlockBuffer(8, PAD, lambda ids, flags: rows.append(ids), rows=2)
+    packer = DocumentPacker(buffer, EOS)
+    for doc in ([1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]):
+        packer.add(doc)
+    buffer.close()
+    assert sum(len(r) for r in rows) == 2
+    assert buffer.tokens == 14 and buffer.efficiency == 14 / 16
 
 
 def test_packed_chats_keep_exactly_the_answer_tokens(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -1,0 +1,235 @@
+"""Data-preparation throughput against the bare fast tokenizer, on one machine.
+
+Generates ``--mb`` MB (default 100) of variable-length documents and chats (with e-mails,
+phones, cards, near duplicates and some bad lines), trains a byte-level BPE on a sample, then
+measures on the same text and cores:
+
+- the bare fast tokenizer (``encode_batch_fast``, Rust threads on every core),
+- the full prepare_data stage (read, validate, clean, scrub, sign, tokenize, dedup, split, pack,
+  write shards) with ``--workers`` processes,
+
+and prints MB/s, tokens/s, the stage/tokenizer ratio (target >= 0.5), peak memory (driver plus
+workers) and packing efficiency of cpt_train and sft_train (target >= 0.99). Writes
+``benchmarks/results/data_prep.json``.
+
+    .venv/bin/python benchmarks/data_prep.py [--mb 100] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+_VOCABULARY = (
+    "the a order courier refund late driver restaurant delivery customer support ticket app "
+    "payment card city rain traffic minutes kitchen pickup item missing charged twice policy "
+    "we you they it was is will be could should please thanks sorry because when after before "
+    "menu price tip rating review account address building floor gate code window weekend"
+)
+WORDS = _VOCABULARY.split()
+
+
+def _sentence(rng: np.random.Generator) -> str:
+    words = rng.choice(WORDS, int(rng.integers(6, 22)))
+    return " ".join(words).capitalize() + "."
+
+
+def _paragraph(rng: np.random.Generator) -> str:
+    text = " ".join(_sentence(rng) for _ in range(int(rng.integers(2, 8))))
+    roll = rng.random()
+    if roll < 0.05:
+        text += f" Contact jane.{int(rng.integers(1e6))}@example.com or +1 555 {int(rng.integers(100, 999))} 4567."
+    elif roll < 0.07:
+        text += " Paid with 4111 1111 1111 1111 from 10.1.2.3."
+    elif roll < 0.10:
+        text += "\n\n    def total(items):\n        return sum(i.price for i in items)\n"
+    return text
+
+
+def generate(folder: Path, mb: int, seed: int = 0) -> tuple[list[Path], Path]:
+    """Domain JSONL files and one chat JSONL file totalling about ``mb`` MB."""
+    rng = np.random.default_rng(seed)
+    target = mb * 1_000_000
+    written = 0
+    files = []
+    part = 0
+    previous: list[str] = []
+    while written < target * 0.8:
+        path = folder / f"domain-{part:03d}.jsonl"
+        with open(path, "w") as handle:
+            for _ in range(2000):
+                if written >= target * 0.8:
+                    break
+                n = int(rng.lognormal(1.5, 0.9)) + 1  # 1 .. ~100 paragraphs
+                text = "\n\n".join(_paragraph(rng) for _ in range(min(n, 200)))
+                if previous and rng.random() < 0.02:
+                    text = previous[int(rng.integers(len(previous)))] + " Updated."
+                previous = [*previous, text][-50:]
+                line = json.dumps({"text": text})
+                if rng.random() < 0.001:
+                    line = line[: len(line) // 2]  # a truncated line
+                handle.write(line + "\n")
+                written += len(line) + 1
+        files.append(path)
+        part += 1
+    chats = folder / "chats.jsonl"
+    with open(chats, "w") as handle:
+        while written < target:
+            turns = []
+            if rng.random() < 0.3:
+                turns.append({"role": "system", "content": "You are a concise support agent."})
+            for _ in range(int(rng.integers(1, 4))):
+                turns.append({"role": "user", "content": _paragraph(rng)})
+                answer = "\n\n".join(_paragraph(rng) for _ in range(int(rng.integers(1, 6))))
+                turns.append({"role": "assistant", "content": answer})
+            line = json.dumps({"messages": turns})
+            handle.write(line + "\n")
+            written += len(line) + 1
+    return files, chats
+
+
+class PeakMemory:
+    """Samples the resident memory of this process and its children."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.process = psutil.Process()
+        self.peak = 0
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        while self.running:
+            total = self.process.memory_info().rss
+            for child in self.process.children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):  # a worker that just exited
+                    total += child.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+    def __enter__(self) -> PeakMemory:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.running = False
+        self.thread.join()
+
+
+def _lines(path: Path) -> list[str]:
+    with open(path) as handle:
+        return handle.readlines()
+
+
+def bare_tokenizer(tok: Any, files: list[Path], chats: Path) -> dict[str, float]:
+    """Fast-tokenizer throughput on the same text (documents and chat contents), all cores."""
+    texts = [json.loads(line)["text"] for f in files for line in _lines(f) if line.endswith("}\n")]
+    for line in _lines(chats):
+        texts.extend(m["content"] for m in json.loads(line)["messages"])
+    nbytes = sum(len(t.encode()) for t in texts)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    started = time.perf_counter()
+    tokens = 0
+    for start in range(0, len(texts), 4096):
+        batch = tok.backend_tokenizer.encode_batch_fast(
+            texts[start : start + 4096], add_special_tokens=False
+        )
+        tokens += sum(len(e.ids) for e in batch)
+    seconds = time.perf_counter() - started
+    return {
+        "mb_per_s": nbytes / seconds / 1e6,
+        "tokens_per_s": tokens / seconds,
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    args = parser.parse_args()
+
+    from pipeline.config import load_config
+    from pipeline.data.tokenizer import train_bpe_tokenizer
+    from pipeline.stages.prepare_data import prepare
+
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
+        root = Path(scratch)
+        print(f"generating {args.mb} MB ...", flush=True)
+        files, chats = generate(root, args.mb)
+        input_mb = sum(f.stat().st_size for f in [*files, chats]) / 1e6
+        sample = [json.loads(line)["text"] for line in _lines(files[0]) if line.endswith("}\n")]
+        tok = train_bpe_tokenizer(sample[:1000], vocab_size=8192)
+        tok.save_pretrained(str(root / "tokenizer"))
+        print("bare tokenizer ...", flush=True)
+        bare = bare_tokenizer(tok, files, chats)
+        config = load_config(
+            REPO / "configs" / "demo.yaml",
+            {
+                "data.domain_corpus": [str(f) for f in files],
+                "data.instructions": str(chats),
+                "data.seq_len": args.seq_len,
+                "data.shard_blocks": 4096,
+                "data.num_workers": args.workers,
+                "data.chunk_bytes": 16 * 2**20,
+                "model.tokenizer": str(root / "tokenizer"),
+            },
+        )
+        print(f"prepare_data with {args.workers} processes ...", flush=True)
+        with PeakMemory() as memory:
+            started = time.perf_counter()
+            manifest = prepare(config, str(root / "out"))
+            seconds = time.perf_counter() - started
+    tokens = sum(c["tokens"] for c in manifest["counts"]["corpora"].values())
+    stage = {"mb_per_s": input_mb / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds}
+    splits = manifest["splits"]
+    result = {
+        "input_mb": round(input_mb, 1),
+        "cores": os.cpu_count(),
+        "workers": args.workers,
+        "seq_len": args.seq_len,
+        "bare_tokenizer": {k: round(v, 2) for k, v in bare.items()},
+        "stage": {k: round(v, 2) for k, v in stage.items()},
+        "ratio_to_bare_tokenizer": round(stage["mb_per_s"] / bare["mb_per_s"], 3),
+        "peak_memory_mb": round(memory.peak / 2**20),
+        "cpt_packing_efficiency": splits["cpt_train"]["packing_efficiency"],
+        "sft_packing_efficiency": splits["sft_train"]["packing_efficiency"],
+        "counts": {
+            k: manifest["counts"][k] for k in ("read", "quarantined", "pii", "documents", "chats")
+        },
+    }
+    rows = [
+        ("input", f"{result['input_mb']} MB, {tokens:,} tokens"),
+        ("bare fast tokenizer", f"{bare['mb_per_s']:.2f} MB/s, {bare['tokens_per_s']:,.0f} tokens/s ({os.cpu_count()} cores)"),
+        ("prepare_data stage", f"{stage['mb_per_s']:.2f} MB/s, {stage['tokens_per_s']:,.0f} tokens/s ({args.workers} processes, {seconds:.1f} s)"),
+        ("stage / bare tokenizer", f"{result['ratio_to_bare_tokenizer']:.3f} (target >= 0.5)"),
+        ("peak memory (driver + workers)", f"{result['peak_memory_mb']} MB"),
+        ("packing efficiency cpt_train", f"{result['cpt_packing_efficiency']:.4f} (target >= 0.99)"),
+        ("packing efficiency sft_train", f"{result['sft_packing_efficiency']:.4f} (target >= 0.99)"),
+    ]  # fmt: skip
+    width = max(len(name) for name, _ in rows)
+    print()
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    out = REPO / "benchmarks" / "results" / "data_prep.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
