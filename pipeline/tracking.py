@@ -148,6 +148,20 @@ def download_model_version(tracking: TrackingConfig, source: str, dest: str) -> 
     return path
 
 
+def log_plan(tracking: TrackingConfig, run_key: str, plan: dict[str, Any]) -> None:
+    """Attach the planner's output to the DAG run's parent run: ``plan.json`` (every candidate)
+    and the chosen plan's predictions as ``plan.<section>.<metric>`` metrics."""
+    parent = parent_run_id(tracking, run_key)
+    log_json_artifact(tracking, parent, "plan.json", plan)
+    metrics = {}
+    for section, doc in plan.items():
+        chosen = doc.get("chosen") or {}
+        for name in ("gpu_memory_gib", "host_memory_gib", "step_time_s", "tokens_per_s", "mfu"):
+            if name in chosen:
+                metrics[f"plan.{section}.predicted_{name}"] = float(chosen[name])
+    log_metrics(tracking, parent, metrics)
+
+
 def log_json_artifact(tracking: TrackingConfig, run_id: str, name: str, obj: Any) -> None:
     """Attach a small JSON document (manifest, eval report) to a run."""
     import json

@@ -1,0 +1,120 @@
+"""What one host of each Ray worker pool has, with the config's overrides applied."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from pipeline.config import ComputeConfig
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One host type of a worker group and how many of them a run uses."""
+
+    name: str
+    has_gpu: bool
+    """False for CPU workers: everything a worker holds lives in host RAM."""
+    device_memory_gib: float
+    """Memory of one GPU (0 for CPU workers)."""
+    devices_per_node: int
+    """GPUs per host (CPU workers per host on the cpu pool)."""
+    host_memory_gb: float
+    """RAM of one host, decimal GB as vendors quote it."""
+    peak_tflops: dict[str, float]
+    """Dense matmul peak of one device per precision (``bf16``, ``fp32``), TFLOP/s."""
+    intra_node_gbyte_s: float
+    """Collective bus bandwidth between devices of one host (NVLink), GB/s per device."""
+    interconnect_gbit_s: float
+    """Network bandwidth between hosts, per host, Gbit/s."""
+    pcie_gbyte_s: float
+    """Host-to-device copy bandwidth per device, GB/s (pinned memory)."""
+    hbm_gbyte_s: float
+    """Device memory bandwidth (bounds the GPU optimizer step), GB/s."""
+    runtime_reserved_gib: float
+    """Memory the CUDA context, cuBLAS workspaces and NCCL take outside PyTorch's allocator."""
+    num_nodes: int = 1
+
+    @property
+    def host_memory_gib(self) -> float:
+        return self.host_memory_gb * 1e9 / GIB
+
+    def inter_node_gbyte_s_per_device(self) -> float:
+        return self.interconnect_gbit_s / 8 / self.devices_per_node
+
+
+# Figures: vendor datasheets; sustained rates come from the kernel efficiencies in throughput.py.
+POOLS: dict[str, Pool] = {
+    # A100 SXM hosts: 4 GPUs, 600 GB RAM, NVLink 3 (600 GB/s bidirectional, ~240 GB/s bus
+    # bandwidth in NCCL), 400 Gbit/s to the next host, PCIe Gen4 x16.
+    "a100": Pool(
+        name="a100",
+        has_gpu=True,
+        device_memory_gib=80.0,
+        devices_per_node=4,
+        host_memory_gb=600.0,
+        peak_tflops={"bf16": 312.0, "fp32": 19.5},
+        intra_node_gbyte_s=240.0,
+        interconnect_gbit_s=400.0,
+        pcie_gbyte_s=20.0,
+        hbm_gbyte_s=2000.0,
+        runtime_reserved_gib=1.5,
+    ),
+    # H100 SXM hosts: 8 GPUs, 1872 GB RAM, NVLink 4 (~360 GB/s bus bandwidth), 8 x 400 Gbit/s
+    # to the next host, PCIe Gen5 x16.
+    "h100": Pool(
+        name="h100",
+        has_gpu=True,
+        device_memory_gib=80.0,
+        devices_per_node=8,
+        host_memory_gb=1872.0,
+        peak_tflops={"bf16": 989.0, "fp32": 67.0},
+        intra_node_gbyte_s=360.0,
+        interconnect_gbit_s=3200.0,
+        pcie_gbyte_s=40.0,
+        hbm_gbyte_s=3350.0,
+        runtime_reserved_gib=1.5,
+    ),
+    # CPU workers (the demo): one host; "device" figures describe one worker's cores, and
+    # gloo collectives run through shared memory. peak_tflops is per worker core (AVX2 FMA).
+    "cpu": Pool(
+        name="cpu",
+        has_gpu=False,
+        device_memory_gib=0.0,
+        devices_per_node=0,  # every worker on one host; set from num_workers in pool_for
+        host_memory_gb=16.0,
+        peak_tflops={"bf16": 0.05, "fp32": 0.1},
+        intra_node_gbyte_s=2.0,
+        interconnect_gbit_s=10.0,
+        pcie_gbyte_s=10.0,
+        hbm_gbyte_s=20.0,
+        runtime_reserved_gib=0.0,
+    ),
+}
+
+
+def pool_for(compute: ComputeConfig) -> Pool:
+    """The config's pool with its hardware overrides, sized to ``num_workers``.
+
+    Returns:
+        The pool with ``num_nodes`` = workers / devices per node, rounded up; on the cpu pool
+        all workers share one host unless ``gpus_per_node`` says otherwise, and the peak rate
+        is per worker (``cpus_per_worker`` cores).
+    """
+    pool = POOLS[compute.pool]
+    per_node = compute.gpus_per_node or pool.devices_per_node or compute.num_workers
+    pool = replace(
+        pool,
+        devices_per_node=min(per_node, compute.num_workers),
+        device_memory_gib=compute.gpu_memory_gib or pool.device_memory_gib,
+        host_memory_gb=compute.host_memory_gb or pool.host_memory_gb,
+        interconnect_gbit_s=compute.interconnect_gbit_s or pool.interconnect_gbit_s,
+        pcie_gbyte_s=compute.pcie_gbyte_s or pool.pcie_gbyte_s,
+        num_nodes=math.ceil(compute.num_workers / per_node),
+    )
+    if not pool.has_gpu:
+        cores = compute.cpus_per_worker
+        pool = replace(pool, peak_tflops={k: v * cores for k, v in pool.peak_tflops.items()})
+    return pool

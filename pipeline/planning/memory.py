@@ -1,0 +1,201 @@
+"""Peak GPU memory per GPU and host RAM per node of one setting.
+
+Model states follow DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` and
+``estimate_zero3_model_states_mem_needs`` with ``zero_init``): 18 bytes per partitioned
+parameter in bf16 (16-bit gradients, fp32 master weights, Adam moments and fp32 gradients),
+2 bytes per replicated 16-bit parameter under ZeRO-1/2, and 4 bytes per parameter of the largest
+module, gathered with its gradient, under ZeRO-3. The fp32 gradient partition lives only during
+the optimizer step, so the backward peak (activations alive) and the step peak are separate.
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", sbh(34 + 5as/h) per layer) redone for this architecture: RMSNorm instead
+of LayerNorm (Hugging Face's saves an fp32 copy of its input), GQA (K and V are kv_heads wide),
+SwiGLU (three ff-wide tensors and the product), no dropout. Flash and flex attention keep no
+s x s tensor; eager keeps the fp32 softmax (and its 16-bit copy). With checkpointing one tensor
+per layer (its input) stays and one layer is recomputed at a time. Logits are counted apart:
+vocab x seq_len x micro-batch in fp32 for the loss, log-probabilities and their gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.planning.hardware import GIB
+from pipeline.planning.workload import Setting, Workload
+
+# DeepSpeed defaults (the project's zero.py leaves them alone), in elements.
+REDUCE_BUCKET = 500_000_000
+ALLGATHER_BUCKET = 500_000_000
+STAGE3_PREFETCH_BUCKET = 50_000_000
+STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
+DS_HOST_BUFFER_FACTOR = 1.5
+"""DeepSpeed's ``additional_buffer_factor`` for host memory estimates."""
+LOGITS_BYTES_PER_ELEMENT = 8
+"""fp32 log-probabilities saved by the loss plus their fp32 gradient at the start of backward
+(the 16-bit logits and their fp32 copy are gone by then). Matches the H200 measurements in
+tests/unit/test_plan.py to within 6%."""
+FRAGMENTATION = 0.10
+"""Share of activation and logits memory lost to allocator fragmentation."""
+WORKER_PROCESS_GIB = 1.5
+"""Host RAM of one training worker process (Python, torch, Ray, CUDA host side)."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on one GPU and on one host."""
+
+    model_states: float
+    """DeepSpeed's model-state figure for one GPU (at the optimizer step)."""
+    activations: float
+    """Saved activations and backward temporaries at their peak, logits included."""
+    logits: float
+    buffers: float
+    """Gradient reduce and parameter prefetch buckets."""
+    fragmentation: float
+    runtime: float
+    gpu_peak: float
+    """max(backward peak, optimizer-step peak) + fragmentation + runtime reserve; on CPU pools
+    the same figure for one worker, held in host RAM."""
+    host_offload: float
+    """DeepSpeed's host figure per node (offloaded states, pinned buffers, model loading)."""
+    host_peak: float
+    """Host RAM per node: offload figure + worker processes (+ every worker's memory on CPU)."""
+
+    def gib(self, name: str) -> float:
+        return float(getattr(self, name)) / GIB
+
+
+def state_bytes(work: Workload, setting: Setting) -> tuple[float, float]:
+    """Model-state bytes per GPU: (at the optimizer step, during backward).
+
+    At the step the figure equals DeepSpeed's estimator; during backward the fp32 gradient
+    partition (18 - 16 or 18 - 14 bytes per param in bf16) does not exist yet.
+    """
+    params = work.arch.total_params()
+    n = work.num_workers
+    e = work.element_bytes
+    mixed = work.precision == "bf16"
+    partition = 18 if mixed else 12  # grads, master copy, Adam m and v, fp32 grads (bf16)
+    if setting.zero_stage == 3:
+        gathered = 2 * e * work.arch.largest_module_params()
+        if setting.offload_params:
+            resident = 0.0
+        elif setting.offload_optimizer:
+            resident = e * params / n
+        else:
+            resident = (partition + e) * params / n if not mixed else partition * params / n
+        step_only = 2 * params / n if mixed and not setting.offload_optimizer else 0.0
+        return gathered + resident, gathered + resident - step_only
+    # ZeRO-0/1 keep whole 16-bit gradients too; ZeRO-0 partitions nothing (one "partition").
+    grads_replicated = setting.zero_stage <= 1
+    replicated = e * params * (2 if grads_replicated else 1)
+    shards = n if setting.zero_stage > 0 else 1
+    if setting.offload_optimizer:
+        partitioned = 0.0
+    else:
+        partitioned = (partition - (e if grads_replicated else 0)) * params / shards
+    step_only = 4 * params / shards if mixed and not setting.offload_optimizer else 0.0
+    return replicated + partitioned, replicated + partitioned - step_only
+
+
+def host_state_bytes(work: Workload, setting: Setting) -> float:
+    """DeepSpeed's host-memory figure per node (``zero_init`` for ZeRO-3), factor 1.5 included.
+
+    ZeRO-2 with offload: DeepSpeed's estimator charges ``max(4 x total GPUs, 16)`` bytes per
+    param to every node; the offloaded state is partitioned over nodes and only the ranks of one
+    node load the model there, so this uses ``max(4 x GPUs per node, 16 / nodes)``; the two
+    agree on one node.
+    """
+    params = work.arch.total_params()
+    nodes = work.pool.num_nodes
+    per_node = work.pool.devices_per_node
+    if setting.zero_stage == 3:
+        if setting.offload_params:
+            state = 18 * params / nodes
+        elif setting.offload_optimizer:
+            state = 16 * params / nodes
+        else:
+            state = 4 * work.arch.largest_module_params() * per_node
+    elif setting.offload_optimizer:
+        state = params * max(4 * per_node, 16 / nodes)
+    else:
+        state = 4 * params * per_node
+    return state * DS_HOST_BUFFER_FACTOR
+
+
+def layer_activation_bytes(work: Workload, micro: int) -> float:
+    """Bytes one decoder layer saves for backward (no checkpointing)."""
+    arch, e = work.arch, work.element_bytes
+    sb = work.seq_len * micro
+    d, q, kv = arch.hidden_size, arch.q_width, arch.kv_width
+    k = arch.experts_per_token
+    norms = 2 * (4 + 2 * e) * sb * d  # fp32 input copy, normalised x, output: twice per layer
+    flash = work.attention in ("flash_attention_2", "flex_attention")
+    # sdpa and eager get K and V repeated to every query head, and a contiguous output copy.
+    kv_saved = 2 * e * sb * (kv if flash else q)
+    attention = e * sb * q + kv_saved + e * sb * q * (1 if flash else 2)
+    if work.attention == "eager":
+        softmax = (4 + (e if e != 4 else 0)) * micro * arch.num_heads * work.seq_len**2
+        attention += softmax
+    mlp = k * 4 * e * sb * arch.intermediate_size  # gate, SiLU(gate), up, product
+    if arch.num_experts > 1:
+        mlp += k * 2 * e * sb * d  # tokens gathered per expert, weighted outputs
+    return norms + attention + mlp
+
+
+def activation_bytes(work: Workload, setting: Setting) -> tuple[float, float]:
+    """(peak activation bytes incl. logits, logits bytes) for one micro-batch."""
+    arch, e, b = work.arch, work.element_bytes, setting.micro_batch_size
+    sb = work.seq_len * b
+    layer = layer_activation_bytes(work, b)
+    final_norm = (4 + 2 * e) * sb * arch.hidden_size
+    logits = LOGITS_BYTES_PER_ELEMENT * arch.vocab_size * sb
+    temporaries = (
+        e * sb * (2 * arch.hidden_size + 2 * arch.experts_per_token * arch.intermediate_size)
+    )
+    if setting.activation_checkpointing:
+        kept: float = arch.num_layers * e * sb * arch.hidden_size
+        return kept + final_norm + max(logits, layer + temporaries), logits
+    kept = arch.num_layers * layer
+    return kept + final_norm + max(logits, temporaries), logits
+
+
+def buffer_bytes(work: Workload, setting: Setting) -> tuple[float, float]:
+    """(backward buffers, extra at the optimizer step): DeepSpeed's bucket allocations."""
+    params = work.arch.total_params()
+    e = work.element_bytes
+    reduce = e * min(REDUCE_BUCKET, params)
+    if setting.zero_stage == 3:
+        # The gathered layer being computed and the prefetched next one, up to max_live.
+        gathered = e * min(STAGE3_MAX_LIVE_PARAMETERS, 2 * work.arch.layer_params())
+        return reduce + e * min(STAGE3_PREFETCH_BUCKET, params) + gathered, 0.0
+    if setting.zero_stage == 0:
+        return 0.0, 0.0
+    return reduce, e * min(ALLGATHER_BUCKET, params)
+
+
+def estimate_memory(work: Workload, setting: Setting) -> MemoryEstimate:
+    """Peak memory of one GPU and one host for ``setting``."""
+    states_step, states_backward = state_bytes(work, setting)
+    activations, logits = activation_bytes(work, setting)
+    buffers, step_buffers = buffer_bytes(work, setting)
+    fragmentation = FRAGMENTATION * activations
+    runtime = work.pool.runtime_reserved_gib * GIB
+    peak = max(states_backward + activations + buffers, states_step + buffers + step_buffers)
+    gpu_peak = peak + fragmentation + runtime
+    host_offload = host_state_bytes(work, setting)
+    workers_here = work.pool.devices_per_node
+    host_peak = host_offload + workers_here * WORKER_PROCESS_GIB * GIB
+    if not work.pool.has_gpu:
+        host_peak += workers_here * gpu_peak
+    return MemoryEstimate(
+        model_states=states_step,
+        activations=activations,
+        logits=logits,
+        buffers=buffers,
+        fragmentation=fragmentation,
+        runtime=runtime,
+        gpu_peak=gpu_peak,
+        host_offload=host_offload,
+        host_peak=host_peak,
+    )

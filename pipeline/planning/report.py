@@ -1,0 +1,53 @@
+"""The plan as a console table."""
+
+from __future__ import annotations
+
+from pipeline.planning.search import Plan, Prediction
+
+
+def _row(p: Prediction, has_gpu: bool, mark: str) -> str:
+    s, m, t = p.setting, p.memory, p.step
+    offload = "+".join(
+        n for n, on in (("opt", s.offload_optimizer), ("param", s.offload_params)) if on
+    )
+    gpu = f"{m.gib('gpu_peak'):7.1f}" if has_gpu else "      -"
+    return (
+        f"{mark:1} {s.zero_stage:>4} {offload or '-':>9} {'yes' if s.activation_checkpointing else 'no':>4} "
+        f"{s.micro_batch_size:>5} {gpu} {m.gib('host_peak'):8.1f} {'yes' if p.fits else 'NO':>4} "
+        f"{t.step_time_s:9.3g} {t.tokens_per_s:10.4g} {t.mfu:6.1%}  {p.why}"
+    )
+
+
+def format_plan(plan: Plan, limit: int | None = 12) -> str:
+    """Header (model, pool), configured setting, then the candidates, fitting and fastest first.
+
+    Args:
+        plan: a plan from ``make_plan``.
+        limit: candidates shown (the chosen one is always among them); ``None`` shows all.
+    """
+    work, arch, pool = plan.work, plan.work.arch, plan.work.pool
+    has_gpu = pool.has_gpu
+    device = f"{pool.device_memory_gib:g} GiB GPUs" if has_gpu else "CPU workers"
+    lines = [
+        f"model {arch.name}: {arch.total_params() / 1e9:.2f}B params "
+        f"({arch.active_params() / 1e9:.2f}B active), {arch.num_layers} layers, d {arch.hidden_size}, "
+        f"vocab {arch.vocab_size}; seq_len {work.seq_len}, {work.precision}, {work.attention}",
+        f"pool {pool.name}: {pool.num_nodes} node(s) x {pool.devices_per_node} {device}, "
+        f"{pool.host_memory_gib:.0f} GiB RAM per node; {work.num_workers} workers; "
+        f"section {plan.section}: {work.blocks_per_worker} block(s) per worker per step",
+        "",
+        "  zero   offload ckpt micro GPU GiB host GiB fits    step s   tokens/s    MFU  why",
+    ]
+    lines.append(_row(plan.configured, has_gpu, "c"))
+    shown = plan.candidates if limit is None else plan.candidates[:limit]
+    lines.append("  " + "-" * 78)
+    lines += [_row(p, has_gpu, "*" if p is plan.chosen else " ") for p in shown]
+    if limit is not None and len(plan.candidates) > limit:
+        lines.append(f"  ... {len(plan.candidates) - limit} more (--all or --json)")
+    lines.append("")
+    if plan.chosen is None:
+        least = min(plan.candidates, key=lambda p: p.memory.gpu_peak + p.memory.host_peak)
+        lines.append(f"no candidate fits; the smallest ({least.setting.label()}): {least.why}")
+    else:
+        lines.append(f"chosen (*): {plan.chosen.setting.label()}; c = as configured")
+    return "\n".join(lines)
