@@ -54,11 +54,18 @@ def score_blocks(
     byte_lengths: list[int],
     batch_size: int,
     max_batches: int,
+    attention: str | None = None,
 ) -> HeldoutScore:
-    """Sum the loss over packed blocks (document-isolated, like training)."""
+    """Sum the loss over packed blocks, documents isolated as in training.
+
+    ``attention`` is the kernel the model was loaded with; None reads it from the model's config.
+    """
     import torch
     import torch.nn.functional as F
 
+    from pipeline.train.attention import packed_model_inputs
+
+    attention = attention or model.config._attn_implementation
     lengths = torch.tensor(byte_lengths, dtype=torch.long)
     nll, tokens, nbytes = 0.0, 0, 0
     device = next(model.parameters()).device
@@ -67,7 +74,9 @@ def score_blocks(
             ids = torch.as_tensor(blocks.input_ids[start : start + batch_size], dtype=torch.long)
             pos = torch.as_tensor(blocks.position_ids[start : start + batch_size], dtype=torch.long)
             labels = torch.as_tensor(blocks.labels[start : start + batch_size], dtype=torch.long)
-            logits = model(input_ids=ids.to(device), position_ids=pos.to(device)).logits.float()
+            inputs = packed_model_inputs(ids.to(device), pos.to(device), attention)
+            # The flash-attention path returns one flattened row: back to [B, S, V].
+            logits = model(**inputs).logits.reshape(*ids.shape, -1).float()
             target = labels[:, 1:]
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -108,8 +117,10 @@ def score_model(
     examples = [chat.tokenize_chat(c, tok, chat_format) for c in heldout["chats"]]
     instructions, _ = pack.pack_examples(examples, seq_len, tok.pad_token_id)
     return {
-        "domain": score_blocks(model, domain, byte_lengths, batch_size, max_batches).as_dict(),
+        "domain": score_blocks(
+            model, domain, byte_lengths, batch_size, max_batches, attention
+        ).as_dict(),
         "instructions": score_blocks(
-            model, instructions, byte_lengths, batch_size, max_batches
+            model, instructions, byte_lengths, batch_size, max_batches, attention
         ).as_dict(),
     }

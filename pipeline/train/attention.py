@@ -1,39 +1,234 @@
-"""Pick the attention kernel at run time and say which one ran.
+"""Pick the attention kernel at run time, and build packed-block inputs that keep documents apart.
+
+One place decides the kernel (``select_attention``) and one place decides how a packed
+micro-batch reaches it (``packed_model_inputs``); the training loop and the evaluator call both.
+
+A packed block is a ``[B, S]`` row of documents whose ``position_ids`` restart at 0 for every
+document (the padding at the end of a block is a segment of its own). Transformers only infers
+document boundaries from position ids for some kernels and some batch sizes (flash-attention:
+batch size 1 only), so the boundaries are always passed explicitly, in the form each kernel reads:
+
+- ``flash_attention_2``: the micro-batch is flattened into one ``[1, B*S]`` row and the
+  document boundaries go in as ``cu_seq_lens_q/k`` and ``max_length_q/k``; transformers then
+  calls flash-attn's varlen kernel, with no padding and no mask.
+- ``flex_attention``: a document ``BlockMask`` (causal and same document).
+- ``sdpa`` and ``eager``: a ``[B, 1, S, S]`` block-diagonal causal mask (boolean for sdpa,
+  additive float for eager, the forms their attention functions take as they are).
 
 flash-attn only builds against CUDA, so it is an optional extra of the GPU image; the same code
-runs sdpa on CPU workers. Packed blocks stay document-isolated on both: flash-attention takes the
-varlen path from the position-id restarts, sdpa/eager get a block-diagonal causal mask built
-from them by transformers.
+runs sdpa on CPU workers.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
 
 log = logging.getLogger(__name__)
 
+KERNELS = ("flash_attention_2", "flex_attention", "sdpa", "eager")
+"""The attention implementations this pipeline runs (``compute.attention`` minus ``auto``)."""
+
 
 def flash_attention_available() -> bool:
+    """Whether flash_attention_2 can run here: a CUDA device and the flash-attn package."""
     import torch
 
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
+def flex_attention_available() -> bool:
+    """Whether flex_attention can run here: a CUDA device and torch's flex_attention module.
+
+    Transformers compiles flex attention with inductor; on CPU that costs tens of seconds per
+    shape and runs slower than sdpa, so it is not offered there.
+    """
+    import torch
+
+    return (
+        torch.cuda.is_available()
+        and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    )
+
+
 def select_attention(requested: str) -> str:
-    """Resolve ``compute.attention`` to the implementation transformers should load.
+    """Resolve ``compute.attention`` to the implementation transformers should load, and log it.
+
+    ``auto`` is flash_attention_2 where flash-attn is installed on CUDA, else flex_attention on
+    CUDA, else sdpa. ``eager`` runs only on request.
+
+    Args:
+        requested: the value of ``compute.attention``.
+
+    Returns:
+        One of ``KERNELS``.
 
     Raises:
-        ValueError: flash_attention_2 was requested explicitly but cannot run here.
+        ValueError: flash_attention_2 or flex_attention was requested but cannot run here, or
+            the name is not a known kernel.
     """
     if requested == "auto":
-        chosen = "flash_attention_2" if flash_attention_available() else "sdpa"
+        if flash_attention_available():
+            chosen = "flash_attention_2"
+        elif flex_attention_available():
+            chosen = "flex_attention"
+        else:
+            chosen = "sdpa"
     elif requested == "flash_attention_2" and not flash_attention_available():
         raise ValueError(
             "compute.attention=flash_attention_2 needs a CUDA device and the flash-attn package "
             "(pip install '.[gpu]' in the GPU image); use 'auto' or 'sdpa' elsewhere"
         )
-    else:
+    elif requested == "flex_attention" and not flex_attention_available():
+        raise ValueError(
+            "compute.attention=flex_attention needs a CUDA device (and torch>=2.5); "
+            "use 'auto' or 'sdpa' elsewhere"
+        )
+    elif requested in KERNELS:
         chosen = requested
+    else:
+        raise ValueError(
+            f"compute.attention={requested!r} is not a kernel; expected 'auto' or one of {KERNELS}"
+        )
     log.info("attention backend: %s (requested %s)", chosen, requested)
     return chosen
+
+
+def packed_model_inputs(
+    input_ids: torch.Tensor, position_ids: torch.Tensor, attention: str
+) -> dict[str, Any]:
+    """Keyword arguments for ``model(**kwargs)`` that keep packed documents apart on ``attention``.
+
+    Works the same passed to a DeepSpeed engine. A document starts at the beginning of every row
+    and wherever a position id does not continue the previous one (every restart at 0); each
+    token attends causally to the earlier tokens of its own document only, at any batch size.
+
+    The caller reads ``logits.reshape(B, S, -1)``: the flash-attention path returns
+    ``[1, B*S, V]`` whose rows are contiguous, so the reshape is exact. The caller computes the
+    loss itself from those logits and its labels; no ``labels`` go in.
+
+    With sdpa and eager the explicit mask replaces the one transformers would build, including
+    any sliding window of the model (Mistral v0.1): keep ``seq_len`` within the window there.
+
+    Args:
+        input_ids: ``[B, S]`` token ids, on the model's device.
+        position_ids: ``[B, S]`` positions restarting at 0 for every document, same device.
+        attention: the kernel the model was loaded with (what ``select_attention`` returned).
+
+    Returns:
+        ``input_ids``, ``position_ids`` and ``use_cache=False``, plus ``cu_seq_lens_q/k`` and
+        ``max_length_q/k`` (flash_attention_2) or ``attention_mask`` (the other kernels).
+
+    Raises:
+        ValueError: the shapes differ or are not 2-D, or ``attention`` is not one of ``KERNELS``.
+    """
+    if input_ids.ndim != 2 or input_ids.shape != position_ids.shape:
+        raise ValueError(
+            f"packed inputs must be [batch, seq_len] alike; got input_ids "
+            f"{tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)}"
+        )
+    starts = document_starts(position_ids)
+    inputs: dict[str, Any] = {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "use_cache": False,
+    }
+    if attention == "flash_attention_2":
+        inputs["input_ids"] = input_ids.reshape(1, -1)
+        inputs["position_ids"] = position_ids.reshape(1, -1)
+        inputs.update(_varlen_kwargs(starts))
+    elif attention == "flex_attention":
+        inputs["attention_mask"] = document_block_mask(starts)
+    elif attention == "sdpa":
+        inputs["attention_mask"] = block_diagonal_causal_mask(starts)
+    elif attention == "eager":
+        import torch
+
+        allowed = block_diagonal_causal_mask(starts)
+        # eager adds the mask to the scores (a bool would add 1.0); float32 whatever the model's
+        # dtype, the sum promotes to float32 and the blocked scores vanish in its softmax.
+        additive = torch.zeros(allowed.shape, device=allowed.device)
+        inputs["attention_mask"] = additive.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    else:
+        raise ValueError(
+            f"no packed-input rule for attention {attention!r}; expected one of {KERNELS}"
+        )
+    return inputs
+
+
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` bool: True where a document (or the padding segment) begins.
+
+    That is column 0 of every row and every position id that is not the previous one plus one,
+    the same rule transformers uses to find packed sequences.
+    """
+    import torch
+
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
+def block_diagonal_causal_mask(starts: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, S, S]`` bool, True where query ``q`` may attend to key ``k``: same document, k <= q."""
+    import torch
+
+    document = starts.cumsum(-1)
+    index = torch.arange(starts.shape[-1], device=starts.device)
+    causal = index[:, None] >= index[None, :]
+    same_document = document[:, :, None] == document[:, None, :]
+    return (same_document & causal)[:, None]
+
+
+def document_block_mask(starts: torch.Tensor) -> BlockMask:
+    """The flex-attention ``BlockMask`` of ``block_diagonal_causal_mask`` (causal, same document).
+
+    Built compiled on CUDA, as transformers does (no dense ``S x S`` mask in memory); eagerly
+    elsewhere, where small test shapes build faster than they compile.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    document = starts.cumsum(-1)
+
+    def same_document_causal(
+        batch: torch.Tensor, head: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+    ) -> torch.Tensor:
+        return (q >= kv) & (document[batch, q] == document[batch, kv])
+
+    batch_size, seq_len = starts.shape
+    return create_block_mask(
+        same_document_causal,
+        B=batch_size,
+        H=None,
+        Q_LEN=seq_len,
+        KV_LEN=seq_len,
+        device=starts.device,
+        _compile=starts.is_cuda,
+    )
+
+
+def _varlen_kwargs(starts: torch.Tensor) -> dict[str, Any]:
+    """flash-attn varlen arguments for the micro-batch flattened into one row.
+
+    ``cu_seq_lens`` are the flat offsets of every document start plus the total length. Passing
+    them spares transformers re-deriving them from position ids in every layer (and it would not
+    at batch size > 1). ``max_length`` is a Python int: flash-attn wants one, and it costs one
+    device sync here instead of one per layer.
+    """
+    import torch
+
+    flat = starts.reshape(-1)
+    total = torch.tensor([flat.numel()], device=flat.device)
+    cu_seq_lens = torch.cat([flat.nonzero().view(-1), total]).to(torch.int32)
+    max_length = int(cu_seq_lens.diff().max())
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+    }

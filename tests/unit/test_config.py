@@ -156,8 +156,8 @@ def test_unknown_section_lists_the_sections(tmp_path: Path) -> None:
         (
             "  attention: sdpa",
             "  attention: foo",
-            "compute.attention (line 20): Input should be 'auto', 'flash_attention_2', 'sdpa' or "
-            "'eager' (got 'foo')",
+            "compute.attention (line 20): Input should be 'auto', 'flash_attention_2', "
+            "'flex_attention', 'sdpa' or 'eager' (got 'foo')",
         ),
         (
             "  seq_len: 64",

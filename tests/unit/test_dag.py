@@ -69,6 +69,7 @@ def test_trigger_form_is_derived_from_the_config_schema(parsed: dict[str, Any]) 
         None,
         "auto",
         "flash_attention_2",
+        "flex_attention",
         "sdpa",
         "eager",
     ]

@@ -46,6 +46,7 @@ def test_literal_fields_become_enums_that_include_none() -> None:
         None,
         "auto",
         "flash_attention_2",
+        "flex_attention",
         "sdpa",
         "eager",
     ]
