@@ -15,17 +15,24 @@ STAGE = "continued_pretraining"
 
 
 def initial_model(ctx: StageContext) -> str:
-    """URI of the weights training starts from."""
+    """URI of the weights training starts from.
+
+    A registered base (``models:/<name>@champion``) is pinned to the storage URI of the version
+    the alias points at now, so the whole run (and evaluation's ``base`` score) uses that one
+    version even if the alias moves meanwhile.
+    """
     cfg = ctx.config
     if cfg.model.base:
-        return cfg.model.base
+        from pipeline.train.model import resolve_model_uri
+
+        return resolve_model_uri(cfg.model.base, cfg.tracking)
     from pipeline.data.tokenizer import load_tokenizer
-    from pipeline.train.model import build_llama
+    from pipeline.train.model import build_model
 
     base_uri = storage.join(ctx.output_uri, "base_model")
     with storage.local_staging(base_uri) as out, tempfile.TemporaryDirectory() as scratch:
         tok = load_tokenizer(storage.download_dir(ctx.previous["tokenizer"], scratch))
-        model = build_llama(cfg.model, tok, cfg.data.seq_len, cfg.cpt.seed)
+        model = build_model(cfg.model, tok, cfg.data.seq_len, cfg.cpt.seed)
         model.save_pretrained(str(out), safe_serialization=True)
         tok.save_pretrained(str(out))
     return base_uri
@@ -45,6 +52,7 @@ def run(ctx: StageContext) -> StageOutput:
         data_uri=ctx.previous["data"],
         split="cpt_train",
         output_uri=model_uri,
+        checkpoint_uri=storage.join(ctx.output_uri, "checkpoints"),
         mlflow_run_id=ctx.mlflow_run_id,
     )
     metrics = fit(spec, ctx.config.compute, name=f"{ctx.run_key}-{STAGE}")

@@ -1,15 +1,102 @@
-"""Build or load the causal LM the trainer works on."""
+"""Fetch, build or load the causal LM the trainer works on.
+
+A base model is a local folder, an ``s3://`` folder or a registered version (``models:/``);
+remote ones are fetched once per node into a node-local cache that every rank then reads.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import ModelConfig
+from pipeline import storage
+from pipeline.config import ModelConfig, TrackingConfig
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+MODEL_CACHE_ENV = "PIPELINE_MODEL_CACHE"
+"""Node-local folder for fetched models; the system temp dir when unset (on KubeRay, point it
+at the pod's largest local volume)."""
+COMPLETE_MARKER = ".fetch-complete"
+REGISTRY_PREFIX = "models:/"
+
+
+def resolve_model_uri(uri: str, tracking: TrackingConfig) -> str:
+    """Where a model's files are: ``models:/<name>@<alias>`` and ``models:/<name>/<version>``
+    become the registered version's storage URI (an alias is resolved now, so a run keeps the
+    version it started from); other URIs are returned as they are (``file://`` as a path).
+
+    Raises:
+        ValueError: a ``models:/`` URI names neither an alias nor a version.
+    """
+    if not uri.startswith(REGISTRY_PREFIX):
+        return uri.removeprefix("file://")
+    from pipeline import tracking as mlflow_tracking
+
+    ref = uri.removeprefix(REGISTRY_PREFIX).strip("/")
+    mlc = mlflow_tracking.client(tracking)
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = str(mlc.get_model_version_by_alias(name, alias).version)
+    elif "/" in ref:
+        name, version = ref.split("/", 1)
+    else:
+        raise ValueError(
+            f"model URI {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>"
+        )
+    source = str(mlc.get_model_version_download_uri(name, version))
+    log.info("%s is version %s of %s at %s", uri, version, name, source)
+    return source.removeprefix("file://")
+
+
+def fetch_model(uri: str, tracking: TrackingConfig) -> Path:
+    """A local folder with the model files of ``uri``.
+
+    Local folders are used in place. ``s3://`` folders and registered versions are downloaded
+    once per node into ``$PIPELINE_MODEL_CACHE`` (keyed by a hash of the resolved URI): every
+    rank may call this at once; a file lock lets one download while the others wait, and a
+    marker written last makes a half-finished download (a killed rank) count as absent.
+
+    Raises:
+        FileNotFoundError: the local folder or remote prefix does not exist.
+    """
+    source = resolve_model_uri(uri, tracking)
+    if "://" not in source:
+        if not Path(source).is_dir():
+            raise FileNotFoundError(f"model folder not found: {source} (model URI {uri})")
+        return Path(source)
+    cache = Path(os.environ.get(MODEL_CACHE_ENV) or Path(tempfile.gettempdir()) / "pipeline-models")
+    cache.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(source.encode()).hexdigest()[:24]
+    target = cache / key
+    with (cache / f"{key}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / COMPLETE_MARKER).is_file():
+            return target
+        partial = cache / f"{key}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        log.info("fetching %s into %s", source, target)
+        if storage.is_s3(source):
+            fetched = storage.download_dir(source, partial)
+        else:
+            from pipeline import tracking as mlflow_tracking
+
+            fetched = Path(mlflow_tracking.download_model_version(tracking, source, str(partial)))
+        fetched.rename(target)
+        shutil.rmtree(partial, ignore_errors=True)
+        (target / COMPLETE_MARKER).write_text(source)
+    return target
 
 
 def build_llama(
@@ -54,6 +141,117 @@ def load_causal_lm(path: str | Path, attention: str, dtype: torch.dtype) -> PreT
     # See build_llama: with a cache, packed documents would attend across their boundaries.
     model.config.use_cache = False
     return model
+
+
+def build_mixtral(
+    cfg: ModelConfig, tok: PreTrainedTokenizerBase, seq_len: int, seed: int
+) -> PreTrainedModel:
+    """A freshly initialised sparse mixture-of-experts Mixtral sized by ``cfg`` (fp32, on CPU)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.experts_per_token,
+        max_position_embeddings=max(seq_len, 2048),
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        # See build_llama.
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(config)
+
+
+def build_model(
+    cfg: ModelConfig, tok: PreTrainedTokenizerBase, seq_len: int, seed: int
+) -> PreTrainedModel:
+    """A freshly initialised model of ``cfg.architecture`` (``model.base: null``)."""
+    if cfg.architecture == "mixtral":
+        return build_mixtral(cfg, tok, seq_len, seed)
+    return build_llama(cfg, tok, seq_len, seed)
+
+
+def load_training_model(
+    model_dir: Path, tokenizer_dir: Path, attention: str, dtype: torch.dtype, zero_stage: int
+) -> PreTrainedModel:
+    """Load a model folder for training with the tokenizer prepare_data wrote.
+
+    The KV cache is off (see ``load_causal_lm``). When the tokenizer has more tokens than the
+    model (chat tokens added to a base tokenizer) the embeddings and LM head grow to
+    ``len(tokenizer)``; new rows start at the mean of the old ones. Under ZeRO-3 the caller
+    keeps an ``HfDeepSpeedConfig`` alive, so loading and resizing work on partitioned weights,
+    and MoE blocks become ZeRO-3 leaf modules.
+    """
+    from pipeline.data.tokenizer import load_tokenizer
+
+    model = load_causal_lm(model_dir, attention, dtype)
+    tok = load_tokenizer(tokenizer_dir)
+    vocab = int(model.config.get_text_config().vocab_size)
+    if len(tok) > vocab:
+        log.info("growing the embeddings from %d to %d tokens", vocab, len(tok))
+        model.resize_token_embeddings(len(tok))
+    if zero_stage == 3:
+        _partition_new_parameters(model)
+        set_moe_leaf_modules(model)
+    return model
+
+
+def _partition_new_parameters(model: PreTrainedModel) -> None:
+    """Partition parameters that were created whole (transformers builds resized embeddings
+    outside ``zero.Init``); DeepSpeed broadcasts rank 0's values first, so every rank starts
+    from the same new rows."""
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    whole = [name for name, p in model.named_parameters() if not hasattr(p, "ds_id")]
+    if not whole:
+        return
+    ds_config = deepspeed_config()
+    if ds_config is None:
+        raise RuntimeError(
+            "zero_stage 3 needs an HfDeepSpeedConfig alive while the model loads (see loop.py)"
+        )
+    import deepspeed
+
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    log.info("partitioned %d parameters created after loading: %s", len(whole), whole)
+
+
+def moe_block_classes() -> list[type[torch.nn.Module]]:
+    """The sparse MoE block classes of the MoE architectures the pipeline trains."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    return [MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock]
+
+
+def set_moe_leaf_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Make every sparse MoE block a ZeRO-3 leaf module; returns the blocks marked.
+
+    ZeRO-3 fetches a module's partitioned weights when the module runs and prefetches by the
+    order modules ran before. Routing changes which experts run from step to step and rank to
+    rank, which breaks that order (and, with one module per expert, leaves ranks waiting in a
+    collective for an expert another rank never ran). A leaf block fetches all its experts on
+    entry instead.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    present = {type(m) for m in model.modules()} & set(moe_block_classes())
+    if not present:
+        return []
+    blocks: list[torch.nn.Module] = set_z3_leaf_modules(model, list(present))
+    log.info("%d MoE blocks set as ZeRO-3 leaf modules", len(blocks))
+    return blocks
 
 
 def count_parameters(model: torch.nn.Module) -> int:

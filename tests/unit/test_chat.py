@@ -210,3 +210,29 @@ def test_llama3_check_requires_the_header_tokens(domain_texts: list[str]) -> Non
     assert len(header) > 1  # the marker would be split: the check must reject this tokenizer
     with pytest.raises(ValueError, match="start_header_id"):
         check_chat_tokens(tok, "llama3")
+
+
+# --- chat_template -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["chatml", "llama3"])
+def test_exported_template_renders_what_training_renders(domain_texts: list[str], fmt: str) -> None:
+    from pipeline.data.chat import chat_template, format_tokens
+
+    tok = train_bpe_tokenizer(domain_texts[:200], vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": format_tokens(fmt)})  # type: ignore[arg-type]
+    tok.chat_template = chat_template(fmt)  # type: ignore[arg-type]
+    for conversation in (SINGLE_TURN, MULTI_TURN):
+        rendered = "".join(t for t, _ in render_segments(conversation, fmt))  # type: ignore[arg-type]
+        assert tok.apply_chat_template(conversation, tokenize=False) == rendered
+        ids, labels = tokenize_chat(conversation, tok, fmt)  # type: ignore[arg-type]
+        served = tok.apply_chat_template(conversation, return_assistant_tokens_mask=True)
+        assert served["input_ids"] == ids
+        assert served["assistant_masks"] == [int(label != IGNORE_INDEX) for label in labels]
+    header = (
+        "<|im_start|>assistant\n"
+        if fmt == "chatml"
+        else ("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    )
+    prompt = tok.apply_chat_template(MULTI_TURN[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith(header)
