@@ -46,7 +46,9 @@ def _s3_client() -> Any:
     import boto3
 
     # AWS_ENDPOINT_URL is honoured by boto3 itself; it points at MinIO or moto in development.
-    return boto3.client("s3")
+    # A session per client: boto3's default session is not thread-safe, and checkpoints upload
+    # from a background thread while the training loop goes on.
+    return boto3.session.Session().client("s3")
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -180,3 +182,61 @@ def local_staging(uri: str) -> Iterator[Path]:
         upload_dir(tmp, uri)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def list_children(uri: str) -> list[str]:
+    """Names of the files and folders directly under ``uri`` (empty when it does not exist)."""
+    if not is_s3(uri):
+        path = Path(uri)
+        return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    bucket, prefix = _split_s3(uri)
+    prefix = prefix.rstrip("/") + "/"
+    names: set[str] = set()
+    paginator = _s3_client().get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+        names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
+    return sorted(n for n in names if n)
+
+
+def delete_tree(uri: str) -> None:
+    """Delete a folder (or S3 prefix) and everything under it; a missing one is fine."""
+    if not is_s3(uri):
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    bucket, prefix = _split_s3(uri)
+    client = _s3_client()
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+
+def upload_file(local_path: str | Path, uri: str) -> None:
+    """Copy one local file to ``uri`` (S3 multipart for large files; a local copy otherwise)."""
+    if not is_s3(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local_path, uri)
+        return
+    bucket, key = _split_s3(uri)
+    _s3_client().upload_file(str(local_path), bucket, key)
+
+
+def download_file(uri: str, local_path: str | Path) -> None:
+    """Copy one object to a local file."""
+    Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+    if not is_s3(uri):
+        shutil.copyfile(uri, local_path)
+        return
+    bucket, key = _split_s3(uri)
+    _s3_client().download_file(bucket, key, str(local_path))
+
+
+def remove(uri: str) -> None:
+    """Delete one file or object; a missing one is fine."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        _s3_client().delete_object(Bucket=bucket, Key=key)
+        return
+    Path(uri).unlink(missing_ok=True)

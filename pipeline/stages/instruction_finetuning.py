@@ -21,6 +21,7 @@ def run(ctx: StageContext) -> StageOutput:
         data_uri=ctx.previous["data"],
         split="sft_train",
         output_uri=model_uri,
+        checkpoint_uri=storage.join(ctx.output_uri, "checkpoints"),
         mlflow_run_id=ctx.mlflow_run_id,
     )
     metrics = fit(spec, ctx.config.compute, name=f"{ctx.run_key}-{STAGE}")

@@ -1,32 +1,44 @@
-"""The DeepSpeed training loop that runs inside every Ray Train worker.
+"""The DeepSpeed training recipe that runs inside every Ray Train worker.
 
-Read it top to bottom: ``train_worker`` sets up the model and engine, runs ``max_steps``
-optimizer steps over packed blocks, then saves a Hugging Face-format model. Ray Train has already
-started the process group (gloo on CPU workers, NCCL on GPUs) when this runs.
+Read it top to bottom: ``train_worker`` builds a ``TrainingRecipe`` and runs ``setup`` (engine,
+data, resume from the newest complete checkpoint), ``train`` (optimizer steps, checkpoints, the
+non-finite guard), then ``finish`` (wait for uploads, export the model, write the metrics). Ray
+Train has already started the process group (gloo on CPU workers, NCCL on GPUs) when it runs;
+when a worker dies, Ray Train restarts the group and ``setup`` resumes where the last complete
+checkpoint left off.
+
+The loss of a step is the sum of every target token's loss over all micro-batches, accumulation
+steps and ranks, divided by the number of target tokens in the whole step: an SFT block with 5
+target tokens weighs 5 tokens, not as much as a block with 4,000.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
-import tempfile
+import random
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pipeline import storage
 from pipeline.config import PipelineConfig, TrainConfig, config_from_dict
-from pipeline.data.pack import PackedBlocks
+from pipeline.data.chat import IGNORE_INDEX
 from pipeline.data.shards import read_manifest, read_split
+from pipeline.train import faults
+from pipeline.train.checkpoint import CheckpointStore, tag_for
+from pipeline.train.data_order import DataOrder
 from pipeline.train.export import save_model
 
 log = logging.getLogger(__name__)
 
 TRAIN_METRICS_FILE = "train_metrics.json"
+ABORT_FILE = "train_aborted.json"
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,33 @@ class LoopSpec:
     """Manifest split to train on."""
     output_uri: str
     """Where rank 0 writes the trained model."""
+    checkpoint_uri: str
+    """The stage's ``checkpoints`` folder; each training fingerprint gets its own series."""
     mlflow_run_id: str
+    """Stage run that gets the step metrics; empty to log to the job log only."""
+
+
+class TrainingAborted(RuntimeError):
+    """The guard stopped a diverging run; the message names the step and the last checkpoint."""
+
+
+@dataclass
+class TrainState:
+    """Everything the loop needs to continue exactly where a checkpoint left off."""
+
+    step: int = 0
+    """Optimizer steps done, skipped ones included."""
+    samples: int = 0
+    """Position in the data order: blocks consumed by all ranks."""
+    tokens: int = 0
+    """Tokens in the consumed blocks, padding included."""
+    target_tokens: int = 0
+    """Tokens trained on (labels not masked)."""
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+    spike_in_a_row: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One record per step: loss (None when skipped), lr applied, grad norm, data digest."""
 
 
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
@@ -63,135 +101,507 @@ def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def global_batches(n_blocks: int, batch: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless global batches of block indices: a fresh seeded permutation every epoch."""
-    buffer = np.zeros(0, dtype=np.int64)
-    epoch = 0
-    while True:
-        while len(buffer) < batch:
-            perm = np.random.default_rng([seed, epoch]).permutation(n_blocks)
-            buffer = np.concatenate([buffer, perm])
-            epoch += 1
-        yield buffer[:batch]
-        buffer = buffer[batch:]
+def training_fingerprint(spec: LoopSpec, config: PipelineConfig) -> str:
+    """Hash of what determines the training trajectory; checkpoints resume only within it."""
+    relevant = {
+        "section": spec.section,
+        "train": getattr(config, spec.section).model_dump(mode="json"),
+        "model": config.model.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json"),
+        # The worker count is left out on purpose: a run restarted with another world size
+        # finds its checkpoints and is told how to resume them, instead of silently starting over.
+        "compute": config.compute.model_dump(mode="json", exclude={"max_failures", "num_workers"}),
+        "inputs": [spec.model_uri, spec.data_uri, spec.split],
+    }
+    return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
+
+
+def token_loss_sum(logits: Any, labels: Any) -> Any:
+    """Summed next-token cross-entropy over unmasked labels (0 when none: never NaN)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 def train_worker(spec_dict: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``: setup, train, save."""
-    spec = LoopSpec(**spec_dict)
-    config = config_from_dict(spec.config)
-    train: TrainConfig = getattr(config, spec.section)
-    if config.compute.pool == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-    from transformers.integrations import HfDeepSpeedConfig
+    """Ray Train's ``train_loop_per_worker``: setup, train, finish."""
+    recipe = TrainingRecipe(LoopSpec(**spec_dict))
+    recipe.setup()
+    try:
+        recipe.train()
+    except TrainingAborted as err:
+        # Returning normally keeps Ray Train from restarting a run that would diverge again;
+        # the driver reads this file and fails the stage with the message.
+        if recipe.rank == 0:
+            storage.write_json(
+                storage.join(recipe.spec.output_uri, ABORT_FILE), {"error": str(err)}
+            )
+        log.error("%s", err)
+        recipe.checkpoints.wait()
+        return
+    recipe.finish()
 
-    from pipeline.train.attention import select_attention
-    from pipeline.train.model import count_parameters, load_causal_lm
-    from pipeline.train.zero import deepspeed_config
 
-    torch.set_num_threads(config.compute.cpus_per_worker)
-    # Wrap Ray Train's process group so ZeRO-3's partitioned loading sees the real world size.
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ds_config = deepspeed_config(config.compute, train, world)
-    # Alive during from_pretrained: ZeRO-3 partitions weights as they load.
-    hf_ds = HfDeepSpeedConfig(ds_config) if config.compute.zero_stage == 3 else None
-    dtype = torch.bfloat16 if config.compute.precision == "bf16" else torch.float32
-    attention = select_attention(config.compute.attention)
-    with tempfile.TemporaryDirectory() as scratch:
-        model_dir = storage.download_dir(spec.model_uri, scratch)
-        model = load_causal_lm(model_dir, attention, dtype)
-    if config.compute.activation_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train)),
-        dist_init_required=False,
-    )
-    device = engine.device
-    blocks = read_split(spec.data_uri, read_manifest(spec.data_uri), spec.split)
-    n_params = count_parameters(engine.module)
-    if rank == 0:
-        log.info(
-            "%s: %d params, %d blocks, world %d, attention %s",
-            spec.section,
-            n_params,
-            len(blocks),
-            world,
-            attention,
+class TrainingRecipe:
+    def __init__(self, spec: LoopSpec) -> None:
+        self.spec = spec
+        self.config = config_from_dict(spec.config)
+        self.train_cfg: TrainConfig = getattr(self.config, spec.section)
+        self.faults = faults.active_faults()
+        self.resumed_from = 0
+        self.state = TrainState()
+        self.step_times: list[float] = []
+        self.checkpoint_steps: list[int] = []
+        self.first_step_reads: dict[str, int] = {}
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from pipeline.train.attention import select_attention
+        from pipeline.train.model import count_parameters
+
+        config = self.config
+        if config.compute.pool == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        elif torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+            # DeepSpeed's JIT op builds parse torch's arch list, which can hold "9.0a" and fail.
+            major, minor = torch.cuda.get_device_capability()
+            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+        import deepspeed
+
+        torch.set_num_threads(config.compute.cpus_per_worker)
+        # Wrap Ray Train's process group so ZeRO-3's partitioned loading sees the real world size.
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.attention = select_attention(config.compute.attention)
+        self.engine = self._build_engine()
+        self.device = self.engine.device
+        self.blocks = read_split(
+            self.spec.data_uri, read_manifest(self.spec.data_uri), self.spec.split
+        )
+        self.order = DataOrder(len(self.blocks), self.train_cfg.seed)
+        self.n_params = count_parameters(self.engine.module)
+        model_cfg = self.engine.module.config
+        self.flops_per_token = _flops_per_token(self.n_params, model_cfg, config.data.seq_len)
+        fingerprint = training_fingerprint(self.spec, config)
+        self.checkpoint_root = storage.join(self.spec.checkpoint_uri, fingerprint)
+        self.checkpoints = CheckpointStore(
+            self.checkpoint_root, self.train_cfg.keep_last, self.rank, self.world
+        )
+        self._resume()
+        if self.rank == 0:
+            log.info(
+                "%s: %d params, %d blocks, world %d, attention %s, checkpoints %s",
+                self.spec.section,
+                self.n_params,
+                len(self.blocks),
+                self.world,
+                self.attention,
+                self.checkpoint_root,
+            )
+
+    def _build_engine(self) -> Any:
+        import deepspeed
+        import torch
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from pipeline.train.model import fetch_model, load_training_model
+        from pipeline.train.zero import deepspeed_config, initialize_engine
+
+        config = self.config
+        ds_config = deepspeed_config(config.compute, self.train_cfg, self.world)
+        # Alive during from_pretrained: ZeRO-3 partitions weights as they load.
+        self._hf_ds = HfDeepSpeedConfig(ds_config) if config.compute.zero_stage == 3 else None
+        dtype = torch.bfloat16 if config.compute.precision == "bf16" else torch.float32
+        model_dir = fetch_model(self.spec.model_uri, config.tracking)
+        tokenizer_dir = fetch_model(self.spec.tokenizer_uri, config.tracking)
+        model = load_training_model(
+            model_dir, tokenizer_dir, self.attention, dtype, config.compute.zero_stage
+        )
+        if config.compute.activation_checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        del deepspeed  # imported first so that its accelerator choice sees DS_ACCELERATOR
+        return initialize_engine(
+            model,
+            ds_config,
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.train_cfg)),
         )
 
-    history = train_steps(engine, blocks, train, rank, world, device, spec, config)
+    def _resume(self) -> None:
+        """Continue from the newest complete checkpoint of this training fingerprint, if any."""
+        import torch
+        import torch.distributed as dist
 
-    save_model(engine, spec, config, rank)
-    del hf_ds
-    metrics = {
-        "first_loss": history[0]["loss"],
-        "final_loss": history[-1]["loss"],
-        "min_loss": min(h["loss"] for h in history),
-        "tokens_per_s": float(np.mean([h["tokens_per_s"] for h in history[1:] or history])),
-        "steps": len(history),
-        "parameters": n_params,
-        "attention": attention,
-        "loss_history": [round(h["loss"], 5) for h in history],
-    }
-    if rank == 0:
-        storage.write_json(storage.join(spec.output_uri, TRAIN_METRICS_FILE), metrics)
+        store = self.checkpoints
+        latest = store.latest_step()
+        if self.rank == 0:
+            store.remove_incomplete()
+        dist.barrier()
+        if latest is None:
+            return
+        saved = store.read_loop_state(latest)
+        if saved["world_size"] != self.world:
+            raise ValueError(
+                f"checkpoint {tag_for(latest)} at {self.checkpoint_root} was written by "
+                f"{saved['world_size']} workers and this attempt has {self.world}: ZeRO shards "
+                f"are per rank. Set compute.num_workers={saved['world_size']} to resume it, or "
+                "convert it with DeepSpeed's ds_to_universal.py and start a new run from it."
+            )
+        local = store.local_copy(latest)
+        load_path, _ = self.engine.load_checkpoint(str(local), tag=tag_for(latest))
+        if load_path is None:
+            raise RuntimeError(
+                f"DeepSpeed could not load checkpoint {tag_for(latest)} from {local}"
+            )
+        rng = torch.load(local / tag_for(latest) / f"rank{self.rank}_rng.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.state = TrainState(**saved["state"])
+        self.resumed_from = latest
+        if self.rank == 0:
+            log.info(
+                "resumed from step %d of %d (checkpoint %s)",
+                latest,
+                self.train_cfg.max_steps,
+                storage.join(self.checkpoint_root, tag_for(latest)),
+            )
+            self._log_mlflow({"resumed_from_step": float(latest)}, step=latest)
+            if self.spec.mlflow_run_id:
+                from pipeline import tracking
 
+                tracking.client(self.config.tracking).set_tag(
+                    self.spec.mlflow_run_id, "resumed_from_step", str(latest)
+                )
 
-def train_steps(
-    engine: Any,
-    blocks: PackedBlocks,
-    train: TrainConfig,
-    rank: int,
-    world: int,
-    device: Any,
-    spec: LoopSpec,
-    config: PipelineConfig,
-) -> list[dict[str, float]]:
-    """The optimizer-step loop; returns per-step loss (mean over ranks), lr and tokens/s (global
-    tokens over this rank's step time; ranks run in lockstep)."""
-    import torch
-    import torch.distributed as dist
+    # -- train ---------------------------------------------------------------------------------
 
-    from pipeline import tracking
+    def train(self) -> None:
+        train = self.train_cfg
+        self.engine.train()
+        while self.state.step < train.max_steps:
+            record = self.train_step()
+            self._guard(record)
+            step = self.state.step
+            if self.rank == 0 and (step % train.log_every == 0 or step == train.max_steps):
+                self._log_step(record)
+            # No checkpoint inside a streak of skipped or spiking steps: the last good one stays
+            # the newest, and an abort names it.
+            streak = self.state.bad_in_a_row or self.state.spike_in_a_row
+            if (step % train.checkpoint_every == 0 or step == train.max_steps) and not streak:
+                self.save_checkpoint()
+            faults.maybe_kill(self.faults, "sigkill", self.rank, step, self.checkpoint_root)
+            faults.maybe_stall(self.faults, self.rank, step, self.checkpoint_root)
 
-    micro, accum = train.micro_batch_size, train.grad_accum_steps
-    batches = global_batches(len(blocks), micro * world, train.seed)
-    tokens_per_step = micro * accum * world * blocks.input_ids.shape[1]
-    history: list[dict[str, float]] = []
-    engine.train()
-    for step in range(1, train.max_steps + 1):
-        started = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        for _ in range(accum):
-            index = next(batches)[rank * micro : (rank + 1) * micro]
-            batch = {
-                key: torch.as_tensor(getattr(blocks, key)[index], dtype=torch.long, device=device)
-                for key in ("input_ids", "position_ids", "labels")
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches on every rank."""
+        import torch
+        import torch.distributed as dist
+
+        train, engine, rank, world = self.train_cfg, self.engine, self.rank, self.world
+        micro, accum = train.micro_batch_size, train.grad_accum_steps
+        step, start = self.state.step + 1, self.state.samples
+        batches = [
+            self._batch(self.order.micro_batch(start, micro, m, rank, world)) for m in range(accum)
+        ]
+        if not self.first_step_reads:
+            self.first_step_reads = {
+                "blocks_read": micro * accum,
+                "permutations_built": self.order.permutations_built,
             }
-            # No attention_mask: position-id restarts mark document boundaries (see pack.py).
-            loss = engine(**batch).loss
-            engine.backward(loss)
+            if rank == 0:
+                log.info(
+                    "first step of this attempt (step %d) read %d blocks per rank and built %d "
+                    "data-order permutation(s)",
+                    step,
+                    micro * accum,
+                    self.order.permutations_built,
+                )
+        counts = torch.tensor(
+            [float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(counts)
+        n_targets = int(counts.item())
+        lr = float(engine.get_lr()[0])  # the scheduler moves after the step: this one applies
+        skipped_before = engine.skipped_steps
+        poison = faults.should_poison_loss(self.faults, rank, step)
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        empty = n_targets == 0  # every label masked: nothing to learn, not a failure
+        finite = not empty
+        for m, batch in enumerate(batches if finite else []):
+            token_loss = self._forward_loss_sum(batch)
+            if poison:
+                token_loss = token_loss * float("nan")
+            flag = torch.tensor([float(torch.isfinite(token_loss).item())])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if flag.item() < 1.0:
+                finite = False
+                _discard_gradients(engine, m)
+                break
+            # DeepSpeed averages gradients over ranks: multiply by world so the result is the
+            # gradient of (sum of token losses) / (target tokens in the whole step).
+            engine.backward(token_loss * (world / n_targets), scale_wrt_gas=False)
             engine.step()
-            loss_sum += loss.detach().float()
+            loss_sum += token_loss.detach().double().cpu()
         dist.all_reduce(loss_sum)
         elapsed = time.perf_counter() - started
-        record = {
-            "loss": loss_sum.item() / (accum * world),
-            "lr": float(engine.get_lr()[0]),
-            "tokens_per_s": tokens_per_step / elapsed,
+        applied = finite and engine.skipped_steps == skipped_before
+        grad_norm = engine.get_global_grad_norm() if applied else None
+        tokens = micro * accum * world * self.blocks.input_ids.shape[1]
+        self.state.step, self.state.samples = step, start + micro * accum * world
+        self.state.tokens += tokens
+        if applied:
+            self.state.target_tokens += n_targets
+            self.step_times.append(elapsed)
+        digest = hashlib.sha1(self.order.indices(start, micro * accum * world).tobytes())
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": loss_sum.item() / n_targets if applied else None,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "target_tokens": n_targets,
+            "tokens_per_s": tokens / elapsed,
+            "target_tokens_per_s": n_targets / elapsed,
+            "step_time_s": elapsed,
+            "skipped": not applied,
+            "empty": empty,
+            "data": digest.hexdigest()[:12],
         }
-        history.append(record)
-        if rank == 0 and (step % train.log_every == 0 or step == train.max_steps):
-            log.info("step %d/%d %s", step, train.max_steps, record)
-            tracking.log_metrics(config.tracking, spec.mlflow_run_id, record, step=step)
-    return history
+        self.state.history.append(record)
+        return record
+
+    def _batch(self, index: np.ndarray) -> dict[str, Any]:
+        import torch
+
+        return {
+            key: torch.as_tensor(getattr(self.blocks, key)[np.sort(index)], dtype=torch.long)
+            for key in ("input_ids", "position_ids", "labels")
+        }
+
+    def _forward_loss_sum(self, batch: dict[str, Any]) -> Any:
+        from pipeline.train.attention import packed_model_inputs
+
+        ids = batch["input_ids"].to(self.device)
+        inputs = packed_model_inputs(ids, batch["position_ids"].to(self.device), self.attention)
+        logits = self.engine(**inputs).logits.reshape(ids.shape[0], ids.shape[1], -1)
+        return token_loss_sum(logits, batch["labels"].to(self.device))
+
+    def _guard(self, record: dict[str, Any]) -> None:
+        """Count skipped steps; abort on too many in a row or on a sustained loss spike."""
+        train, state = self.train_cfg, self.state
+        if record["empty"]:
+            state.skipped_steps += 1
+            log.warning("step %d skipped: its blocks hold no target tokens", record["step"])
+            return
+        if record["skipped"]:
+            state.skipped_steps += 1
+            state.bad_in_a_row += 1
+            log.warning("step %d skipped: non-finite loss or gradients", record["step"])
+            if state.bad_in_a_row > train.max_bad_steps:
+                first = record["step"] - state.bad_in_a_row + 1
+                raise TrainingAborted(
+                    f"{self.spec.section}: {state.bad_in_a_row} steps in a row with a non-finite "
+                    f"loss (steps {first}-{record['step']}), more than "
+                    f"{self.spec.section}.max_bad_steps={train.max_bad_steps}; "
+                    f"aborted at step {record['step']}. {self._last_good()}"
+                )
+            return
+        state.bad_in_a_row = 0
+        if train.spike_factor is None:
+            return
+        recent = [h["loss"] for h in state.history[-101:-1] if h["loss"] is not None]
+        if len(recent) >= train.spike_steps and record["loss"] > train.spike_factor * (
+            sum(recent) / len(recent)
+        ):
+            state.spike_in_a_row += 1
+        else:
+            state.spike_in_a_row = 0
+        if state.spike_in_a_row >= train.spike_steps:
+            raise TrainingAborted(
+                f"{self.spec.section}: loss above {train.spike_factor}x its running mean for "
+                f"{state.spike_in_a_row} steps (to step {record['step']}, loss "
+                f"{record['loss']:.4f}); aborted. {self._last_good()}"
+            )
+
+    def _last_good(self) -> str:
+        latest = self.checkpoints.latest_step()
+        if latest is None:
+            return "No checkpoint was written yet."
+        return f"Last good checkpoint: {storage.join(self.checkpoint_root, tag_for(latest))}."
+
+    def _log_step(self, record: dict[str, Any]) -> None:
+        from pipeline.train.throughput import mfu, peak_memory_gib
+
+        util = mfu(
+            record["tokens_per_s"] / self.world, self.flops_per_token, self.config.compute.pool
+        )
+        memory = peak_memory_gib(self.device.type)
+        loss = "skipped" if record["loss"] is None else f"{record['loss']:.4f}"
+        log.info(
+            "step %d/%d loss %s lr %.3e grad_norm %s tokens/s %.0f target tokens/s %.0f "
+            "mfu %s peak memory %.2f GiB skipped steps %d",
+            record["step"],
+            self.train_cfg.max_steps,
+            loss,
+            record["lr"],
+            "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}",
+            record["tokens_per_s"],
+            record["target_tokens_per_s"],
+            "n/a (cpu)" if util is None else f"{100 * util:.1f}%",
+            memory,
+            self.state.skipped_steps,
+        )
+        numeric = {
+            k: float(v)
+            for k, v in record.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
+        }
+        numeric |= {"peak_memory_gib": memory, "skipped_steps": float(self.state.skipped_steps)}
+        if util is not None:
+            numeric["mfu"] = util
+        self._log_mlflow(numeric, step=record["step"])
+
+    def _log_mlflow(self, metrics: dict[str, float], step: int) -> None:
+        if self.rank == 0 and self.spec.mlflow_run_id:
+            from pipeline import tracking
+
+            tracking.log_metrics(self.config.tracking, self.spec.mlflow_run_id, metrics, step=step)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        import torch
+
+        step = self.state.step
+        self._check_weights_finite(f"checkpoint at step {step}")
+        rng = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+        loop_state = {
+            "step": step,
+            "max_steps": self.train_cfg.max_steps,
+            "world_size": self.world,
+            "section": self.spec.section,
+            "state": asdict(self.state),
+        }
+        waited = self.checkpoints.save(self.engine, step, loop_state, rng, self.faults)
+        self.checkpoint_steps.append(step)
+        if self.rank == 0:
+            log.info("checkpoint step %d written (the loop waited %.2f s)", step, waited)
+            self._log_mlflow({"checkpoint_step": float(step), "checkpoint_save_s": waited}, step)
+
+    def _check_weights_finite(self, what: str) -> None:
+        """Refuse to persist non-finite weights (ZeRO-3: each rank checks its own partition)."""
+        import torch
+        import torch.distributed as dist
+
+        bad = torch.zeros(1)
+        for param in self.engine.module.parameters():
+            local = getattr(param, "ds_tensor", param)
+            if local.numel() and not bool(torch.isfinite(local.detach()).all()):
+                bad += 1
+        dist.all_reduce(bad)
+        if bad.item() > 0:
+            raise TrainingAborted(
+                f"{self.spec.section}: non-finite weights at step {self.state.step}; "
+                f"refusing to write the {what}. {self._last_good()}"
+            )
+
+    # -- finish ----------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Wait for checkpoint uploads, export the model, write the metrics (rank 0)."""
+        from pipeline.train.throughput import mfu, peak_memory_gib
+
+        self.checkpoints.wait()
+        self._check_weights_finite("model export")
+        save_model(self.engine, self.spec, self.config, self.rank)
+        del self._hf_ds
+        history = self.state.history
+        losses = [h["loss"] for h in history if h["loss"] is not None]
+        times = self.step_times[1:] or self.step_times
+        step_time = float(np.mean(times)) if times else 0.0
+        seq_tokens = self.train_cfg.micro_batch_size * self.train_cfg.grad_accum_steps
+        tokens_per_s = (
+            seq_tokens * self.world * self.blocks.input_ids.shape[1] / step_time
+            if step_time
+            else 0.0
+        )
+        applied = (
+            [h for h in history[-len(self.step_times) :] if not h["skipped"]]
+            if self.step_times
+            else []
+        )
+        metrics: dict[str, Any] = {
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "min_loss": min(losses) if losses else None,
+            "steps": len(history),
+            "skipped_steps": self.state.skipped_steps,
+            "grad_norm": history[-1]["grad_norm"] if history else None,
+            "tokens_seen": self.state.tokens,
+            "target_tokens_seen": self.state.target_tokens,
+            "step_time_s": step_time,
+            "tokens_per_s": tokens_per_s,
+            "target_tokens_per_s": float(
+                np.mean([h["target_tokens_per_s"] for h in applied[1:] or applied])
+            )
+            if applied
+            else 0.0,
+            "mfu": mfu(tokens_per_s / self.world, self.flops_per_token, self.config.compute.pool),
+            "peak_memory_gib": peak_memory_gib(self.device.type),
+            "parameters": self.n_params,
+            "attention": self.attention,
+            "resumed_from_step": self.resumed_from,
+            "checkpoint_steps": self.checkpoint_steps,
+            "checkpoint_uri": self.checkpoint_root,
+            "first_step_reads": self.first_step_reads,
+            "loss_history": [None if h["loss"] is None else round(h["loss"], 6) for h in history],
+            "lr_history": [h["lr"] for h in history],
+            "data_order": [h["data"] for h in history],
+        }
+        if self.rank == 0:
+            storage.write_json(storage.join(self.spec.output_uri, TRAIN_METRICS_FILE), metrics)
+
+
+def _flops_per_token(n_params: int, model_cfg: Any, seq_len: int) -> float:
+    from pipeline.train.throughput import flops_per_token
+
+    return flops_per_token(n_params, model_cfg.num_hidden_layers, model_cfg.hidden_size, seq_len)
+
+
+def _discard_gradients(engine: Any, accumulated: int) -> None:
+    """Drop the gradients accumulated so far in a step that turned out non-finite.
+
+    The micro-batches before the bad one already ran backward (``accumulated`` of them): their
+    gradients sit in DeepSpeed's buffers and its micro-step counter has moved. Both go back to
+    the start of the step, so the next step is a clean optimizer step.
+    """
+    if accumulated == 0:
+        return
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_overflow_clean_up"):  # ZeRO-3: grads, offload buffers, counters
+        optimizer._overflow_clean_up(getattr(optimizer, "loss_scale", 1.0))
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        if getattr(optimizer, "cpu_offload", False):
+            optimizer.reset_cpu_buffers()
+        elif hasattr(optimizer, "averaged_gradients"):
+            optimizer.averaged_gradients = {}
+    engine.zero_grad()
+    engine.micro_steps -= accumulated
 
 
 def spec_dict(spec: LoopSpec) -> dict[str, Any]:

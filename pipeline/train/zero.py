@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 from typing import Any
 
 from pipeline.config import ComputeConfig, TrainConfig
@@ -22,6 +24,8 @@ def deepspeed_config(compute: ComputeConfig, train: TrainConfig, world_size: int
         }
     if compute.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": compute.pool != "cpu"}
+    if compute.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": compute.pool != "cpu"}
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
@@ -43,3 +47,46 @@ def deepspeed_config(compute: ComputeConfig, train: TrainConfig, world_size: int
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+# Messages of DeepSpeed's JIT op builds (FusedAdam on GPUs, CPUAdam for optimizer offload).
+_BUILD_FAILURES = (
+    "Error building extension",
+    "invalid literal for int()",
+    "ninja",
+    "nvcc",
+    "--version",
+)
+
+
+def initialize_engine(model: Any, ds_config: dict[str, Any], lr_scheduler: Any) -> Any:
+    """``deepspeed.initialize`` with the schedule; an optimizer op that fails to build is
+    reported with its cause and the fix instead of a bare traceback.
+
+    Raises:
+        RuntimeError: DeepSpeed could not JIT-build the optimizer op this config needs.
+    """
+    import deepspeed
+
+    try:
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+    except (RuntimeError, ValueError, ImportError, OSError, subprocess.CalledProcessError) as err:
+        if not any(marker in str(err) for marker in _BUILD_FAILURES):
+            raise
+        named = re.search(r"Error building extension '([^']+)'", str(err))
+        offload = "offload_optimizer" in ds_config["zero_optimization"]
+        op = named.group(1) if named else ("cpu_adam" if offload else "fused_adam")
+        raise RuntimeError(
+            f"DeepSpeed could not build its {op!r} op: {err}. Fix: set TORCH_CUDA_ARCH_LIST to "
+            "the pool's compute capability ('8.0' for A100, '9.0' for H100) so torch does not "
+            "pass an arch such as '9.0a' that DeepSpeed cannot parse, and make sure g++, ninja "
+            "and the CUDA toolkit are present; the GPU image (docker/Dockerfile.ray-gpu) "
+            "prebuilds both ops so that workers never compile at start-up."
+        ) from err
+    return engine

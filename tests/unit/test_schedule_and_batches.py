@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from itertools import islice, pairwise
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from pipeline.config import ComputeConfig, TrainConfig
 from pipeline.train import attention
 from pipeline.train.attention import select_attention
-from pipeline.train.loop import global_batches, lr_lambda
+from pipeline.train.data_order import DataOrder
+from pipeline.train.loop import lr_lambda
 from pipeline.train.zero import deepspeed_config
 
 
@@ -67,11 +68,16 @@ def test_lambda_lr_applies_the_factor_to_the_peak_lr() -> None:
     assert seen == pytest.approx(expected)
 
 
-# --- global_batches ----------------------------------------------------------------------
+# --- data order ----------------------------------------------------------------------------
+
+
+def _batches(n_blocks: int, batch: int, seed: int, count: int) -> list[np.ndarray]:
+    order = DataOrder(n_blocks, seed)
+    return [order.indices(k * batch, batch) for k in range(count)]
 
 
 def test_each_epoch_is_a_permutation() -> None:
-    batches = list(islice(global_batches(12, 4, seed=0), 6))
+    batches = _batches(12, 4, seed=0, count=6)
     assert all(b.shape == (4,) and b.dtype == np.int64 for b in batches)
     first, second = np.concatenate(batches[:3]), np.concatenate(batches[3:])
     assert sorted(first.tolist()) == list(range(12))
@@ -80,20 +86,20 @@ def test_each_epoch_is_a_permutation() -> None:
 
 
 def test_same_seed_same_order_and_different_seed_different_order() -> None:
-    a = np.concatenate(list(islice(global_batches(100, 10, seed=7), 20)))
-    b = np.concatenate(list(islice(global_batches(100, 10, seed=7), 20)))
-    c = np.concatenate(list(islice(global_batches(100, 10, seed=8), 20)))
+    a = np.concatenate(_batches(100, 10, seed=7, count=20))
+    b = np.concatenate(_batches(100, 10, seed=7, count=20))
+    c = np.concatenate(_batches(100, 10, seed=8, count=20))
     assert a.tolist() == b.tolist()
     assert a.tolist() != c.tolist()
 
 
 def test_epochs_run_on_seamlessly_when_batch_does_not_divide() -> None:
-    indices = np.concatenate(list(islice(global_batches(10, 4, seed=1), 5)))
+    indices = np.concatenate(_batches(10, 4, seed=1, count=5))
     assert np.bincount(indices, minlength=10).tolist() == [2] * 10
 
 
 def test_batch_larger_than_the_dataset_still_works() -> None:
-    batches = list(islice(global_batches(3, 5, seed=0), 3))
+    batches = _batches(3, 5, seed=0, count=3)
     assert all(len(b) == 5 for b in batches)
     assert np.bincount(np.concatenate(batches), minlength=3).tolist() == [5, 5, 5]
 
@@ -103,7 +109,7 @@ def test_every_seed_the_config_accepts_works() -> None:
         train = _train(seed=-1)
     except ValidationError:
         return  # rejected up front with a field name: also fine
-    assert len(next(global_batches(8, 4, train.seed))) == 4
+    assert len(DataOrder(8, train.seed).indices(0, 4)) == 4
 
 
 # --- deepspeed_config --------------------------------------------------------------------

@@ -1,0 +1,223 @@
+"""Resumable training checkpoints: sharded DeepSpeed state plus the loop state, committed atomically.
+
+Layout under a stage's ``checkpoints/<training fingerprint>/`` (local folder or ``s3://``)::
+
+    step-0000010/            DeepSpeed engine state (every rank's shards), loop_state.json,
+                             rank<r>_rng.pt, and _COMPLETE, written last
+    step-0000020/
+    latest                   "step-0000020": advanced only after that folder is complete
+
+A folder without ``_COMPLETE`` is a save that died half-way: it is never resumed from and is
+removed by the next attempt. Older complete checkpoints are deleted only after a newer one is
+complete (``keep_last``).
+
+On local storage every rank writes in place, then rank 0 commits after a barrier. On S3 every
+rank writes to a node-local staging folder (the same cost as a local save) and a background
+thread uploads its own files, then marks its rank uploaded; rank 0's thread commits once every
+rank is uploaded. The loop only waits for an upload when it starts the next save or finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import storage
+from pipeline.train import faults
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "_COMPLETE"
+LATEST_POINTER = "latest"
+LOOP_STATE_FILE = "loop_state.json"
+UPLOADED_PREFIX = "_UPLOADED-rank"
+COMMIT_TIMEOUT_S = 3600.0
+
+# DeepSpeed names per-rank shards zero_pp_rank_<r>_...; our RNG files are rank<r>_rng.pt.
+# Everything else (model states of ZeRO 0-2, loop_state.json) is written by rank 0.
+_RANK_FILE = re.compile(r"^(?:bf16_)?(?:zero_pp_rank_|rank)(\d+)_")
+_TAG = re.compile(r"^step-(\d{7})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def file_owner(name: str) -> int | None:
+    """The rank that writes (and alone reads) ``name``, or None for files every rank reads."""
+    match = _RANK_FILE.match(name)
+    return int(match.group(1)) if match else None
+
+
+class CheckpointStore:
+    """The checkpoints of one training stage attempt series (one rank's view of them)."""
+
+    def __init__(self, root_uri: str, keep_last: int, rank: int, world: int) -> None:
+        self.root, self.keep_last, self.rank, self.world = root_uri, keep_last, rank, world
+        self.remote = storage.is_s3(root_uri)
+        digest = hashlib.sha256(root_uri.encode()).hexdigest()[:16]
+        self.staging = Path(tempfile.gettempdir()) / "pipeline-checkpoints" / digest
+        self._upload: threading.Thread | None = None
+        self._upload_error: BaseException | None = None
+        self.last_upload_s = 0.0
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _tags(self) -> dict[int, str]:
+        return {
+            int(m.group(1)): name
+            for name in storage.list_children(self.root)
+            if (m := _TAG.match(name))
+        }
+
+    def is_complete(self, step: int) -> bool:
+        return storage.exists(storage.join(self.root, tag_for(step), COMPLETE_MARKER))
+
+    def latest_step(self) -> int | None:
+        """Step of the newest complete checkpoint: the ``latest`` pointer, checked; else a scan."""
+        try:
+            tag = storage.read_bytes(storage.join(self.root, LATEST_POINTER)).decode().strip()
+        except FileNotFoundError:
+            tag = ""
+        match = _TAG.match(tag)
+        if match and self.is_complete(int(match.group(1))):
+            return int(match.group(1))
+        complete = [step for step in self._tags() if self.is_complete(step)]
+        return max(complete) if complete else None
+
+    def read_loop_state(self, step: int) -> dict[str, Any]:
+        state: dict[str, Any] = storage.read_json(
+            storage.join(self.root, tag_for(step), LOOP_STATE_FILE)
+        )
+        return state
+
+    def remove_incomplete(self) -> list[str]:
+        """Delete half-written checkpoints (rank 0, before training writes new ones)."""
+        removed = [tag for step, tag in sorted(self._tags().items()) if not self.is_complete(step)]
+        for tag in removed:
+            storage.delete_tree(storage.join(self.root, tag))
+            log.warning("removed incomplete checkpoint %s (a save that did not finish)", tag)
+        return removed
+
+    def local_copy(self, step: int) -> Path:
+        """A local folder holding what this rank needs to load ``step`` (downloaded from S3)."""
+        if not self.remote:
+            return Path(self.root)
+        tag = tag_for(step)
+        target = self.staging / f"load-rank{self.rank}"
+        shutil.rmtree(target, ignore_errors=True)
+        for name in storage.list_children(storage.join(self.root, tag)):
+            if file_owner(name) in (None, self.rank) and not name.startswith("_"):
+                storage.download_file(storage.join(self.root, tag, name), target / tag / name)
+        return target
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        loop_state: dict[str, Any],
+        rng_state: dict[str, Any],
+        active: list[faults.Fault],
+    ) -> float:
+        """Write checkpoint ``step`` (all ranks call this); returns the seconds the loop waited.
+
+        The previous checkpoint's upload, if still running, is waited for first.
+        """
+        import torch
+        import torch.distributed as dist
+
+        started = time.perf_counter()
+        self.wait()
+        tag = tag_for(step)
+        local_root = self.staging / "save" if self.remote else Path(self.root)
+        if self.remote:
+            shutil.rmtree(local_root / tag, ignore_errors=True)
+        engine.save_checkpoint(str(local_root), tag=tag, save_latest=False)
+        folder = local_root / tag
+        torch.save(rng_state, folder / f"rank{self.rank}_rng.pt")
+        if self.rank == 0:
+            (folder / LOOP_STATE_FILE).write_text(json.dumps(loop_state, indent=2))
+        if not self.remote:
+            faults.maybe_kill(active, "sigkill_in_checkpoint", self.rank, step, self.root)
+            dist.barrier()
+            if self.rank == 0:
+                self._commit(step)
+            dist.barrier()
+            return time.perf_counter() - started
+        # Every rank's files are on local disk here; the upload runs beside the training loop.
+        dist.barrier()
+        self._upload_error = None
+        self._upload = threading.Thread(
+            target=self._upload_and_commit,
+            args=(folder, step, active),
+            name=f"checkpoint-upload-{tag}",
+            daemon=True,
+        )
+        self._upload.start()
+        return time.perf_counter() - started
+
+    def _upload_and_commit(self, folder: Path, step: int, active: list[faults.Fault]) -> None:
+        try:
+            started = time.perf_counter()
+            tag = tag_for(step)
+            mine = sorted(
+                p for p in folder.rglob("*") if p.is_file() and self._owns(p.relative_to(folder))
+            )
+            for index, path in enumerate(mine):
+                storage.upload_file(
+                    path, storage.join(self.root, tag, path.relative_to(folder).as_posix())
+                )
+                if index == 0:
+                    faults.maybe_kill(active, "sigkill_in_checkpoint", self.rank, step, self.root)
+                path.unlink()
+            storage.write_bytes(storage.join(self.root, tag, f"{UPLOADED_PREFIX}{self.rank}"), b"")
+            if self.rank == 0:
+                self._wait_for_ranks(tag)
+                self._commit(step)
+                shutil.rmtree(folder, ignore_errors=True)
+            self.last_upload_s = time.perf_counter() - started
+        except BaseException as err:  # surfaced by wait() in the training thread
+            self._upload_error = err
+
+    def _owns(self, relative: Path) -> bool:
+        owner = file_owner(relative.name)
+        return owner == self.rank or (owner is None and self.rank == 0)
+
+    def _wait_for_ranks(self, tag: str) -> None:
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
+        wanted = {f"{UPLOADED_PREFIX}{r}" for r in range(self.world)}
+        while not wanted <= set(storage.list_children(storage.join(self.root, tag))):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"checkpoint {tag}: not every rank uploaded its shards")
+            time.sleep(0.5)
+
+    def _commit(self, step: int) -> None:
+        """Mark ``step`` complete, advance ``latest``, then delete what is no longer kept."""
+        tag = tag_for(step)
+        storage.write_bytes(storage.join(self.root, tag, COMPLETE_MARKER), b"")
+        storage.write_bytes(storage.join(self.root, LATEST_POINTER), tag.encode())
+        complete = sorted(s for s in self._tags() if self.is_complete(s))
+        keep = set(complete[-self.keep_last :])
+        for old_step, old_tag in self._tags().items():
+            if old_step not in keep:
+                storage.delete_tree(storage.join(self.root, old_tag))
+        log.info("checkpoint %s committed at %s", tag, storage.join(self.root, tag))
+
+    def wait(self) -> None:
+        """Block until the running upload (if any) is committed; re-raise its error."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._upload_error is not None:
+            err, self._upload_error = self._upload_error, None
+            raise RuntimeError(f"checkpoint upload to {self.root} failed: {err}") from err
