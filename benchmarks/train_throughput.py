@@ -7,8 +7,12 @@ ZeRO stage, optimizer offload and activation checkpointing. A short warm-up run 
 that DeepSpeed's one-time JIT build of ``cpu_adam`` (cached in ``~/.cache/torch_extensions``) and
 cold imports do not land in the table.
 
-    .venv/bin/python benchmarks/train_throughput.py            # full matrix, ~3.5 min on 2 cores
-    .venv/bin/python benchmarks/train_throughput.py --quick    # two settings, 6 steps, ~2 min
+Then the SFT comparison: the project's ``instruction_finetuning`` (packed blocks) against the
+Hugging Face ``Trainer`` with the same DeepSpeed config on the same examples, padded per batch,
+both on 2 Ray Train workers; it prints the ratio of their target tokens/s (trained labels only).
+
+    .venv/bin/python benchmarks/train_throughput.py            # full matrix + SFT comparison
+    .venv/bin/python benchmarks/train_throughput.py --quick    # one setting + SFT comparison
 
 Prints a Markdown table and writes JSON (default ``benchmarks/results/train_throughput.json``).
 """
@@ -19,6 +23,7 @@ import argparse
 import contextlib
 import datetime
 import io
+import itertools
 import json
 import os
 import platform
@@ -31,13 +36,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline import storage
 from pipeline.config import REPO_ROOT, PipelineConfig, load_config
+from pipeline.data.chat import IGNORE_INDEX
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "train_throughput.json"
 DATA_RUN_KEY = "bench-data"
 WARMUP_STEPS = 2
+HF_METRICS_FILE = "hf_metrics.json"
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,7 @@ SETTINGS = (
     Setting("z2-offload-ckpt", {"compute.zero_stage": 2}),
     Setting("z2-ckpt", {"compute.zero_stage": 2, "compute.offload_optimizer": False}),
 )
-QUICK_SETTINGS = (SETTINGS[0], SETTINGS[2])
+QUICK_SETTINGS = (SETTINGS[0],)
 
 
 class PeakRss:
@@ -118,9 +127,13 @@ def run_stage(
 
     The entrypoint prints the result as JSON on stdout; that copy is swallowed here.
     """
-    from pipeline.stages import common, continued_pretraining, prepare_data
+    from pipeline.stages import common, continued_pretraining, instruction_finetuning, prepare_data
 
-    run = {"prepare_data": prepare_data.run, "continued_pretraining": continued_pretraining.run}
+    run = {
+        "prepare_data": prepare_data.run,
+        "continued_pretraining": continued_pretraining.run,
+        "instruction_finetuning": instruction_finetuning.run,
+    }
     argv = ["--config", common.write_resolved_config(config, run_key), "--run-key", run_key]
     if input_uri is not None:
         argv += ["--input", input_uri]
@@ -165,6 +178,277 @@ def train_once(
     }
 
 
+# --- SFT: the packed trainer against the Hugging Face Trainer --------------------------------
+
+
+def sft_examples(data_uri: str, pad_id: int) -> list[dict[str, list[int]]]:
+    """The SFT training examples, cut back out of the packed ``sft_train`` blocks.
+
+    ``pack_examples`` never splits an example and restarts positions at each one, so every
+    position-id segment is one example with its exact labels (prompt tokens -100); a block's
+    trailing padding is the only segment with no trained label, and is dropped.
+    """
+    from pipeline.data.shards import read_manifest, read_split
+
+    blocks = read_split(data_uri, read_manifest(data_uri), "sft_train")
+    examples = []
+    rows = slice(0, len(blocks))  # memory-mapped shards: read every row at once
+    columns = (blocks.input_ids[rows], blocks.position_ids[rows], blocks.labels[rows])
+    for ids, pos, labels in zip(*columns, strict=True):
+        starts = [*np.flatnonzero(pos == 0).tolist(), len(ids)]
+        for start, end in itertools.pairwise(starts):
+            if (labels[start:end] == IGNORE_INDEX).all() and (ids[start:end] == pad_id).all():
+                continue
+            examples.append(
+                {"input_ids": ids[start:end].tolist(), "labels": labels[start:end].tolist()}
+            )
+    return examples
+
+
+def hf_trainer_worker(job: dict[str, Any]) -> None:
+    """Ray Train worker: ``transformers.Trainer`` with the project's DeepSpeed config.
+
+    Ray Train has started the gloo group and set RANK/WORLD_SIZE/LOCAL_RANK, which Accelerate
+    (under the Trainer) picks up. Rank 0 writes ``hf_metrics.json`` into ``job["output_dir"]``.
+    """
+    from pipeline.config import config_from_dict
+
+    config = config_from_dict(job["config"])
+    if config.compute.pool == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    import torch.distributed as dist
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
+
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.train.model import load_causal_lm
+
+    class StepClock(TrainerCallback):
+        """Start and end of every optimizer step: forward, backward, clipping, optimizer step.
+
+        The same window as the project loop's step time: batch loading and collation (and the
+        target count) come before it in both."""
+
+        def __init__(self) -> None:
+            self.begins: list[float] = []
+            self.ends: list[float] = []
+
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.begins.append(time.perf_counter())
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.ends.append(time.perf_counter())
+
+    torch.set_num_threads(config.compute.cpus_per_worker)
+    args = hf_training_args(config, job["output_dir"], dist.get_world_size())
+    if not torch.cuda.is_available():
+        # Accelerate finds no process-group backend for DeepSpeed without CUDA (its CPU path
+        # turns DeepSpeed off), so it would count one process and feed every rank the same
+        # batches. Tell it the group Ray Train started; on GPUs it finds it by itself.
+        state = args.distributed_state
+        state.num_processes, state.process_index = dist.get_world_size(), dist.get_rank()
+        state.local_process_index = int(os.environ["LOCAL_RANK"])
+    # After the TrainingArguments: under ZeRO-3 they hold the config that partitions the load.
+    dtype = torch.bfloat16 if config.compute.precision == "bf16" else torch.float32
+    model = load_causal_lm(job["model_dir"], "sdpa", dtype)
+    tok = load_tokenizer(job["model_dir"])
+    pad = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=IGNORE_INDEX)
+    per_batch: list[tuple[int, int]] = []  # (target tokens, tokens incl. padding) per batch
+
+    def collate(features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        batch = pad(features)
+        per_batch.append((int((batch["labels"] != IGNORE_INDEX).sum()), batch["input_ids"].numel()))
+        return dict(batch)
+
+    clock = StepClock()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=job["examples"],
+        data_collator=collate,
+        callbacks=[clock],
+    )
+    out = trainer.train()
+    steps = config.sft.max_steps * config.sft.grad_accum_steps
+    # Accelerate's loader fetches one batch ahead; the first ``steps`` batches are the trained ones.
+    counts = torch.tensor(per_batch[:steps], dtype=torch.float64)
+    dist.all_reduce(counts)
+    counts = counts.reshape(config.sft.max_steps, config.sft.grad_accum_steps, 2).sum(dim=1)
+    if dist.get_rank() == 0:
+        # Steps after the first, like the project's tokens/s.
+        step_s = np.subtract(clock.ends, clock.begins)[1:]
+        metrics = {
+            "steps": len(clock.ends),
+            "target_tokens_per_s": float(np.mean(counts[1:, 0].numpy() / step_s)),
+            "tokens_per_s": float(np.mean(counts[1:, 1].numpy() / step_s)),
+            "target_tokens_per_step": float(counts[:, 0].mean()),
+            "tokens_per_step": float(counts[:, 1].mean()),
+            "train_loss": out.training_loss,
+        }
+        Path(job["output_dir"], HF_METRICS_FILE).write_text(json.dumps(metrics))
+
+
+def hf_training_args(config: PipelineConfig, output_dir: str, world: int) -> Any:
+    """TrainingArguments carrying ``pipeline.train.zero.deepspeed_config`` as a dict.
+
+    The Trainer checks that the DeepSpeed config's batch sizes, clipping, AdamW
+    hyper-parameters and bf16 agree with these arguments, so every one is set to match.
+    """
+    from transformers import TrainingArguments
+
+    from pipeline.train.zero import deepspeed_config
+
+    sft, compute = config.sft, config.compute
+    ds_config = deepspeed_config(compute, sft, world)
+    # DeepSpeed derives it (micro x accumulation x world). Left in, the Trainer would check it
+    # here against its own world size, which on CPU is set right only later (hf_trainer_worker).
+    del ds_config["train_batch_size"]
+    return TrainingArguments(
+        output_dir=output_dir,
+        deepspeed=ds_config,
+        per_device_train_batch_size=sft.micro_batch_size,
+        gradient_accumulation_steps=sft.grad_accum_steps,
+        max_steps=sft.max_steps,
+        learning_rate=sft.lr,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        weight_decay=sft.weight_decay,
+        max_grad_norm=sft.grad_clip,
+        warmup_steps=sft.warmup_steps,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": sft.min_lr_ratio},
+        bf16=compute.precision == "bf16",
+        gradient_checkpointing=compute.activation_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        seed=sft.seed,
+        logging_steps=sft.max_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def hf_trainer_once(
+    workdir: Path, config: PipelineConfig, cpt_outputs: dict[str, str], name: str
+) -> dict[str, Any]:
+    """The baseline on ``compute.num_workers`` Ray Train workers (gloo), like the project's."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.train.ray_train import worker_resources
+
+    tok_dir = storage.download_dir(cpt_outputs["tokenizer"], workdir / "hf-tokenizer")
+    examples = sft_examples(cpt_outputs["data"], load_tokenizer(tok_dir).pad_token_id)
+    output_dir = workdir / name
+    output_dir.mkdir(parents=True, exist_ok=True)
+    job = {
+        "config": config.model_dump(mode="json"),
+        "model_dir": str(storage.download_dir(cpt_outputs["cpt_model"], workdir / "hf-model")),
+        "examples": examples,
+        "output_dir": str(output_dir),
+    }
+    trainer = TorchTrainer(
+        hf_trainer_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(
+            num_workers=config.compute.num_workers,
+            use_gpu=False,
+            resources_per_worker=worker_resources(config.compute),
+        ),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name=name, storage_path=str(workdir / "_ray_train_hf")),
+    )
+    started = time.perf_counter()
+    with PeakRss() as rss:
+        result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"HF Trainer baseline failed: {result.error}") from result.error
+    metrics: dict[str, Any] = json.loads((output_dir / HF_METRICS_FILE).read_text())
+    return {
+        **metrics,
+        "examples": len(examples),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "peak_rss_workers_mb": round(rss.peak_workers_mb),
+    }
+
+
+def packed_sft_once(
+    workdir: Path, cpt_key: str, steps: int, run_key: str
+) -> tuple[dict[str, Any], PipelineConfig, dict[str, str]]:
+    """The project's SFT stage from the ``cpt_key`` run's model; its row of the comparison."""
+    config = bench_config(workdir, {"sft.max_steps": steps, "sft.log_every": steps})
+    cpt_uri = storage.stage_uri(config.storage.artifact_root, cpt_key, "continued_pretraining")
+    started = time.perf_counter()
+    with PeakRss() as rss:
+        result = run_stage("instruction_finetuning", config, run_key, cpt_uri)
+    metrics = result["metrics"]
+    sft = config.sft
+    tokens_per_step = (
+        sft.micro_batch_size
+        * sft.grad_accum_steps
+        * config.compute.num_workers
+        * config.data.seq_len
+    )
+    split = storage.read_json(storage.join(result["outputs"]["data"], "manifest.json"))
+    split = split["splits"]["sft_train"]
+    share = split["trained_tokens"] / (split["blocks"] * config.data.seq_len)
+    row = {
+        "tokens_per_s": metrics["tokens_per_s"],
+        "tokens_per_step": tokens_per_step,
+        # Expected over the split; a sampled step holds this many on average.
+        "target_tokens_per_step": tokens_per_step * share,
+        "first_loss": metrics["first_loss"],
+        "final_loss": metrics["final_loss"],
+        "wall_s": round(time.perf_counter() - started, 1),
+        "peak_rss_workers_mb": round(rss.peak_workers_mb),
+    }
+    if "target_tokens_per_s" in metrics:
+        row |= {"target_tokens_per_s": metrics["target_tokens_per_s"], "target_from": "loop"}
+    else:
+        # The loop before target_tokens_per_s: scale by the split's share of trained labels.
+        row |= {"target_tokens_per_s": metrics["tokens_per_s"] * share, "target_from": "split"}
+    return row, config, result["outputs"]
+
+
+def sft_comparison(workdir: Path, cpt_key: str, steps: int, repeats: int) -> dict[str, Any]:
+    """Packed SFT, then the HF Trainer on the same examples, config, micro batch and steps.
+
+    The two alternate ``repeats`` times and the ratio compares each side's best run: on a shared
+    machine, load that comes and goes would otherwise decide which side looks faster.
+    """
+    packed_runs: list[dict[str, Any]] = []
+    hf_runs: list[dict[str, Any]] = []
+    for attempt in range(repeats):
+        packed, config, outputs = packed_sft_once(workdir, cpt_key, steps, f"bench-sft-{attempt}")
+        print(f"packed SFT: {packed['target_tokens_per_s']:.0f} target tokens/s", flush=True)
+        packed_runs.append(packed)
+        hf = hf_trainer_once(workdir, config, outputs, f"bench-hf-trainer-{attempt}")
+        print(f"HF Trainer: {hf['target_tokens_per_s']:.0f} target tokens/s", flush=True)
+        hf_runs.append(hf)
+    best = lambda runs: max(r["target_tokens_per_s"] for r in runs)  # noqa: E731
+    ratio = best(packed_runs) / best(hf_runs)
+    return {
+        "from_cpt_setting": cpt_key,
+        "steps": steps,
+        "repeats": repeats,
+        "micro_batch_size": config.sft.micro_batch_size,
+        "workers": config.compute.num_workers,
+        "packed": packed_runs,
+        "hf_trainer": hf_runs,
+        "target_tokens_per_s_ratio": round(ratio, 3),
+        "ratio_of_means": round(
+            float(np.mean([r["target_tokens_per_s"] for r in packed_runs]))
+            / float(np.mean([r["target_tokens_per_s"] for r in hf_runs])),
+            3,
+        ),
+        "ratio_at_least_1_3": ratio >= 1.3,
+    }
+
+
 @contextlib.contextmanager
 def private_ray(workdir: Path) -> Iterator[None]:
     """A Ray head of our own (free ports, token auth), connected for this process."""
@@ -185,28 +469,36 @@ def private_ray(workdir: Path) -> Iterator[None]:
             ray.shutdown()
 
 
-def run_matrix(workdir: Path, settings: tuple[Setting, ...], steps: int) -> dict[str, Any]:
-    """prepare_data once, a warm-up run, then one training run per setting.
+def run_matrix(
+    workdir: Path, settings: tuple[Setting, ...], steps: int, warmup_first: bool, repeats: int
+) -> dict[str, Any]:
+    """prepare_data once, a warm-up run (``warmup_first``), one training run per setting, then
+    the SFT comparison.
 
     Returns:
-        ``prepare_data_s``, ``warmup`` (a row) and ``results`` (one row per setting).
+        ``prepare_data_s``, ``warmup`` (a row, or None), ``results`` (one row per setting) and
+        ``sft`` (the packed trainer against the HF Trainer).
     """
     started = time.perf_counter()
     data_config = bench_config(workdir, {})
     run_stage("prepare_data", data_config, DATA_RUN_KEY, None)
     prepare_data_s = round(time.perf_counter() - started, 1)
     data_uri = storage.stage_uri(data_config.storage.artifact_root, DATA_RUN_KEY, "prepare_data")
-    print(f"prepare_data done; warm-up ({WARMUP_STEPS} steps of {settings[0].key})", flush=True)
-    # No LR warm-up in this short run: the demo's 3 warm-up steps must be below max_steps.
-    warmup_overrides = {**settings[0].overrides, "cpt.warmup_steps": 0}
-    warmup = train_once(workdir, data_uri, "bench-warmup", warmup_overrides, WARMUP_STEPS)
-    print(f"warm-up: {warmup['wall_s']} s", flush=True)
+    warmup = None
+    if warmup_first:
+        print(f"prepare_data done; warm-up ({WARMUP_STEPS} steps of {settings[0].key})")
+        # No LR warm-up in this short run: the demo's 3 warm-up steps must be below max_steps.
+        warmup_overrides = {**settings[0].overrides, "cpt.warmup_steps": 0}
+        warmup = train_once(workdir, data_uri, "bench-warmup", warmup_overrides, WARMUP_STEPS)
+        print(f"warm-up: {warmup['wall_s']} s", flush=True)
     rows = []
     for setting in settings:
         row = train_once(workdir, data_uri, setting.key, setting.overrides, steps)
         print(f"{setting.key}: {row['tokens_per_s']} tokens/s, {row['wall_s']} s", flush=True)
         rows.append(row)
-    return {"prepare_data_s": prepare_data_s, "warmup": warmup, "results": rows}
+    # SFT from the first setting's model, under the same compute settings as that row.
+    sft = sft_comparison(workdir, settings[0].key, steps, repeats)
+    return {"prepare_data_s": prepare_data_s, "warmup": warmup, "results": rows, "sft": sft}
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -221,6 +513,34 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['first_loss']:.3f} → {r['final_loss']:.3f} | {r['peak_rss_workers_mb']} "
             f"| {r['wall_s']:.1f} |"
         )
+    return "\n".join(lines)
+
+
+def sft_table(sft: dict[str, Any]) -> str:
+    """The SFT comparison as a Markdown table (one row per run), with the ratio under it."""
+    lines = [
+        "| SFT trainer (2 workers) | run | target tokens/s | tokens/s (incl. padding) "
+        "| target tokens/step | peak RSS workers (MB) | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    sides = (
+        ("project, packed", sft["packed"]),
+        ("HF Trainer, padded per batch", sft["hf_trainer"]),
+    )
+    for name, runs in sides:
+        for attempt, r in enumerate(runs, 1):
+            lines.append(
+                f"| {name} | {attempt} | {r['target_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} "
+                f"| {r['target_tokens_per_step']:.0f} | {r['peak_rss_workers_mb']} "
+                f"| {r['wall_s']:.1f} |"
+            )
+    verdict = "meets" if sft["ratio_at_least_1_3"] else "does NOT meet"
+    lines.append(
+        f"\npacked / HF Trainer target tokens/s, best run of each = "
+        f"{sft['target_tokens_per_s_ratio']:.2f} ({verdict} the 1.3 floor; ratio of means "
+        f"{sft['ratio_of_means']:.2f}; {sft['steps']} steps, micro batch "
+        f"{sft['micro_batch_size']} per worker, compute settings of {sft['from_cpt_setting']})"
+    )
     return "\n".join(lines)
 
 
@@ -245,7 +565,12 @@ def environment() -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; ``argv`` ``None`` reads ``sys.argv``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two settings, 6 steps each")
+    parser.add_argument(
+        "--quick", action="store_true", help="one setting, 6 steps, no separate warm-up"
+    )
+    parser.add_argument(
+        "--sft-repeats", type=int, default=2, help="alternating packed/HF Trainer SFT runs (2)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="CPT steps per setting (15)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument(
@@ -264,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         stack.enter_context(private_ray(workdir.resolve()))
-        measured = run_matrix(workdir.resolve(), settings, steps)
+        measured = run_matrix(workdir.resolve(), settings, steps, not args.quick, args.sft_repeats)
     total_s = round(time.perf_counter() - started, 1)
     report = {
         "benchmark": "train_throughput",
@@ -281,8 +606,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(markdown_table(measured["results"]))
+    print()
+    print(sft_table(measured["sft"]))
+    warmup = f"{measured['warmup']['wall_s']} s" if measured["warmup"] else "none"
     print(
-        f"\nprepare_data {measured['prepare_data_s']} s; warm-up {measured['warmup']['wall_s']} s; "
+        f"\nprepare_data {measured['prepare_data_s']} s; warm-up {warmup}; "
         f"total {total_s} s; wrote {args.out}"
     )
     return 0

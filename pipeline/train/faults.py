@@ -11,7 +11,8 @@ list of ``kind:key=value:...`` items:
   would, until the job is stopped;
 - ``sigkill_in_checkpoint:rank=0:step=4`` kills rank 0 after its shards of the step-4
   checkpoint are written, before the checkpoint is committed;
-- ``nan_loss:rank=0:step=3-5`` makes rank 0's loss NaN in steps 3 to 5.
+- ``nan_loss:rank=0:step=3-5`` makes rank 0's loss NaN in steps 3 to 5; ``:micro=1`` limits
+  it to the second micro-batch of each step (after the first one's backward ran).
 
 A kill or stall fires once per checkpoint folder on a machine (a marker file under the temp
 dir), so the restarted worker group, or the next job, runs on. Unset, nothing here does
@@ -38,6 +39,8 @@ class Fault:
     rank: int
     first_step: int
     last_step: int
+    micro: int | None = None
+    """Micro-batch of the step a ``nan_loss`` poisons; None: every one."""
 
     def hits(self, rank: int, step: int) -> bool:
         return rank == self.rank and self.first_step <= step <= self.last_step
@@ -53,12 +56,14 @@ def parse_faults(spec: str) -> list[Fault]:
     for item in filter(None, (part.strip() for part in spec.split(";"))):
         kind, *pairs = item.split(":")
         fields = dict(pair.partition("=")[::2] for pair in pairs)
-        if kind not in KINDS or set(fields) != {"rank", "step"}:
+        if kind not in KINDS or not {"rank", "step"} <= set(fields) <= {"rank", "step", "micro"}:
             raise ValueError(
-                f"{ENV_VAR} item {item!r}: expected KIND:rank=R:step=S[-E] with KIND in {KINDS}"
+                f"{ENV_VAR} item {item!r}: expected KIND:rank=R:step=S[-E][:micro=M] with KIND "
+                f"in {KINDS}"
             )
         first, _, last = fields["step"].partition("-")
-        faults.append(Fault(kind, int(fields["rank"]), int(first), int(last or first)))
+        micro = int(fields["micro"]) if "micro" in fields else None
+        faults.append(Fault(kind, int(fields["rank"]), int(first), int(last or first), micro))
     return faults
 
 
@@ -66,8 +71,10 @@ def active_faults() -> list[Fault]:
     return parse_faults(os.environ.get(ENV_VAR, ""))
 
 
-def should_poison_loss(faults: list[Fault], rank: int, step: int) -> bool:
-    return any(f.kind == "nan_loss" and f.hits(rank, step) for f in faults)
+def should_poison_loss(faults: list[Fault], rank: int, step: int, micro: int) -> bool:
+    return any(
+        f.kind == "nan_loss" and f.hits(rank, step) and f.micro in (None, micro) for f in faults
+    )
 
 
 def _fire_once(fault: Fault, scope: str) -> bool:

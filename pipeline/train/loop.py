@@ -155,7 +155,8 @@ class TrainingRecipe:
         self.faults = faults.active_faults()
         self.resumed_from = 0
         self.state = TrainState()
-        self.step_times: list[float] = []
+        self.attempt_records: list[dict[str, Any]] = []
+        """Applied steps of this attempt (a resumed attempt times only its own steps)."""
         self.checkpoint_steps: list[int] = []
         self.first_step_reads: dict[str, int] = {}
 
@@ -184,8 +185,10 @@ class TrainingRecipe:
         self.attention = select_attention(config.compute.attention)
         self.engine = self._build_engine()
         self.device = self.engine.device
+        # One checksum pass per node (the first local rank); the others map the same files.
+        verify = int(os.environ.get("LOCAL_RANK", "0")) == 0
         self.blocks = read_split(
-            self.spec.data_uri, read_manifest(self.spec.data_uri), self.spec.split
+            self.spec.data_uri, read_manifest(self.spec.data_uri), self.spec.split, verify=verify
         )
         self.order = DataOrder(len(self.blocks), self.train_cfg.seed)
         self.n_params = count_parameters(self.engine.module)
@@ -303,70 +306,35 @@ class TrainingRecipe:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``grad_accum_steps`` micro-batches on every rank."""
-        import torch
-        import torch.distributed as dist
-
-        train, engine, rank, world = self.train_cfg, self.engine, self.rank, self.world
-        micro, accum = train.micro_batch_size, train.grad_accum_steps
+        micro, accum, world = (
+            self.train_cfg.micro_batch_size,
+            self.train_cfg.grad_accum_steps,
+            self.world,
+        )
         step, start = self.state.step + 1, self.state.samples
         batches = [
-            self._batch(self.order.micro_batch(start, micro, m, rank, world)) for m in range(accum)
+            self._batch(self.order.micro_batch(start, micro, m, self.rank, world))
+            for m in range(accum)
         ]
-        if not self.first_step_reads:
-            self.first_step_reads = {
-                "blocks_read": micro * accum,
-                "permutations_built": self.order.permutations_built,
-            }
-            if rank == 0:
-                log.info(
-                    "first step of this attempt (step %d) read %d blocks per rank and built %d "
-                    "data-order permutation(s)",
-                    step,
-                    micro * accum,
-                    self.order.permutations_built,
-                )
-        counts = torch.tensor(
-            [float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))],
-            dtype=torch.float64,
-        )
-        dist.all_reduce(counts)
-        n_targets = int(counts.item())
-        lr = float(engine.get_lr()[0])  # the scheduler moves after the step: this one applies
-        skipped_before = engine.skipped_steps
-        poison = faults.should_poison_loss(self.faults, rank, step)
+        self._note_first_reads(step, micro * accum)
+        n_targets = self._global_target_tokens(batches)
+        lr = float(self.engine.get_lr()[0])  # the scheduler moves after the step: this one applies
+        skipped_before = self.engine.skipped_steps
         started = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
         empty = n_targets == 0  # every label masked: nothing to learn, not a failure
-        finite = not empty
-        for m, batch in enumerate(batches if finite else []):
-            token_loss = self._forward_loss_sum(batch)
-            if poison:
-                token_loss = token_loss * float("nan")
-            flag = torch.tensor([float(torch.isfinite(token_loss).item())])
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            if flag.item() < 1.0:
-                finite = False
-                _discard_gradients(engine, m)
-                break
-            # DeepSpeed averages gradients over ranks: multiply by world so the result is the
-            # gradient of (sum of token losses) / (target tokens in the whole step).
-            engine.backward(token_loss * (world / n_targets), scale_wrt_gas=False)
-            engine.step()
-            loss_sum += token_loss.detach().double().cpu()
-        dist.all_reduce(loss_sum)
+        loss_sum = None if empty else self._accumulate(batches, step, n_targets)
         elapsed = time.perf_counter() - started
-        applied = finite and engine.skipped_steps == skipped_before
-        grad_norm = engine.get_global_grad_norm() if applied else None
+        applied = loss_sum is not None and self.engine.skipped_steps == skipped_before
+        grad_norm = self.engine.get_global_grad_norm() if applied else None
         tokens = micro * accum * world * self.blocks.input_ids.shape[1]
         self.state.step, self.state.samples = step, start + micro * accum * world
         self.state.tokens += tokens
         if applied:
             self.state.target_tokens += n_targets
-            self.step_times.append(elapsed)
         digest = hashlib.sha1(self.order.indices(start, micro * accum * world).tobytes())
         record: dict[str, Any] = {
             "step": step,
-            "loss": loss_sum.item() / n_targets if applied else None,
+            "loss": loss_sum / n_targets if applied and loss_sum is not None else None,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "target_tokens": n_targets,
@@ -378,7 +346,62 @@ class TrainingRecipe:
             "data": digest.hexdigest()[:12],
         }
         self.state.history.append(record)
+        if applied:
+            self.attempt_records.append(record)
         return record
+
+    def _global_target_tokens(self, batches: list[dict[str, Any]]) -> int:
+        """Target tokens of this step on all ranks: the loss's denominator, known before any
+        forward pass (labels only)."""
+        import torch
+        import torch.distributed as dist
+
+        local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        counts = torch.tensor([float(local)], dtype=torch.float64)
+        dist.all_reduce(counts)
+        return int(counts.item())
+
+    def _accumulate(self, batches: list[dict[str, Any]], step: int, n_targets: int) -> float | None:
+        """Forward and backward every micro-batch; returns the summed token loss of all ranks,
+        or None when a loss was non-finite on any rank (the step's gradients are dropped)."""
+        import torch
+        import torch.distributed as dist
+
+        engine, world = self.engine, self.world
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for m, batch in enumerate(batches):
+            token_loss = self._forward_loss_sum(batch)
+            if faults.should_poison_loss(self.faults, self.rank, step, m):
+                token_loss = token_loss * float("nan")
+            finite = torch.tensor([float(torch.isfinite(token_loss).item())])
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1.0:
+                _discard_gradients(engine, m)
+                return None
+            # DeepSpeed averages gradients over ranks: multiply by world so the result is the
+            # gradient of (sum of token losses) / (target tokens in the whole step).
+            engine.backward(token_loss * (world / n_targets), scale_wrt_gas=False)
+            engine.step()
+            loss_sum += token_loss.detach().double().cpu()
+        dist.all_reduce(loss_sum)
+        return float(loss_sum.item())
+
+    def _note_first_reads(self, step: int, blocks: int) -> None:
+        """Record (and log) what the first step of this attempt read: the cost of resuming."""
+        if self.first_step_reads:
+            return
+        self.first_step_reads = {
+            "blocks_read": blocks,
+            "permutations_built": self.order.permutations_built,
+        }
+        if self.rank == 0:
+            log.info(
+                "first step of this attempt (step %d) read %d blocks per rank and built %d "
+                "data-order permutation(s)",
+                step,
+                blocks,
+                self.order.permutations_built,
+            )
 
     def _batch(self, index: np.ndarray) -> dict[str, Any]:
         import torch
@@ -523,28 +546,26 @@ class TrainingRecipe:
 
     def finish(self) -> None:
         """Wait for checkpoint uploads, export the model, write the metrics (rank 0)."""
-        from pipeline.train.throughput import mfu, peak_memory_gib
-
         self.checkpoints.wait()
         self._check_weights_finite("model export")
         save_model(self.engine, self.spec, self.config, self.rank)
         del self._hf_ds
+        if self.rank == 0:
+            storage.write_json(
+                storage.join(self.spec.output_uri, TRAIN_METRICS_FILE), self._final_metrics()
+            )
+
+    def _final_metrics(self) -> dict[str, Any]:
+        """Losses over every step of the run (resumed attempts included); speed over the
+        applied steps of this attempt, its first (warm-up) step left out."""
+        from pipeline.train.throughput import mfu, peak_memory_gib
+
         history = self.state.history
         losses = [h["loss"] for h in history if h["loss"] is not None]
-        times = self.step_times[1:] or self.step_times
-        step_time = float(np.mean(times)) if times else 0.0
-        seq_tokens = self.train_cfg.micro_batch_size * self.train_cfg.grad_accum_steps
-        tokens_per_s = (
-            seq_tokens * self.world * self.blocks.input_ids.shape[1] / step_time
-            if step_time
-            else 0.0
-        )
-        applied = (
-            [h for h in history[-len(self.step_times) :] if not h["skipped"]]
-            if self.step_times
-            else []
-        )
-        metrics: dict[str, Any] = {
+        timed = self.attempt_records[1:] or self.attempt_records
+        step_time = float(np.mean([r["step_time_s"] for r in timed])) if timed else 0.0
+        tokens_per_s = float(np.mean([r["tokens_per_s"] for r in timed])) if timed else 0.0
+        return {
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
             "min_loss": min(losses) if losses else None,
@@ -555,10 +576,8 @@ class TrainingRecipe:
             "target_tokens_seen": self.state.target_tokens,
             "step_time_s": step_time,
             "tokens_per_s": tokens_per_s,
-            "target_tokens_per_s": float(
-                np.mean([h["target_tokens_per_s"] for h in applied[1:] or applied])
-            )
-            if applied
+            "target_tokens_per_s": float(np.mean([r["target_tokens_per_s"] for r in timed]))
+            if timed
             else 0.0,
             "mfu": mfu(tokens_per_s / self.world, self.flops_per_token, self.config.compute.pool),
             "peak_memory_gib": peak_memory_gib(self.device.type),
@@ -572,8 +591,6 @@ class TrainingRecipe:
             "lr_history": [h["lr"] for h in history],
             "data_order": [h["data"] for h in history],
         }
-        if self.rank == 0:
-            storage.write_json(storage.join(self.spec.output_uri, TRAIN_METRICS_FILE), metrics)
 
 
 def _flops_per_token(n_params: int, model_cfg: Any, seq_len: int) -> float:

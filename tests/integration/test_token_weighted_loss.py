@@ -18,9 +18,8 @@ import pytest
 
 from pipeline import storage
 from pipeline.config import REPO_ROOT, ModelConfig, load_config
-from pipeline.data.chat import IGNORE_INDEX
-from pipeline.data.pack import PackedBlocks
-from pipeline.data.shards import MANIFEST_FILE, write_split
+from pipeline.data.pack import FLAG_START, FLAG_TRAIN
+from pipeline.data.shards import MANIFEST_FILE, ShardWriter, token_dtype
 from pipeline.train.launch import run_local
 from pipeline.train.loop import TRAIN_METRICS_FILE, LoopSpec
 
@@ -52,27 +51,32 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
     rng = np.random.default_rng(0)
     ids = rng.integers(10, len(tok), size=(4, SEQ), dtype=np.int32)
-    labels = np.full_like(ids, IGNORE_INDEX)
+    flags = np.zeros(ids.shape, dtype=np.uint8)
+    flags[:, 0] = FLAG_START  # one example per block
     for row, n in enumerate(TARGETS):
-        labels[row, SEQ - n :] = ids[row, SEQ - n :]  # the answer at the end, prompt masked
-    positions = np.tile(np.arange(SEQ, dtype=np.int32), (4, 1))
-    data = str(root / "data")
-    entry = write_split(PackedBlocks(ids, positions, labels), data, "sft_train", shard_blocks=4)
-    storage.write_json(storage.join(data, MANIFEST_FILE), {"splits": {"sft_train": entry}})
+        flags[row, SEQ - n :] |= FLAG_TRAIN  # the answer at the end, the prompt masked
+    data = root / "data"
+    data.mkdir()
+    writer = ShardWriter(data, "sft_train", shard_blocks=4, dtype=token_dtype(len(tok)))
+    writer(ids, flags)
+    manifest = {"seq_len": SEQ, "splits": {"sft_train": writer.close()}}
+    storage.write_json(storage.join(str(data), MANIFEST_FILE), manifest)
     return {
         "root": str(root),
         "tokenizer": str(root / "tokenizer"),
         "model": str(root / "model"),
-        "data": data,
+        "data": str(data),
     }
 
 
-def _train(inputs: dict[str, str], name: str, micro: int, accum: int, world: int) -> dict[str, Any]:
+def _train(
+    inputs: dict[str, str], name: str, micro: int, accum: int, world: int, steps: int = 1
+) -> dict[str, Any]:
     config = load_config(
         REPO_ROOT / "configs" / "demo.yaml",
         {
             "data.seq_len": SEQ,
-            "sft.max_steps": 1,
+            "sft.max_steps": steps,
             "sft.warmup_steps": 0,
             "sft.lr": 0.05,
             "sft.grad_clip": 0.5,
@@ -150,3 +154,24 @@ def test_a_checkpoint_from_another_world_size_is_refused(inputs: dict[str, str])
     message = str(err.value)
     assert "was written by 2 workers and this attempt has 1" in message
     assert "compute.num_workers=2" in message
+
+
+def test_a_non_finite_later_micro_batch_drops_the_gradients_already_accumulated(
+    inputs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 1 goes non-finite in its first micro-batch in one run and in its second (after the
+    first's backward) in the other; both must skip step 1 entirely and land on equal weights."""
+    import torch
+
+    monkeypatch.setenv("PIPELINE_FAULTS", "nan_loss:rank=0:step=1:micro=0")
+    first = _train(inputs, "nan-micro0", micro=1, accum=2, world=1, steps=2)
+    monkeypatch.setenv("PIPELINE_FAULTS", "nan_loss:rank=0:step=1:micro=1")
+    second = _train(inputs, "nan-micro1", micro=1, accum=2, world=1, steps=2)
+    for metrics in (first, second):
+        assert metrics["skipped_steps"] == 1
+        assert metrics["loss_history"][0] is None
+    assert second["loss_history"][1] == pytest.approx(first["loss_history"][1], abs=1e-6)
+    a = _weights(str(Path(inputs["root"], "nan-micro0", "model")))
+    b = _weights(str(Path(inputs["root"], "nan-micro1", "model")))
+    for key, tensor in a.items():
+        torch.testing.assert_close(b[key], tensor, atol=2e-5, rtol=0, msg=key)
