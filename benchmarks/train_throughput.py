@@ -7,9 +7,13 @@ ZeRO stage, optimizer offload and activation checkpointing. A short warm-up run 
 that DeepSpeed's one-time JIT build of ``cpu_adam`` (cached in ``~/.cache/torch_extensions``) and
 cold imports do not land in the table.
 
-Then the SFT comparison: the project's ``instruction_finetuning`` (packed blocks) against the
-Hugging Face ``Trainer`` with the same DeepSpeed config on the same examples, padded per batch,
-both on 2 Ray Train workers; it prints the ratio of their target tokens/s (trained labels only).
+Then the SFT comparison on a generated instruction set with heavy-tailed lengths (log-normal
+answers, prompts of one sentence or a paragraph, a system turn on some): ``prepare_data`` packs
+it into 2048-token blocks, a short ``continued_pretraining`` gives the model it starts from, and
+the project's ``instruction_finetuning`` (packed blocks) runs against the Hugging Face ``Trainer``
+with the same DeepSpeed config on the same examples, padded per batch, both on 2 Ray Train
+workers, with about as many examples per optimizer step. It prints the ratio of their target
+tokens/s (trained labels only) and the padding figures behind it.
 
     .venv/bin/python benchmarks/train_throughput.py            # full matrix + SFT comparison
     .venv/bin/python benchmarks/train_throughput.py --quick    # one setting + SFT comparison
@@ -38,6 +42,9 @@ from typing import Any
 
 import numpy as np
 
+# Run as a script, this folder is on sys.path: the chat text of the data-prep benchmark.
+from data_prep import _paragraph, _sentence
+
 from pipeline import storage
 from pipeline.config import REPO_ROOT, PipelineConfig, load_config
 from pipeline.data.chat import IGNORE_INDEX
@@ -47,6 +54,25 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "train_throughput.json"
 DATA_RUN_KEY = "bench-data"
 WARMUP_STEPS = 2
 HF_METRICS_FILE = "hf_metrics.json"
+
+# SFT comparison data: its own prepare_data run (the CPT rows keep the demo data and 256 tokens).
+SFT_DATA_RUN_KEY = "bench-sft-data"
+SFT_BASE_RUN_KEY = "bench-sft-base"
+SFT_CHATS = 1000
+SFT_DATA_SEED = 0
+SFT_SEQ_LEN = 2048
+"""Covers the generated chats to p99 (1795 tokens); 1024 would cut 7% of them."""
+SFT_STEPS = 20
+"""SFT steps per run: a step holds a few examples, and over fewer steps the figures follow
+which ones were drawn more than the trainer."""
+SFT_BLOCKS_PER_MICRO = 1
+"""Packed blocks per worker per micro-batch; the HF Trainer gets that many blocks' worth of
+examples (the mean per ``sft_train`` block, rounded)."""
+SFT_ANSWER_MEDIAN_WORDS = 55
+"""Median answer: ~150 tokens (the demo's 1024-entry BPE splits this text ~2.8 tokens a word)."""
+SFT_ANSWER_SIGMA = 0.9
+"""Log-normal spread of answer lengths: 1 answer in 20 is 4.4x the median, 1 in 100 8x."""
+SFT_SYSTEM = "You are a concise support agent for a food delivery app."
 
 
 @dataclass(frozen=True)
@@ -178,6 +204,85 @@ def train_once(
     }
 
 
+# --- SFT data: chats with the length spread of real instruction sets -------------------------
+
+
+def sft_answer(rng: np.random.Generator) -> str:
+    """One answer of log-normal length: whole sentences until the drawn word count is reached,
+    four sentences to a paragraph. The shortest is one sentence (6-21 words)."""
+    target = rng.lognormal(np.log(SFT_ANSWER_MEDIAN_WORDS), SFT_ANSWER_SIGMA)
+    sentences: list[str] = []
+    words = 0
+    while words < target:
+        sentences.append(_sentence(rng))
+        words += len(sentences[-1].split())
+    return "\n\n".join(" ".join(sentences[i : i + 4]) for i in range(0, len(sentences), 4))
+
+
+def write_sft_chats(path: Path, n: int, seed: int) -> Path:
+    """``n`` support chats as JSONL ``{"messages": [...]}``; returns ``path``.
+
+    Answers are log-normal (``sft_answer``). A prompt is one sentence (half) or a paragraph of
+    2-7 sentences, now and then with an e-mail, a card number or code (``data_prep._paragraph``).
+    30% of the chats open with a system turn, 20% have a follow-up question and answer.
+    """
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as out:
+        for _ in range(n):
+            messages = [{"role": "system", "content": SFT_SYSTEM}] if rng.random() < 0.3 else []
+            for _ in range(2 if rng.random() < 0.2 else 1):
+                prompt = _sentence(rng) if rng.random() < 0.5 else _paragraph(rng)
+                messages += [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": sft_answer(rng)},
+                ]
+            out.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def sft_data_overrides(workdir: Path, seq_len: int) -> dict[str, Any]:
+    """Config overrides of every SFT-comparison stage: the generated chats, ``seq_len`` blocks."""
+    return {"data.instructions": str(workdir / "sft_chats.jsonl"), "data.seq_len": seq_len}
+
+
+def prepare_sft_base(workdir: Path, seq_len: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The generated chats through prepare_data, then a short continued_pretraining on its
+    shards: the model and data the SFT comparison starts from.
+
+    Returns:
+        The continued_pretraining result (its ``output_uri`` is the SFT stage's input) and
+        prepare_data's ``sft_train`` manifest entry, with ``seq_len`` and ``chats_truncated``.
+    """
+    write_sft_chats(workdir / "sft_chats.jsonl", SFT_CHATS, SFT_DATA_SEED)
+    data_config = bench_config(workdir, sft_data_overrides(workdir, seq_len))
+    prepared = run_stage("prepare_data", data_config, SFT_DATA_RUN_KEY, None)
+    steps = {"cpt.max_steps": WARMUP_STEPS, "cpt.log_every": WARMUP_STEPS, "cpt.warmup_steps": 0}
+    base_config = bench_config(workdir, {**sft_data_overrides(workdir, seq_len), **steps})
+    base = run_stage("continued_pretraining", base_config, SFT_BASE_RUN_KEY, prepared["output_uri"])
+    manifest = storage.read_json(storage.join(prepared["outputs"]["data"], "manifest.json"))
+    split = {**manifest["splits"]["sft_train"], "seq_len": manifest["seq_len"]}
+    split["chats_truncated"] = manifest["counts"]["chats"]["truncated"]
+    return base, split
+
+
+def length_summary(examples: list[dict[str, list[int]]]) -> dict[str, Any]:
+    """Token counts of the SFT examples: whole chats and their trained targets."""
+    tokens = np.array([len(e["input_ids"]) for e in examples])
+    targets = np.array([sum(t != IGNORE_INDEX for t in e["labels"]) for e in examples])
+    pct = lambda a, q: int(np.percentile(a, q))  # noqa: E731
+    return {
+        "examples": len(examples),
+        "tokens_median": pct(tokens, 50),
+        "tokens_p90": pct(tokens, 90),
+        "tokens_p99": pct(tokens, 99),
+        "tokens_max": int(tokens.max()),
+        "tokens_mean": round(float(tokens.mean()), 1),
+        "targets_median": pct(targets, 50),
+        "targets_p99": pct(targets, 99),
+        "target_share_of_tokens": round(float(targets.sum() / tokens.sum()), 4),
+    }
+
+
 # --- SFT: the packed trainer against the Hugging Face Trainer --------------------------------
 
 
@@ -253,11 +358,13 @@ def hf_trainer_worker(job: dict[str, Any]) -> None:
     model = load_causal_lm(job["model_dir"], "sdpa", dtype)
     tok = load_tokenizer(job["model_dir"])
     pad = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=IGNORE_INDEX)
-    per_batch: list[tuple[int, int]] = []  # (target tokens, tokens incl. padding) per batch
+    per_batch: list[tuple[int, int, int]] = []  # (targets, tokens, tokens incl. padding)
 
     def collate(features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        real = sum(len(f["input_ids"]) for f in features)
         batch = pad(features)
-        per_batch.append((int((batch["labels"] != IGNORE_INDEX).sum()), batch["input_ids"].numel()))
+        targets = int((batch["labels"] != IGNORE_INDEX).sum())
+        per_batch.append((targets, real, batch["input_ids"].numel()))
         return dict(batch)
 
     clock = StepClock()
@@ -273,16 +380,20 @@ def hf_trainer_worker(job: dict[str, Any]) -> None:
     # Accelerate's loader fetches one batch ahead; the first ``steps`` batches are the trained ones.
     counts = torch.tensor(per_batch[:steps], dtype=torch.float64)
     dist.all_reduce(counts)
-    counts = counts.reshape(config.sft.max_steps, config.sft.grad_accum_steps, 2).sum(dim=1)
+    counts = counts.reshape(config.sft.max_steps, config.sft.grad_accum_steps, 3).sum(dim=1)
     if dist.get_rank() == 0:
         # Steps after the first, like the project's tokens/s.
         step_s = np.subtract(clock.ends, clock.begins)[1:]
         metrics = {
             "steps": len(clock.ends),
             "target_tokens_per_s": float(np.mean(counts[1:, 0].numpy() / step_s)),
-            "tokens_per_s": float(np.mean(counts[1:, 1].numpy() / step_s)),
+            "tokens_per_s": float(np.mean(counts[1:, 2].numpy() / step_s)),
             "target_tokens_per_step": float(counts[:, 0].mean()),
-            "tokens_per_step": float(counts[:, 1].mean()),
+            "tokens_per_step": float(counts[:, 2].mean()),
+            "padding_share": float(1 - counts[:, 1].sum() / counts[:, 2].sum()),
+            "examples_per_step": config.sft.micro_batch_size
+            * config.sft.grad_accum_steps
+            * dist.get_world_size(),
             "train_loss": out.training_loss,
         }
         Path(job["output_dir"], HF_METRICS_FILE).write_text(json.dumps(metrics))
@@ -332,22 +443,23 @@ def hf_training_args(config: PipelineConfig, output_dir: str, world: int) -> Any
 
 
 def hf_trainer_once(
-    workdir: Path, config: PipelineConfig, cpt_outputs: dict[str, str], name: str
+    workdir: Path,
+    config: PipelineConfig,
+    base_outputs: dict[str, str],
+    examples: list[dict[str, list[int]]],
+    name: str,
 ) -> dict[str, Any]:
     """The baseline on ``compute.num_workers`` Ray Train workers (gloo), like the project's."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.data.tokenizer import load_tokenizer
     from pipeline.train.ray_train import worker_resources
 
-    tok_dir = storage.download_dir(cpt_outputs["tokenizer"], workdir / "hf-tokenizer")
-    examples = sft_examples(cpt_outputs["data"], load_tokenizer(tok_dir).pad_token_id)
     output_dir = workdir / name
     output_dir.mkdir(parents=True, exist_ok=True)
     job = {
         "config": config.model_dump(mode="json"),
-        "model_dir": str(storage.download_dir(cpt_outputs["cpt_model"], workdir / "hf-model")),
+        "model_dir": str(storage.download_dir(base_outputs["cpt_model"], workdir / "hf-model")),
         "examples": examples,
         "output_dir": str(output_dir),
     }
@@ -370,83 +482,122 @@ def hf_trainer_once(
     metrics: dict[str, Any] = json.loads((output_dir / HF_METRICS_FILE).read_text())
     return {
         **metrics,
-        "examples": len(examples),
         "wall_s": round(time.perf_counter() - started, 1),
         "peak_rss_workers_mb": round(rss.peak_workers_mb),
     }
 
 
+def sft_config(workdir: Path, seq_len: int, steps: int, micro_batch_size: int) -> PipelineConfig:
+    """The SFT comparison's config: the demo's, on the generated chats, ``steps`` steps."""
+    overrides = {"sft.max_steps": steps, "sft.log_every": steps}
+    overrides["sft.micro_batch_size"] = micro_batch_size
+    return bench_config(workdir, {**sft_data_overrides(workdir, seq_len), **overrides})
+
+
 def packed_sft_once(
-    workdir: Path, cpt_key: str, steps: int, run_key: str
-) -> tuple[dict[str, Any], PipelineConfig, dict[str, str]]:
-    """The project's SFT stage from the ``cpt_key`` run's model; its row of the comparison."""
-    config = bench_config(workdir, {"sft.max_steps": steps, "sft.log_every": steps})
-    cpt_uri = storage.stage_uri(config.storage.artifact_root, cpt_key, "continued_pretraining")
+    workdir: Path, base_uri: str, split: dict[str, Any], steps: int, run_key: str
+) -> dict[str, Any]:
+    """The project's SFT stage from the model at ``base_uri``; its row of the comparison.
+
+    ``split`` is prepare_data's ``sft_train`` entry: its packing figures give the padding share
+    and the expected examples and targets per step (the loop counts slots and targets only).
+    """
+    config = sft_config(workdir, split["seq_len"], steps, SFT_BLOCKS_PER_MICRO)
     started = time.perf_counter()
     with PeakRss() as rss:
-        result = run_stage("instruction_finetuning", config, run_key, cpt_uri)
+        result = run_stage("instruction_finetuning", config, run_key, base_uri)
     metrics = result["metrics"]
-    sft = config.sft
-    tokens_per_step = (
-        sft.micro_batch_size
-        * sft.grad_accum_steps
-        * config.compute.num_workers
-        * config.data.seq_len
-    )
-    split = storage.read_json(storage.join(result["outputs"]["data"], "manifest.json"))
-    split = split["splits"]["sft_train"]
-    share = split["trained_tokens"] / (split["blocks"] * config.data.seq_len)
-    row = {
+    sft, seq_len = config.sft, config.data.seq_len
+    blocks_per_step = sft.micro_batch_size * sft.grad_accum_steps * config.compute.num_workers
+    slots = split["blocks"] * seq_len
+    return {
         "tokens_per_s": metrics["tokens_per_s"],
-        "tokens_per_step": tokens_per_step,
+        "target_tokens_per_s": metrics["target_tokens_per_s"],
+        "tokens_per_step": blocks_per_step * seq_len,
         # Expected over the split; a sampled step holds this many on average.
-        "target_tokens_per_step": tokens_per_step * share,
+        "target_tokens_per_step": blocks_per_step * seq_len * split["trained_tokens"] / slots,
+        "padding_share": 1 - split["tokens"] / slots,
+        "examples_per_step": blocks_per_step * split["records"] / split["blocks"],
         "first_loss": metrics["first_loss"],
         "final_loss": metrics["final_loss"],
         "wall_s": round(time.perf_counter() - started, 1),
         "peak_rss_workers_mb": round(rss.peak_workers_mb),
     }
-    if "target_tokens_per_s" in metrics:
-        row |= {"target_tokens_per_s": metrics["target_tokens_per_s"], "target_from": "loop"}
-    else:
-        # The loop before target_tokens_per_s: scale by the split's share of trained labels.
-        row |= {"target_tokens_per_s": metrics["tokens_per_s"] * share, "target_from": "split"}
-    return row, config, result["outputs"]
 
 
-def sft_comparison(workdir: Path, cpt_key: str, steps: int, repeats: int) -> dict[str, Any]:
-    """Packed SFT, then the HF Trainer on the same examples, config, micro batch and steps.
+def sft_comparison(
+    workdir: Path, compute_key: str, steps: int, repeats: int, seq_len: int
+) -> dict[str, Any]:
+    """Packed SFT, then the HF Trainer on the same examples, config and steps.
 
-    The two alternate ``repeats`` times and the ratio compares each side's best run: on a shared
+    The HF micro batch is the packed one (blocks) times the mean examples per ``sft_train``
+    block, rounded: both sides train about as many examples per optimizer step. The two
+    alternate ``repeats`` times and the ratio compares each side's best run: on a shared
     machine, load that comes and goes would otherwise decide which side looks faster.
     """
+    from pipeline.data.tokenizer import load_tokenizer
+
+    base, split = prepare_sft_base(workdir, seq_len)
+    outputs = base["outputs"]
+    tok_dir = storage.download_dir(outputs["tokenizer"], workdir / "hf-tokenizer")
+    examples = sft_examples(outputs["data"], load_tokenizer(tok_dir).pad_token_id)
+    per_block = split["records"] / split["blocks"]
+    hf_micro = max(1, round(SFT_BLOCKS_PER_MICRO * per_block))
+    hf_config = sft_config(workdir, seq_len, steps, hf_micro)
+    print(
+        f"SFT data: {len(examples)} examples in {split['blocks']} blocks of {split['seq_len']}, "
+        f"HF micro batch {hf_config.sft.micro_batch_size} examples",
+        flush=True,
+    )
     packed_runs: list[dict[str, Any]] = []
     hf_runs: list[dict[str, Any]] = []
     for attempt in range(repeats):
-        packed, config, outputs = packed_sft_once(workdir, cpt_key, steps, f"bench-sft-{attempt}")
+        packed = packed_sft_once(workdir, base["output_uri"], split, steps, f"bench-sft-{attempt}")
         print(f"packed SFT: {packed['target_tokens_per_s']:.0f} target tokens/s", flush=True)
         packed_runs.append(packed)
-        hf = hf_trainer_once(workdir, config, outputs, f"bench-hf-trainer-{attempt}")
+        hf = hf_trainer_once(workdir, hf_config, outputs, examples, f"bench-hf-trainer-{attempt}")
         print(f"HF Trainer: {hf['target_tokens_per_s']:.0f} target tokens/s", flush=True)
         hf_runs.append(hf)
-    best = lambda runs: max(r["target_tokens_per_s"] for r in runs)  # noqa: E731
-    ratio = best(packed_runs) / best(hf_runs)
+    best_packed = max(packed_runs, key=lambda r: r["target_tokens_per_s"])
+    best_hf = max(hf_runs, key=lambda r: r["target_tokens_per_s"])
+    ratio = best_packed["target_tokens_per_s"] / best_hf["target_tokens_per_s"]
+    mean = lambda runs: float(np.mean([r["target_tokens_per_s"] for r in runs]))  # noqa: E731
     return {
-        "from_cpt_setting": cpt_key,
+        "compute_setting": compute_key,
         "steps": steps,
         "repeats": repeats,
-        "micro_batch_size": config.sft.micro_batch_size,
-        "workers": config.compute.num_workers,
+        "workers": hf_config.compute.num_workers,
+        "data": {
+            "chats_generated": SFT_CHATS,
+            "seed": SFT_DATA_SEED,
+            "answer_median_words": SFT_ANSWER_MEDIAN_WORDS,
+            "answer_sigma": SFT_ANSWER_SIGMA,
+            "seq_len": split["seq_len"],
+            "sft_train_blocks": split["blocks"],
+            "packing_efficiency": split["packing_efficiency"],
+            "chats_truncated": split["chats_truncated"],
+            **length_summary(examples),
+        },
+        "packed_micro_blocks": SFT_BLOCKS_PER_MICRO,
+        "hf_micro_examples": hf_config.sft.micro_batch_size,
+        "examples_per_block": round(per_block, 3),
         "packed": packed_runs,
         "hf_trainer": hf_runs,
         "target_tokens_per_s_ratio": round(ratio, 3),
-        "ratio_of_means": round(
-            float(np.mean([r["target_tokens_per_s"] for r in packed_runs]))
-            / float(np.mean([r["target_tokens_per_s"] for r in hf_runs])),
-            3,
-        ),
+        "ratio_of_means": round(mean(packed_runs) / mean(hf_runs), 3),
         "ratio_at_least_1_3": ratio >= 1.3,
+        # ratio = (target share of packed slots / of HF slots) x (packed slots/s / HF slots/s)
+        "ratio_factors": {
+            "target_share_of_slots_packed": share_of_slots(best_packed),
+            "target_share_of_slots_hf": share_of_slots(best_hf),
+            "slot_rate_ratio": round(best_packed["tokens_per_s"] / best_hf["tokens_per_s"], 3),
+        },
     }
+
+
+def share_of_slots(run: dict[str, Any]) -> float:
+    """Targets per token slot (padding included) over the timed steps of one run."""
+    return round(run["target_tokens_per_s"] / run["tokens_per_s"], 4)
 
 
 @contextlib.contextmanager
@@ -470,14 +621,12 @@ def private_ray(workdir: Path) -> Iterator[None]:
 
 
 def run_matrix(
-    workdir: Path, settings: tuple[Setting, ...], steps: int, warmup_first: bool, repeats: int
+    workdir: Path, settings: tuple[Setting, ...], steps: int, warmup_first: bool
 ) -> dict[str, Any]:
-    """prepare_data once, a warm-up run (``warmup_first``), one training run per setting, then
-    the SFT comparison.
+    """prepare_data once, a warm-up run (``warmup_first``), one training run per setting.
 
     Returns:
-        ``prepare_data_s``, ``warmup`` (a row, or None), ``results`` (one row per setting) and
-        ``sft`` (the packed trainer against the HF Trainer).
+        ``prepare_data_s``, ``warmup`` (a row, or None) and ``results`` (one row per setting).
     """
     started = time.perf_counter()
     data_config = bench_config(workdir, {})
@@ -496,9 +645,7 @@ def run_matrix(
         row = train_once(workdir, data_uri, setting.key, setting.overrides, steps)
         print(f"{setting.key}: {row['tokens_per_s']} tokens/s, {row['wall_s']} s", flush=True)
         rows.append(row)
-    # SFT from the first setting's model, under the same compute settings as that row.
-    sft = sft_comparison(workdir, settings[0].key, steps, repeats)
-    return {"prepare_data_s": prepare_data_s, "warmup": warmup, "results": rows, "sft": sft}
+    return {"prepare_data_s": prepare_data_s, "warmup": warmup, "results": rows}
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -517,11 +664,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def sft_table(sft: dict[str, Any]) -> str:
-    """The SFT comparison as a Markdown table (one row per run), with the ratio under it."""
+    """The SFT comparison as a Markdown table (one row per run), then the data, the padding on
+    each side and the ratio, taken apart into its two factors."""
     lines = [
-        "| SFT trainer (2 workers) | run | target tokens/s | tokens/s (incl. padding) "
-        "| target tokens/step | peak RSS workers (MB) | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| SFT trainer (2 workers) | run | target tokens/s | slots/s (incl. padding) "
+        "| examples/step | target tokens/step | padding share | peak RSS workers (MB) | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     sides = (
         ("project, packed", sft["packed"]),
@@ -531,16 +679,32 @@ def sft_table(sft: dict[str, Any]) -> str:
         for attempt, r in enumerate(runs, 1):
             lines.append(
                 f"| {name} | {attempt} | {r['target_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} "
-                f"| {r['target_tokens_per_step']:.0f} | {r['peak_rss_workers_mb']} "
-                f"| {r['wall_s']:.1f} |"
+                f"| {r['examples_per_step']:.1f} | {r['target_tokens_per_step']:.0f} "
+                f"| {r['padding_share']:.1%} | {r['peak_rss_workers_mb']} | {r['wall_s']:.1f} |"
             )
+    d, f = sft["data"], sft["ratio_factors"]
+    share_ratio = f["target_share_of_slots_packed"] / f["target_share_of_slots_hf"]
     verdict = "meets" if sft["ratio_at_least_1_3"] else "does NOT meet"
-    lines.append(
-        f"\npacked / HF Trainer target tokens/s, best run of each = "
+    lines += [
+        f"\nSFT data: {d['chats_generated']} generated chats (seed {d['seed']}), "
+        f"{d['examples']} in sft_train; tokens per example median {d['tokens_median']}, "
+        f"p90 {d['tokens_p90']}, p99 {d['tokens_p99']}, max {d['tokens_max']} "
+        f"({d['chats_truncated']} chats cut to {d['seq_len']}); trained targets median "
+        f"{d['targets_median']}, p99 {d['targets_p99']}, {d['target_share_of_tokens']:.1%} "
+        "of the examples' tokens.",
+        f"Packed: {d['sft_train_blocks']} blocks of {d['seq_len']} at "
+        f"{d['packing_efficiency']:.1%} packing efficiency ({sft['examples_per_block']:.2f} "
+        f"examples a block), {sft['packed_micro_blocks']} block per worker per micro-batch. "
+        f"HF Trainer: {sft['hf_micro_examples']} examples per worker per micro-batch (about as "
+        "many examples per optimizer step).",
+        f"Targets per slot, best runs: packed {f['target_share_of_slots_packed']:.3f}, HF "
+        f"{f['target_share_of_slots_hf']:.3f} (x{share_ratio:.2f}); slots/s packed / HF "
+        f"x{f['slot_rate_ratio']:.2f}; product {share_ratio * f['slot_rate_ratio']:.2f}.",
+        f"packed / HF Trainer target tokens/s, best run of each = "
         f"{sft['target_tokens_per_s_ratio']:.2f} ({verdict} the 1.3 floor; ratio of means "
-        f"{sft['ratio_of_means']:.2f}; {sft['steps']} steps, micro batch "
-        f"{sft['micro_batch_size']} per worker, compute settings of {sft['from_cpt_setting']})"
-    )
+        f"{sft['ratio_of_means']:.2f}; {sft['steps']} steps, compute settings of "
+        f"{sft['compute_setting']})",
+    ]
     return "\n".join(lines)
 
 
@@ -566,12 +730,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; ``argv`` ``None`` reads ``sys.argv``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="one setting, 6 steps, no separate warm-up"
+        "--quick", action="store_true", help="one setting, 6 CPT steps, no separate warm-up"
     )
+    parser.add_argument("--steps", type=int, default=None, help="CPT steps per setting (15)")
+    # The SFT comparison: packed trainer against the HF Trainer on generated chats.
     parser.add_argument(
         "--sft-repeats", type=int, default=2, help="alternating packed/HF Trainer SFT runs (2)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="CPT steps per setting (15)")
+    parser.add_argument(
+        "--sft-steps", type=int, default=SFT_STEPS, help=f"steps per SFT run ({SFT_STEPS})"
+    )
+    parser.add_argument(
+        "--sft-seq-len", type=int, default=SFT_SEQ_LEN, help=f"SFT block length ({SFT_SEQ_LEN})"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep artifacts, MLflow and Ray logs here"
@@ -589,7 +760,11 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         stack.enter_context(private_ray(workdir.resolve()))
-        measured = run_matrix(workdir.resolve(), settings, steps, not args.quick, args.sft_repeats)
+        measured = run_matrix(workdir.resolve(), settings, steps, not args.quick)
+        # SFT under the demo's compute settings (the first row's), on its own data and model.
+        measured["sft"] = sft_comparison(
+            workdir.resolve(), settings[0].key, args.sft_steps, args.sft_repeats, args.sft_seq_len
+        )
     total_s = round(time.perf_counter() - started, 1)
     report = {
         "benchmark": "train_throughput",
@@ -597,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["benchmarks/train_throughput.py", *(argv or sys.argv[1:])]),
         "config": str(DEMO_CONFIG.relative_to(REPO_ROOT)),
         "steps": steps,
+        "sft_steps": args.sft_steps,
         # Other work shares these cores; a high load average before the run means noisy figures.
         "environment": {**environment(), "load_average_1m_before": load_before},
         **measured,

@@ -240,3 +240,24 @@ def remove(uri: str) -> None:
         _s3_client().delete_object(Bucket=bucket, Key=key)
         return
     Path(uri).unlink(missing_ok=True)
+
+
+def content_fingerprint(uri: str) -> str:
+    """Short hash of what is under an ``s3://`` prefix (keys, sizes, ETags: one listing), so a
+    node-local cache notices when a folder was rewritten in place. Local paths hash their files'
+    names, sizes and modification times."""
+    import hashlib
+
+    entries: list[str] = []
+    if is_s3(uri):
+        bucket, prefix = _split_s3(uri)
+        paginator = _s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+            entries += [
+                f"{o['Key']}|{o['Size']}|{o.get('ETag', '')}" for o in page.get("Contents", [])
+            ]
+    else:
+        for path in sorted(p for p in Path(uri).rglob("*") if p.is_file()):
+            stat = path.stat()
+            entries.append(f"{path}|{stat.st_size}|{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]

@@ -128,6 +128,13 @@ def token_loss_sum(logits: Any, labels: Any) -> Any:
     )
 
 
+def is_loss_spike(earlier: list[float], loss: float, factor: float, min_history: int) -> bool:
+    """Whether ``loss`` is above ``factor`` times the mean of the last 100 earlier losses (with
+    at least ``min_history`` of them, so warm-up noise does not count)."""
+    window = earlier[-100:]
+    return len(window) >= min_history and loss > factor * sum(window) / len(window)
+
+
 def train_worker(spec_dict: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: setup, train, finish."""
     recipe = TrainingRecipe(LoopSpec(**spec_dict))
@@ -442,10 +449,8 @@ class TrainingRecipe:
         state.bad_in_a_row = 0
         if train.spike_factor is None:
             return
-        recent = [h["loss"] for h in state.history[-101:-1] if h["loss"] is not None]
-        if len(recent) >= train.spike_steps and record["loss"] > train.spike_factor * (
-            sum(recent) / len(recent)
-        ):
+        earlier = [h["loss"] for h in state.history[:-1] if h["loss"] is not None]
+        if is_loss_spike(earlier, record["loss"], train.spike_factor, train.spike_steps):
             state.spike_in_a_row += 1
         else:
             state.spike_in_a_row = 0

@@ -63,7 +63,8 @@ def fetch_model(uri: str, tracking: TrackingConfig) -> Path:
     """A local folder with the model files of ``uri``.
 
     Local folders are used in place. ``s3://`` folders and registered versions are downloaded
-    once per node into ``$PIPELINE_MODEL_CACHE`` (keyed by a hash of the resolved URI): every
+    once per node into ``$PIPELINE_MODEL_CACHE`` (keyed by the resolved URI and, for ``s3://``,
+    the folder's listing, so a folder rewritten in place is fetched again): every
     rank may call this at once; a file lock lets one download while the others wait, and a
     marker written last makes a half-finished download (a killed rank) count as absent.
 
@@ -77,7 +78,10 @@ def fetch_model(uri: str, tracking: TrackingConfig) -> Path:
         return Path(source)
     cache = Path(os.environ.get(MODEL_CACHE_ENV) or Path(tempfile.gettempdir()) / "pipeline-models")
     cache.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(source.encode()).hexdigest()[:24]
+    # The content fingerprint keys the cache too: an s3:// folder rewritten in place (a rerun
+    # that rebuilt base_model/) must not be served from last time's copy.
+    version = storage.content_fingerprint(source) if storage.is_s3(source) else ""
+    key = hashlib.sha256(f"{source}|{version}".encode()).hexdigest()[:24]
     target = cache / key
     with (cache / f"{key}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

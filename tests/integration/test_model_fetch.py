@@ -14,14 +14,12 @@ import pytest
 
 from pipeline import storage
 from pipeline.config import REPO_ROOT, TrackingConfig, load_config
-from pipeline.localstack import free_port
 from pipeline.train.model import COMPLETE_MARKER, fetch_model, resolve_model_uri
 from tests.tiny_presets import llama2_style_tokenizer, save_base_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
 
 # Each rank: count its downloads in a shared file, slowed so that the ranks overlap.
 RANK_SCRIPT = """
@@ -44,31 +42,13 @@ print(fetch_model(sys.argv[1], TrackingConfig()))
 
 
 @pytest.fixture(scope="module")
-def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """moto's S3 server, a bucket holding a tiny Llama 2-style base model, and the AWS env."""
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-    }
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+def s3_env(s3_server: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The S3 endpoint's environment (for this process and subprocesses) and a bucket."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_server.items():
+            mp.setenv(key, value)
         boto3.client("s3").create_bucket(Bucket="models")
-        yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
+        yield s3_server
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +145,18 @@ def test_the_registry_champion_resolves_to_its_version(tmp_path: Path) -> None:
     assert fetch_model("models:/tiny/1", config) == first
     with pytest.raises(ValueError, match="expected models:/<name>@<alias>"):
         resolve_model_uri("models:/tiny", config)
+
+
+def test_a_folder_rewritten_in_place_is_fetched_again(
+    s3_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun that rebuilds base_model/ at the same s3:// URI must not get last time's copy."""
+    monkeypatch.setenv("PIPELINE_MODEL_CACHE", str(tmp_path / "cache"))
+    uri = "s3://models/rebuilt/base_model"
+    storage.write_bytes(f"{uri}/config.json", b'{"version": 1}')
+    first = fetch_model(uri, TrackingConfig())
+    assert fetch_model(uri, TrackingConfig()) == first  # unchanged: served from the cache
+    storage.write_bytes(f"{uri}/config.json", b'{"version": 2}')
+    second = fetch_model(uri, TrackingConfig())
+    assert second != first
+    assert json.loads((second / "config.json").read_text()) == {"version": 2}

@@ -83,7 +83,9 @@ def test_prepare_data_job_commits_and_a_retry_reuses_it(hook: RayJobsHook, tmp_p
 
 def test_bad_data_fails_the_job_naming_file_and_line(hook: RayJobsHook, tmp_path: Path) -> None:
     bad = tmp_path / "domain.jsonl"
-    bad.write_text('{"text": "a valid first document about rides"}\n\n{"text": oops}\n')
+    # Bad records are quarantined and counted; the stage fails once they pass
+    # data.max_bad_fraction (1% of all records read, the 600 demo chats included).
+    bad.write_text('{"text": "a valid first document about rides"}\n\n' + '{"text": oops}\n' * 20)
     config_uri = _config(tmp_path, domain=bad)
     entry = f"python -m pipeline.stages.prepare_data --config {config_uri} --run-key it-run"
     job = _run_job(hook, entry, "it-prepare-bad")

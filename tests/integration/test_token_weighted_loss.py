@@ -108,14 +108,21 @@ def _weights(path: str) -> dict[str, Any]:
     return load_file(str(Path(path) / "model.safetensors"))
 
 
-def test_one_step_is_the_same_however_it_is_split(inputs: dict[str, str]) -> None:
-    import torch
-
-    runs = {
+@pytest.fixture(scope="module")
+def runs(inputs: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The same optimizer step, split three ways."""
+    return {
         "m4a1w1": _train(inputs, "m4a1w1", micro=4, accum=1, world=1),
         "m1a4w1": _train(inputs, "m1a4w1", micro=1, accum=4, world=1),
         "m1a2w2": _train(inputs, "m1a2w2", micro=1, accum=2, world=2),
     }
+
+
+def test_one_step_is_the_same_however_it_is_split(
+    inputs: dict[str, str], runs: dict[str, dict[str, Any]]
+) -> None:
+    import torch
+
     # The logged learning rate is the one the step applied (no warm-up: the peak), not the
     # next step's (the cosine floor, since max_steps is 1).
     assert [r["lr_history"] for r in runs.values()] == [[0.05]] * 3
@@ -144,13 +151,15 @@ def test_one_step_is_the_same_however_it_is_split(inputs: dict[str, str]) -> Non
     assert changed
 
 
-def test_a_checkpoint_from_another_world_size_is_refused(inputs: dict[str, str]) -> None:
+def test_a_checkpoint_from_another_world_size_is_refused(
+    inputs: dict[str, str], runs: dict[str, dict[str, Any]]
+) -> None:
     """Same training, two workers then one: the checkpoint is found and refused, not ignored."""
     import torch.multiprocessing as mp
 
-    _train(inputs, "world2", micro=1, accum=2, world=2)
+    assert runs["m1a2w2"]["checkpoint_steps"] == [1]
     with pytest.raises(mp.ProcessRaisedException) as err:
-        _train(inputs, "world2", micro=1, accum=2, world=1)
+        _train(inputs, "m1a2w2", micro=1, accum=2, world=1)
     message = str(err.value)
     assert "was written by 2 workers and this attempt has 1" in message
     assert "compute.num_workers=2" in message

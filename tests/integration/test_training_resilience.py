@@ -19,7 +19,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.config import load_config
-from pipeline.localstack import RayHead, free_port
+from pipeline.localstack import RayHead
 from pipeline.stages import prepare_data
 from pipeline.stages.common import stage_main, write_resolved_config
 from ray_jobs.hooks import RayJobsHook
@@ -147,8 +147,8 @@ def test_uninterrupted_run_checkpoints_and_keeps_the_newest(
     assert uninterrupted["lr_history"][:2] == pytest.approx([1.5e-3, 3e-3])
     losses = uninterrupted["loss_history"]
     assert all(loss is not None for loss in losses)
-    # Pinned at seed 0: ~ln(692), the trained tokenizer's vocabulary, at random init.
-    assert losses[0] == pytest.approx(6.5507, abs=1e-3)
+    # Pinned at seed 0: ~ln(1024), the trained tokenizer's vocabulary, at random init.
+    assert losses[0] == pytest.approx(6.9351, abs=1e-3)
     assert losses[-1] == pytest.approx(PINNED_FINAL_LOSS, abs=1e-3), losses
 
 
@@ -175,7 +175,9 @@ def test_sigkilled_worker_restarts_in_the_same_job_and_matches_the_clean_run(
     assert client.get_run(run_id).data.tags["resumed_from_step"] == "4"
     saved = [m.step for m in client.get_metric_history(run_id, "checkpoint_step")]
     assert saved == [2, 4, 6, 8]
-    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [4.0]
+    # Ray Train may need more than one restart to rebuild the group; each resumed from step 4.
+    resumes = {m.value for m in client.get_metric_history(run_id, "resumed_from_step")}
+    assert resumes == {4.0}
 
 
 def test_stopped_job_is_resumed_by_a_new_job_in_the_same_data_order(
@@ -237,31 +239,15 @@ def test_non_finite_losses_are_skipped_then_abort_without_a_bad_checkpoint(
 
 
 @pytest.fixture(scope="module")
-def s3_env() -> Iterator[dict[str, str]]:
-    """A real S3 endpoint (moto's server) and the environment that points boto3 at it, for this
-    process and for the Ray jobs."""
+def s3_env(s3_server: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The S3 endpoint's environment, for this process and for the Ray jobs, and a bucket."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-    }
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
+        for key, value in s3_server.items():
             mp.setenv(key, value)
         boto3.client("s3").create_bucket(Bucket="checkpoints")
-        try:
-            yield env
-        finally:
-            server.stop()
+        yield s3_server
 
 
 def test_kill_during_an_s3_checkpoint_save_resumes_from_the_previous_one(

@@ -193,3 +193,43 @@ def test_byte_lengths_sum_to_the_text_bytes_for_non_ascii(
     text = "café naïve €5"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert sum(lengths[i] for i in ids) == len(text.encode()) == 17
+
+
+def test_plan_auto_is_applied_before_any_job_and_logged_to_the_parent_run(tmp_path: Path) -> None:
+    """The first task replaces the compute settings with the plan, writes them into the
+    resolved config every Ray job reads, and attaches the plan to the MLflow parent run."""
+    from mlflow import MlflowClient
+
+    from pipeline.runs import resolve_run
+    from pipeline.stages.common import read_resolved_config
+
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = {
+        "compute.plan": "auto",
+        "storage.artifact_root": str(tmp_path / "artifacts"),
+        "tracking.tracking_uri": tracking_uri,
+        "tracking.artifact_location": str(tmp_path / "mlruns"),
+    }
+    resolved = resolve_run(str(REPO_ROOT / "configs" / "demo.yaml"), overrides, "plan-run")
+    chosen = resolved["plan"]["cpt"]
+    config = read_resolved_config(resolved["config_uri"])
+    assert (config.compute.zero_stage, config.compute.offload_optimizer) == (
+        chosen["zero_stage"],
+        chosen["offload_optimizer"],
+    )
+    assert config.compute.activation_checkpointing == chosen["activation_checkpointing"]
+    assert config.cpt.micro_batch_size == chosen["micro_batch_size"]
+    # The global batch is the plan's to keep: micro x accum unchanged for both sections.
+    demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
+    for section in ("cpt", "sft"):
+        before, after = getattr(demo, section), getattr(config, section)
+        assert after.micro_batch_size * after.grad_accum_steps == (
+            before.micro_batch_size * before.grad_accum_steps
+        )
+    client = MlflowClient(tracking_uri=tracking_uri)
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name(config.tracking.experiment).experiment_id]
+    )
+    assert "plan.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    logged = parent.data.metrics["plan.cpt.predicted_step_time_s"]
+    assert logged == pytest.approx(chosen["step_time_s"])

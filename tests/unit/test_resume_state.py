@@ -85,3 +85,13 @@ def test_fault_specs_parse_and_bad_ones_name_the_item() -> None:
     assert faults[1].hits(0, 6) and not faults[1].hits(1, 6) and not faults[1].hits(0, 8)
     with pytest.raises(ValueError, match="'explode:rank=0:step=1'"):
         parse_faults("explode:rank=0:step=1")
+
+
+def test_a_loss_spike_is_measured_against_the_running_mean() -> None:
+    from pipeline.train.loop import is_loss_spike
+
+    steady = [2.0] * 150 + [1.0] * 100  # only the last 100 count: mean 1.0
+    assert is_loss_spike(steady, 2.1, factor=2.0, min_history=5)
+    assert not is_loss_spike(steady, 1.9, factor=2.0, min_history=5)
+    # Too little history (the first steps after initialisation) never trips it.
+    assert not is_loss_spike([1.0] * 4, 10.0, factor=2.0, min_history=5)
