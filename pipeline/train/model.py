@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline import storage
 from pipeline.config import ModelConfig, TrackingConfig
@@ -103,6 +103,27 @@ def fetch_model(uri: str, tracking: TrackingConfig) -> Path:
     return target
 
 
+def _decoder_fields(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seq_len: int) -> dict[str, Any]:
+    """The Hugging Face config fields every decoder built from ``cfg`` shares."""
+    return {
+        "vocab_size": len(tok),
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "max_position_embeddings": max(seq_len, 2048),
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "tie_word_embeddings": False,
+        # Training and scoring never decode step by step, and a KV cache makes transformers skip
+        # the packed-sequence detection that keeps packed documents from attending to each other.
+        "use_cache": False,
+    }
+
+
 def build_llama(
     cfg: ModelConfig, tok: PreTrainedTokenizerBase, seq_len: int, seed: int
 ) -> PreTrainedModel:
@@ -110,23 +131,7 @@ def build_llama(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=max(seq_len, 2048),
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-        # Training and scoring never decode step by step, and a KV cache makes transformers skip
-        # the packed-sequence detection that keeps packed documents from attending to each other.
-        use_cache=False,
-    )
+    config = LlamaConfig(**_decoder_fields(cfg, tok, seq_len))
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -142,7 +147,7 @@ def load_causal_lm(path: str | Path, attention: str, dtype: torch.dtype) -> PreT
     model = AutoModelForCausalLM.from_pretrained(
         str(path), attn_implementation=attention, dtype=dtype
     )
-    # See build_llama: with a cache, packed documents would attend across their boundaries.
+    # See _decoder_fields: with a cache, packed documents would attend across boundaries.
     model.config.use_cache = False
     return model
 
@@ -155,22 +160,9 @@ def build_mixtral(
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
-        vocab_size=len(tok),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
+        **_decoder_fields(cfg, tok, seq_len),
         num_local_experts=cfg.num_experts,
         num_experts_per_tok=cfg.experts_per_token,
-        max_position_embeddings=max(seq_len, 2048),
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-        # See build_llama.
-        use_cache=False,
     )
     torch.manual_seed(seed)
     return MixtralForCausalLM(config)

@@ -4,8 +4,6 @@ server), writing shards back to S3, and the trainer's reader caching them on the
 from __future__ import annotations
 
 import json
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +16,12 @@ from pipeline.stages.prepare_data import prepare
 
 pytestmark = pytest.mark.integration
 boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+def s3_endpoint(s3_server: dict[str, str]) -> str:
+    """The session's moto S3 server (tests/conftest.py)."""
+    return s3_server["AWS_ENDPOINT_URL"]
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,25 +12,12 @@ from pipeline import storage
 pytestmark = pytest.mark.integration
 
 boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+def s3_endpoint(s3_server: dict[str, str]) -> str:
+    """The session's moto S3 server (tests/conftest.py)."""
+    return s3_server["AWS_ENDPOINT_URL"]
 
 
 @pytest.fixture
