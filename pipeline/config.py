@@ -270,19 +270,101 @@ class TrainConfig(_Section):
         return self
 
 
+class JudgeConfig(_Section):
+    endpoint: str
+    """Base URL of an OpenAI-compatible API (``.../v1``); ``POST {endpoint}/chat/completions``."""
+
+    model: str
+    """Judge model name sent in the request."""
+
+    rubric: str = (
+        "You compare two answers to the same user request. Prefer the answer that is correct, "
+        "complete and follows the requested format. Reply with exactly one letter: A or B."
+    )
+    """System prompt the judge gets; it must ask for a one-letter verdict, A or B."""
+
+    api_key_env: str | None = "JUDGE_API_KEY"
+    """Environment variable holding the API key (never logged, never a config value)."""
+
+    airflow_conn_id: str | None = None
+    """Airflow connection whose password is the API key, used when ``api_key_env`` is unset
+    in the job's environment (the key is passed to the job as that variable)."""
+
+    max_examples: int = Field(16, ge=1)
+    """Held-out chats judged pairwise (each twice, with the answers' positions swapped)."""
+
+    timeout_s: float = Field(60.0, gt=0)
+    """Per-request timeout."""
+
+
 class EvalConfig(_Section):
     batch_size: int = Field(8, ge=1)
-    """Held-out blocks per forward pass."""
+    """Windows (or generation prompts) per forward pass."""
 
-    max_batches: int = Field(50, ge=1)
-    """Upper bound on held-out batches per metric, to keep evaluation time bounded."""
+    max_documents: int = Field(64, ge=1)
+    """Held-out documents scored per corpus (domain, general), a fixed seeded sample: the same
+    documents for every model, whatever its tokenizer."""
+
+    window_stride: float = Field(0.5, gt=0.0, le=1.0)
+    """Documents longer than ``data.seq_len`` tokens are scored in windows of seq_len tokens
+    that advance by this fraction of seq_len; each token is scored once, with the most context
+    the window allows."""
+
+    general_corpus: str | list[str] | None = None
+    """General (non-domain) text for the forgetting gate: JSONL/text files or globs, local or
+    s3://. ``None``: the held-out part of ``data.replay_corpus`` when set, else the general
+    text set shipped with the project (``configs/general_data/general.jsonl``)."""
+
+    max_generations: int = Field(32, ge=0)
+    """Held-out chats answered by generation (greedy, KV cache on); 0 turns generation off."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    """Longest generated answer, in tokens."""
+
+    json_required_keys: list[str] = Field(default_factory=list)
+    """Keys every answer must carry when the reference answer is a JSON object (a check is run
+    only on those examples; validity of the JSON is always checked there)."""
+
+    required_keywords: list[str] = Field(default_factory=list)
+    """Case-insensitive keywords counted in every generated answer (the ``keywords`` metric is
+    the fraction of these present, averaged over examples)."""
+
+    judge: JudgeConfig | None = None
+    """Optional LLM judge (candidate vs champion, pairwise); ``None``: no judge."""
+
+    bootstrap_samples: int = Field(1000, ge=100)
+    """Bootstrap resamples over documents / examples for each gate's confidence interval."""
+
+    confidence: float = Field(0.9, gt=0.5, lt=1.0)
+    """Two-sided confidence level of the gate intervals."""
 
     min_improvement: float = Field(0.0, ge=0)
-    """Relative improvement in held-out instruction bits-per-byte the candidate needs over the
-    current champion to be promoted (0.0: any strict improvement)."""
+    """Relative improvement in domain bits-per-byte the candidate needs over the champion (over
+    the base model when there is no champion). The gate passes when the whole interval of the
+    relative improvement lies above this value."""
 
-    max_domain_regression: float = Field(0.02, ge=0)
-    """Largest relative increase in domain bits-per-byte over the champion that still passes."""
+    max_general_regression: float = Field(0.02, ge=0)
+    """Largest relative increase in general bits-per-byte over the champion (or base) that
+    passes; the gate fails when the interval's lower end lies above it (a regression is
+    certain), so noise alone never fails it."""
+
+    max_instruction_regression: dict[str, float] = Field(
+        default_factory=lambda: {"rouge_l": 0.02, "exact_match": 0.05, "json_valid": 0.0}
+    )
+    """Largest absolute drop of each instruction metric (exact_match, rouge_l, json_valid,
+    json_keys, keywords, judge_win_rate) against the champion that passes; metrics not listed
+    are reported but not gated."""
+
+    shard_model: bool = False
+    """Load each evaluated model across all GPUs of its worker (``device_map="auto"``), for
+    models larger than one GPU; the worker then reserves ``eval_gpus_per_worker`` GPUs."""
+
+    gpus_per_worker: int = Field(1, ge=0)
+    """GPUs one evaluation worker reserves (all of a node's GPUs for a sharded 70B model)."""
+
+    num_workers: int = Field(1, ge=1)
+    """Evaluation workers per model; documents and chats are split across them
+    (data-parallel) and the scores merged."""
 
 
 class ComputeConfig(_Section):
@@ -383,12 +465,61 @@ class StorageConfig(_Section):
     to the repository root) or an ``s3://bucket/prefix`` URI."""
 
 
+class OrchestrationConfig(_Section):
+    stage_timeout_minutes: dict[str, float] = Field(
+        default_factory=lambda: {
+            "prepare_data": 180,
+            "continued_pretraining": 4320,
+            "instruction_finetuning": 1440,
+            "evaluate": 360,
+            "promote": 60,
+        }
+    )
+    """Deadline of each stage's Ray job, from submission; when it passes the job is stopped
+    and the task fails. Stages not listed get no deadline."""
+
+    dagrun_timeout_hours: float | None = Field(168.0, gt=0)
+    """Airflow ``dagrun_timeout``: a DAG run still going after this long is failed (its
+    running jobs are stopped). ``None``: no limit."""
+
+    transient_error_budget_s: float = Field(600.0, ge=0)
+    """Seconds of consecutive failed Ray API calls (connection refused, 5xx, timeouts) that a
+    waiting task tolerates, with backoff, before it fails; a head restart fits in it."""
+
+    stop_wait_s: float = Field(180.0, ge=0)
+    """After asking Ray to stop a job, how long to wait until Ray reports it STOPPED before a
+    new attempt may start."""
+
+    driver_num_cpus: float = Field(1.0, ge=0)
+    """CPUs reserved for each stage's Ray job driver (``entrypoint_num_cpus``)."""
+
+    driver_memory_gb: float = Field(2.0, ge=0)
+    """Memory reserved for each stage's Ray job driver (``entrypoint_memory``)."""
+
+    driver_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources the driver needs (``entrypoint_resources``), e.g.
+    ``{"driver": 1}`` advertised only by a CPU worker group, so drivers never land on the head."""
+
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    """Ray ``runtime_env`` of every stage job (``env_vars``, ``pip``, ``working_dir``...).
+    Empty on KubeRay when the worker image already holds the pipeline package."""
+
+    schedule: Literal["weekly", "asset", "weekly_or_asset", "manual"] = "manual"
+    """When the DAG runs by itself: ``weekly``, when fresh domain data lands (``asset``), either,
+    or only when triggered. Read when the DAG file is parsed."""
+
+    data_asset_uri: str | None = None
+    """Location watched for fresh domain data (local folder or ``s3://bucket/prefix``);
+    defaults to the folder of ``data.domain_corpus``."""
+
+
 class PipelineConfig(_Section):
     data: DataConfig
     model: ModelConfig
     cpt: TrainConfig
     sft: TrainConfig
     eval: EvalConfig = EvalConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     compute: ComputeConfig = ComputeConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
