@@ -44,6 +44,11 @@ class StageOutput:
     outputs: dict[str, str] = field(default_factory=dict)
     """URIs this stage produced; merged over the previous stage's so later stages see all."""
     metrics: dict[str, Any] = field(default_factory=dict)
+    summary: list[str] = field(default_factory=list)
+    """Lines the Airflow task log ends with (final loss, tokens, gate table, decision)."""
+    skip_reason: str | None = None
+    """Set when the stage decided not to act (promotion refused by a gate): the Airflow task
+    ends skipped with this reason instead of succeeded."""
 
 
 def write_resolved_config(config: PipelineConfig, run_key: str) -> str:
@@ -113,6 +118,8 @@ def stage_main(
         "output_uri": output_uri,
         "outputs": {**previous, **out.outputs},
         "metrics": out.metrics,
+        "summary": out.summary,
+        "skip_reason": out.skip_reason,
         "mlflow_run_id": run_id,
         "mlflow_run_url": tracking.run_url(config.tracking, run_id),
         "seconds": round(time.time() - started, 1),
