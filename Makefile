@@ -14,7 +14,7 @@ export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-unit lint format mlflow-ui ray-head ray-stop airflow-ui bench lock clean
+.PHONY: install browser demo test test-unit lint format mlflow-ui ray-head ray-stop airflow-ui bench lock clean
 
 install: $(STAMP)
 
@@ -36,8 +36,18 @@ $(AIRFLOW_HOME)/airflow.db: | $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pipeline demo
 
-test: $(STAMP)
-	$(VENV)/bin/pytest -ra
+# The browser test (tests/e2e/test_airflow_ui.py) drives Debian's chromium through Playwright;
+# nothing downloads a browser. Installed here when missing (as root, else with sudo).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+	@test -x $(CHROMIUM) || { echo "$(CHROMIUM) is still missing after installing chromium"; exit 1; }
+
+test: $(STAMP) browser
+	PIPELINE_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest -ra
 
 test-unit: $(STAMP)
 	$(VENV)/bin/pytest -ra tests/unit
@@ -59,7 +69,8 @@ mlflow-ui: $(STAMP)
 ray-head: $(STAMP)
 	$(VENV)/bin/ray get-auth-token --generate > /dev/null
 	RAY_AUTH_MODE=token PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/ray start --head \
-		--dashboard-host=127.0.0.1 --dashboard-port=8265 --num-cpus=4 --disable-usage-stats
+		--dashboard-host=127.0.0.1 --dashboard-port=8265 --num-cpus=4 --disable-usage-stats \
+		--resources='{"driver": 8}'
 
 ray-stop: $(STAMP)
 	$(VENV)/bin/ray stop

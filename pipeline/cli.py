@@ -124,11 +124,119 @@ def load_dag() -> Any:
 def run_dag(conf: dict[str, Any], head: RayHead) -> Any:
     """Run the real DAG once with ``dag.test()`` (deferred tasks run their triggers in process).
 
+    The run is retired afterwards (``retire_test_runs``), also when it is interrupted: the
+    head it used stops with the caller, so nothing of it may be left for a triggerer.
+
     Returns:
         The finished DagRun.
     """
+    from airflow.sdk import timezone
+
     os.environ["AIRFLOW_CONN_RAY_DEFAULT"] = head.airflow_conn_uri()
-    return load_dag().test(run_conf=conf)
+    started = timezone.utcnow()
+    try:
+        return load_dag().test(run_conf=conf)
+    finally:
+        retire_test_runs(DAG_ID, started)
+
+
+def retire_test_runs(dag_id: str, since: Any) -> None:
+    """Leave nothing of ``dag.test()`` runs started since ``since`` for a later triggerer.
+
+    ``dag.test()`` runs each trigger in process but leaves its row behind, and an interrupted
+    run leaves tasks deferred; ``make airflow-ui`` would then run those triggers against a Ray
+    head that is gone. Unfinished tasks and runs are marked failed, and trigger rows no
+    deferred task needs are deleted (Airflow's own ``Trigger.clean_unused``).
+    """
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.trigger import Trigger
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, TaskInstanceState
+    from sqlalchemy import select, update
+
+    with create_session() as session:
+        unfinished = select(DagRun.run_id).where(
+            DagRun.dag_id == dag_id,
+            DagRun.start_date >= since,
+            DagRun.state.not_in([DagRunState.SUCCESS, DagRunState.FAILED]),
+        )
+        run_ids = list(session.scalars(unfinished))
+        if run_ids:
+            session.execute(
+                update(TaskInstance)
+                .where(
+                    TaskInstance.dag_id == dag_id,
+                    TaskInstance.run_id.in_(run_ids),
+                    TaskInstance.state.not_in(
+                        [
+                            TaskInstanceState.SUCCESS,
+                            TaskInstanceState.SKIPPED,
+                            TaskInstanceState.UPSTREAM_FAILED,
+                        ]
+                    ),
+                )
+                .values(state=TaskInstanceState.FAILED, trigger_id=None)
+                .execution_options(synchronize_session=False)
+            )
+            session.execute(
+                update(DagRun)
+                .where(DagRun.dag_id == dag_id, DagRun.run_id.in_(run_ids))
+                .values(state=DagRunState.FAILED)
+                .execution_options(synchronize_session=False)
+            )
+        session.flush()
+        Trigger.clean_unused(session=session)
+
+
+def keep_job_logs(head: RayHead, artifact_root: str) -> list[str]:
+    """Copy every job's driver log off a head that is about to stop, next to its stage's output.
+
+    Jobs are matched to stages by the metadata the Ray job operator tags them with (dag_id,
+    run_id, task_id, try_number); jobs without it are left out.
+
+    Returns:
+        The URIs written, ``<artifact_root>/<run_key>/<task_id>/ray_job_try<N>.log``.
+    """
+    import httpx
+
+    from pipeline import storage
+    from pipeline.runs import run_key
+
+    headers = {"Authorization": f"Bearer {head.token_path.read_text().strip()}"}
+    with httpx.Client(base_url=head.dashboard_url, headers=headers, timeout=30) as client:
+        jobs = client.get("/api/jobs/").raise_for_status().json()
+        written = []
+        for job in jobs:
+            meta = job.get("metadata") or {}
+            if not {"dag_id", "run_id", "task_id"} <= meta.keys() or not job.get("submission_id"):
+                continue
+            logs = client.get(f"/api/jobs/{job['submission_id']}/logs").raise_for_status()
+            folder = storage.join(artifact_root, run_key(meta["dag_id"], meta["run_id"]))
+            name = f"ray_job_try{meta.get('try_number', 0)}.log"
+            uri = storage.join(folder, meta["task_id"], name)
+            storage.write_bytes(uri, logs.json().get("logs", "").encode())
+            written.append(uri)
+    return written
+
+
+def forget_ray_job_links(dag_id: str, run_id: str) -> None:
+    """Blank the "Ray job" links of a run whose head has stopped (the UI hides empty links)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from ray_jobs.links import RAY_DASHBOARD_URL_KEY, RayJobLink
+
+    keys = (RAY_DASHBOARD_URL_KEY, RayJobLink().xcom_key)
+    with create_session() as session:
+        rows = session.scalars(
+            select(XComModel).where(
+                XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key.in_(keys)
+            )
+        )
+        for row in rows:
+            row.value = ""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -142,11 +250,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     conf = {"config": str(Path(args.config).resolve()), **_parse_overrides(args.set)}
     workdir = REPO_ROOT / ".local"
     airflow_env(workdir)
+    config = load_config(conf["config"], {k: v for k, v in conf.items() if k != "config"})
     with ray_head(workdir / "ray") as head:
         dag_run = run_dag(conf, head)
-    config = load_config(conf["config"], {k: v for k, v in conf.items() if k != "config"})
+        kept = keep_job_logs(head, config.storage.artifact_root)
+    # The head is gone now: a "Ray job" button would open a dead page, so the UI shows none.
+    forget_ray_job_links(DAG_ID, dag_run.run_id)
     print(f"\nDAG run {dag_run.run_id}: {dag_run.state}")
     print(f"artifacts: {config.storage.artifact_root}")
+    print(f"Ray jobs:  the demo's head is stopped; their driver logs are kept: {len(kept)} files,")
+    print("           <artifacts>/<run_key>/<stage>/ray_job_try<N>.log (also in the task logs)")
     print(
         f"MLflow:    {config.tracking.tracking_uri}  (make mlflow-ui, then {config.tracking.ui_url})"
     )

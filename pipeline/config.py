@@ -41,8 +41,10 @@ class DataConfig(_Section):
     assistant) or with ``prompt_field`` and ``response_field``."""
 
     replay_corpus: str | list[str] | None = None
-    """Optional general-domain documents mixed into continued pre-training (never held out),
-    read like ``domain_corpus``; guards against forgetting general skills."""
+    """Optional general-domain documents mixed into continued pre-training, read like
+    ``domain_corpus``; guards against forgetting general skills. A ``heldout_fraction`` of it is
+    kept out of training as the general corpus of the forgetting gate (``general_documents``
+    in ``heldout.json``)."""
 
     replay_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     """Share of CPT training tokens taken from ``replay_corpus`` (0.2: one token in five); fewer
@@ -270,6 +272,17 @@ class TrainConfig(_Section):
         return self
 
 
+INSTRUCTION_METRICS = (
+    "exact_match",
+    "rouge_l",
+    "json_valid",
+    "json_keys",
+    "keywords",
+    "judge_win_rate",
+)
+"""Instruction metrics the evaluate stage computes (``eval.max_instruction_regression`` keys)."""
+
+
 class JudgeConfig(_Section):
     endpoint: str
     """Base URL of an OpenAI-compatible API (``.../v1``); ``POST {endpoint}/chat/completions``."""
@@ -365,6 +378,16 @@ class EvalConfig(_Section):
     num_workers: int = Field(1, ge=1)
     """Evaluation workers per model; documents and chats are split across them
     (data-parallel) and the scores merged."""
+
+    @model_validator(mode="after")
+    def _known_instruction_metrics(self) -> EvalConfig:
+        unknown = sorted(set(self.max_instruction_regression) - set(INSTRUCTION_METRICS))
+        if unknown:
+            raise ValueError(
+                f"max_instruction_regression: unknown metric(s) {unknown}; "
+                f"expected some of {list(INSTRUCTION_METRICS)}"
+            )
+        return self
 
 
 class ComputeConfig(_Section):
@@ -468,11 +491,11 @@ class StorageConfig(_Section):
 class OrchestrationConfig(_Section):
     stage_timeout_minutes: dict[str, float] = Field(
         default_factory=lambda: {
-            "prepare_data": 180,
-            "continued_pretraining": 4320,
-            "instruction_finetuning": 1440,
-            "evaluate": 360,
-            "promote": 60,
+            "prepare_data": 180.0,
+            "continued_pretraining": 4320.0,
+            "instruction_finetuning": 1440.0,
+            "evaluate": 360.0,
+            "promote": 60.0,
         }
     )
     """Deadline of each stage's Ray job, from submission; when it passes the job is stopped
@@ -607,6 +630,10 @@ def resolve_paths(config: PipelineConfig, config_dir: Path) -> PipelineConfig:
             else None,
         }
     )
+    general = config.eval.general_corpus
+    evaluation = config.eval.model_copy(
+        update={"general_corpus": local_inputs(general, config_dir) if general else None}
+    )
     uri = config.tracking.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + local(uri.removeprefix("sqlite:///"), REPO_ROOT)
@@ -622,7 +649,13 @@ def resolve_paths(config: PipelineConfig, config_dir: Path) -> PipelineConfig:
         update={"artifact_root": local(config.storage.artifact_root, REPO_ROOT)}
     )
     return config.model_copy(
-        update={"data": data, "model": model, "tracking": tracking, "storage": storage}
+        update={
+            "data": data,
+            "model": model,
+            "eval": evaluation,
+            "tracking": tracking,
+            "storage": storage,
+        }
     )
 
 

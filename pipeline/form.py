@@ -9,13 +9,15 @@ authority; the form only catches mistakes before the run is created.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
 
-from pipeline.config import PipelineConfig
+from pipeline.config import REPO_ROOT, ConfigError, PipelineConfig
 
 FORM_FIELDS = (
     "data.domain_corpus",
@@ -34,6 +36,35 @@ FORM_FIELDS = (
 )
 """Config fields a person may change when triggering a run by hand."""
 
+CONFIG_PARAM = "config"
+"""The form field naming the YAML file; restricted to ``allowed_config_dirs``."""
+
+SECTION_TITLES = {
+    "data": "Data",
+    "cpt": "Continued pre-training",
+    "sft": "Instruction fine-tuning",
+    "compute": "Compute",
+    "eval": "Evaluation gates",
+}
+"""Form sections, one per config section, in the form's order."""
+
+FIELD_TITLES = {
+    "data.domain_corpus": "Domain corpus",
+    "data.instructions": "Instruction data",
+    "data.seq_len": "Sequence length",
+    "cpt.max_steps": "CPT max steps",
+    "cpt.lr": "CPT learning rate",
+    "sft.max_steps": "SFT max steps",
+    "sft.lr": "SFT learning rate",
+    "compute.pool": "Worker pool",
+    "compute.num_workers": "Training workers",
+    "compute.zero_stage": "ZeRO stage",
+    "compute.offload_optimizer": "Offload optimizer to CPU",
+    "compute.attention": "Attention kernel",
+    "eval.min_improvement": "Minimum improvement over champion",
+}
+"""Labels a person reads; the dotted key stays the parameter name (and the conf key)."""
+
 _SCHEMA_KEYS = (
     "type",
     "enum",
@@ -43,30 +74,56 @@ _SCHEMA_KEYS = (
     "exclusiveMaximum",
     "pattern",
 )
+_LITERAL = re.compile(r"``(.+?)``")
 
 
-def field_schema(dotted: str) -> dict[str, Any]:
-    """JSON schema of one config field, nullable (null = keep the config file's value)."""
+def plain_text(doc: str) -> str:
+    """A docstring as one plain line: reST ``literals`` lose their backticks."""
+    return _LITERAL.sub(r"\1", " ".join(doc.split()))
+
+
+def _field_property(dotted: str) -> dict[str, Any]:
     section, _, name = dotted.partition(".")
     model = PipelineConfig.model_fields[section].annotation
     assert isinstance(model, type) and issubclass(model, BaseModel), dotted
-    prop = model.model_json_schema()["properties"][name]
+    prop: dict[str, Any] = model.model_json_schema()["properties"][name]
+    return prop
+
+
+def field_schema(dotted: str) -> dict[str, Any]:
+    """JSON schema of one config field, nullable (null = keep the config file's value).
+
+    Choices (literals and booleans) become an ``enum`` led by ``None`` and without a ``type``:
+    Airflow's form then draws a select whose empty choice reads "keep the file's value",
+    rather than a switch that cannot show "unset".
+    """
+    prop = _field_property(dotted)
     if "anyOf" in prop:  # Optional fields: take the non-null branch
         prop = {**prop, **next(p for p in prop["anyOf"] if p.get("type") != "null")}
     schema = {k: prop[k] for k in _SCHEMA_KEYS if k in prop}
     if "const" in prop:
         schema["enum"] = [prop["const"]]
+    if schema.get("type") == "boolean":
+        schema["enum"] = [True, False]
     if "enum" in schema:
         schema["enum"] = [None, *schema["enum"]]
         schema.pop("type", None)
     elif "type" in schema:
         schema["type"] = ["null", schema["type"]]
-    schema["description"] = " ".join(str(prop.get("description", "")).split())
+    schema["description"] = plain_text(str(prop.get("description", "")))
     return schema
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def form_fields(default_config: str | Path) -> dict[str, dict[str, Any]]:
-    """``{dotted_field: schema}`` with the default config's value appended to each description."""
+    """``{dotted_field: Param kwargs}``: schema, ``title``, ``section`` and the value an empty
+    field keeps (the default config's, else the schema default) in the help text, and for
+    selects as the label of the empty choice (``values_display``)."""
     path = Path(default_config)
     raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
     fields = {}
@@ -74,8 +131,66 @@ def form_fields(default_config: str | Path) -> dict[str, dict[str, Any]]:
         section, _, name = dotted.partition(".")
         schema = field_schema(dotted)
         value = (raw.get(section) or {}).get(name)
+        source = f"{path.name}'s value" if value is not None else "the default"
+        if value is None:
+            value = _field_property(dotted).get("default")
+        kept = f"{source}: {_shown(value)}" if value is not None else source
         if value is not None:
-            shown = json.dumps(value) if isinstance(value, bool) else value  # true, not True
-            schema["description"] += f" Empty keeps {path.name}'s value: {shown}."
+            schema["description"] += f" Empty keeps {kept}."
+        if "enum" in schema:
+            # Keys as the UI's String(value) spells them: "null", "true", "3", "sdpa".
+            schema["values_display"] = {
+                json.dumps(v).strip('"'): f"(keep {kept})" if v is None else _shown(v)
+                for v in schema["enum"]
+            }
+        schema["title"] = FIELD_TITLES[dotted]
+        schema["section"] = SECTION_TITLES[section]
         fields[dotted] = schema
     return fields
+
+
+def allowed_config_dirs(default_config: str | Path) -> list[Path]:
+    """Folders a triggered run may take its YAML from: the repository's ``configs/``, the
+    default config's folder and each folder in ``PIPELINE_CONFIG_DIRS`` (``os.pathsep``-separated).
+    """
+    dirs = [REPO_ROOT / "configs", Path(default_config).resolve().parent]
+    extra = os.environ.get("PIPELINE_CONFIG_DIRS", "")
+    dirs += [Path(d).resolve() for d in extra.split(os.pathsep) if d.strip()]
+    return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
+def trigger_overrides(
+    params: dict[str, Any], conf: dict[str, Any], config_dirs: list[Path]
+) -> tuple[str, dict[str, Any]]:
+    """The config file and overrides of a triggered run, from the form only.
+
+    Airflow merges ``dag_run.conf`` into params, so without this check anyone allowed to
+    trigger could override any config key (``storage.artifact_root``, ``tracking.tracking_uri``).
+
+    Args:
+        params: the task's params (form values merged with ``dag_run.conf``).
+        conf: the raw ``dag_run.conf``.
+        config_dirs: folders the ``config`` file must be under (``allowed_config_dirs``).
+
+    Returns:
+        ``(config_path, {dotted_field: value})`` with every form field (None: keep the file's).
+
+    Raises:
+        ConfigError: a conf key outside the form, or a config file outside ``config_dirs``.
+    """
+    allowed = (CONFIG_PARAM, *FORM_FIELDS)
+    unknown = sorted(set(conf) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"dag_run.conf keys {unknown} are not allowed: a triggered run may set only the "
+            f"form's fields: {', '.join(allowed)}. Change other settings in the config file "
+            "(reviewed like code) and point 'config' at it."
+        )
+    config_path = Path(str(params[CONFIG_PARAM])).resolve()
+    if not any(config_path.is_relative_to(folder) for folder in config_dirs):
+        raise ConfigError(
+            f"config: {config_path} is outside the allowed config folders "
+            f"({', '.join(map(str, config_dirs))}); put the file there or add its folder to "
+            "PIPELINE_CONFIG_DIRS on the Airflow workers"
+        )
+    return str(config_path), {field: params.get(field) for field in FORM_FIELDS}

@@ -1,4 +1,5 @@
-"""Local stand-ins for production services: a Ray head with token authentication.
+"""Local stand-ins for production services: a Ray head with token authentication, and extra
+nodes joined to it.
 
 ``make demo`` and the test suite start their own head here and stop it afterwards; nothing is
 assumed to be running. The head runs in its own process group (``ray start --block``) so that
@@ -7,6 +8,7 @@ stopping it never touches another Ray cluster on the same machine, which ``ray s
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -60,14 +63,73 @@ def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen[bytes], log
     raise RuntimeError(f"ray dashboard at {url} did not come up within 120 s; see {log}")
 
 
+DEV_DRIVER_RESOURCES = {"driver": 8.0}
+"""What the development head advertises: the custom resource a KubeRay CPU worker group offers
+job drivers (``orchestration.driver_resources: {driver: 1}``), so a config written for the
+cluster also runs here. Nothing asks for it unless the config does."""
+
+_NODE_PORT_FLAGS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+    "node-manager-port",
+    "object-manager-port",
+)
+"""Per-node ports with fixed defaults. Each gets a free port, so several heads and nodes (a
+demo and a test run, say) can share a machine; a clash leaves the job agent dead and
+submissions failing."""
+
+
+def _node_ports() -> dict[str, int]:
+    return {flag: free_port() for flag in _NODE_PORT_FLAGS}
+
+
+def _ray_env(token_path: Path) -> dict[str, str]:
+    """This interpreter's environment first on PATH (jobs' ``python -m pipeline...`` resolves to
+    this venv), token auth on, pointed at ``token_path``."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_path),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)  # it would win over the file and might not match it
+    return env
+
+
+def _resource_flags(num_cpus: int, num_gpus: int, resources: dict[str, float]) -> list[str]:
+    flags = [f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"]
+    return flags + ([f"--resources={json.dumps(resources)}"] if resources else [])
+
+
+def _start_blocking(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``ray start --block`` in its own session: stopping it never touches other clusters."""
+    with log.open("wb") as log_file:
+        return subprocess.Popen(
+            cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
 @contextmanager
-def ray_head(workdir: Path, num_cpus: int = 4) -> Iterator[RayHead]:
-    """Start a token-authenticated single-node Ray head and stop it on exit.
+def ray_head(
+    workdir: Path,
+    num_cpus: int = 4,
+    *,
+    num_gpus: int = 0,
+    resources: dict[str, float] | None = None,
+) -> Iterator[RayHead]:
+    """Start a token-authenticated Ray head and stop it on exit.
 
     Args:
         workdir: folder for the token file and the head's log.
         num_cpus: logical CPUs the head advertises; above the physical count is fine for
             tiny CPU training, where workers mostly wait on each other.
+        num_gpus: GPUs the head advertises (0: CPU only, whatever the machine has).
+        resources: custom Ray resources of the head; None: ``DEV_DRIVER_RESOURCES``.
 
     Yields:
         The head's addresses and token path. Jobs submitted to it run with this interpreter's
@@ -81,51 +143,27 @@ def ray_head(workdir: Path, num_cpus: int = 4) -> Iterator[RayHead]:
         token_path.chmod(0o600)
     token = token_path.read_text().strip()
     port, dashboard_port = free_port(), free_port()
-    # Every fixed default port gets a free one too, so two heads (a demo and a test run, say)
-    # can share a machine; a clash leaves the job agent dead and submissions failing.
-    service_ports = {
-        flag: free_port()
-        for flag in (
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-            "node-manager-port",
-            "object-manager-port",
-            "ray-client-server-port",
-        )
-    }
     # Ray's socket paths must stay under ~107 bytes, so its temp dir lives under /tmp.
     temp_dir = Path("/tmp") / f"ray-{dashboard_port}"
-    bin_dir = str(Path(sys.executable).parent)
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token_path),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
     log = workdir / f"ray-head-{dashboard_port}.log"
     cmd = [
-        os.path.join(bin_dir, "ray"),
+        str(Path(sys.executable).parent / "ray"),
         "start",
         "--head",
         "--block",
         f"--port={port}",
         f"--dashboard-port={dashboard_port}",
         "--dashboard-host=127.0.0.1",
-        f"--num-cpus={num_cpus}",
-        "--num-gpus=0",
+        *_resource_flags(
+            num_cpus, num_gpus, DEV_DRIVER_RESOURCES if resources is None else resources
+        ),
         "--include-dashboard=true",
         "--disable-usage-stats",
         f"--temp-dir={temp_dir}",
-        *(f"--{flag}={value}" for flag, value in service_ports.items()),
+        f"--ray-client-server-port={free_port()}",
+        *(f"--{flag}={value}" for flag, value in _node_ports().items()),
     ]
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    proc = _start_blocking(cmd, _ray_env(token_path), log)
     head = RayHead(
         gcs_address=f"127.0.0.1:{port}",
         dashboard_url=f"http://127.0.0.1:{dashboard_port}",
@@ -136,6 +174,86 @@ def ray_head(workdir: Path, num_cpus: int = 4) -> Iterator[RayHead]:
         yield head
     finally:
         _stop(proc)
+
+
+def alive_nodes(head: RayHead) -> list[dict[str, Any]]:
+    """The cluster's live nodes from the dashboard's state API: ``node_id``, ``is_head_node``,
+    ``resources_total``, ``labels``..."""
+    token = head.token_path.read_text().strip()
+    request = urllib.request.Request(
+        f"{head.dashboard_url}/api/v0/nodes?detail=1&limit=1000",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        nodes: list[dict[str, Any]] = json.load(response)["data"]["result"]["result"]
+    return [node for node in nodes if node.get("state") == "ALIVE"]
+
+
+@contextmanager
+def ray_worker_node(
+    head: RayHead,
+    workdir: Path,
+    *,
+    num_cpus: int = 1,
+    num_gpus: int = 0,
+    resources: dict[str, float] | None = None,
+) -> Iterator[str]:
+    """Join a second node to ``head`` on this machine (``ray start --address``); stop it on exit.
+
+    It gets its own temp dir and ports, so it is a separate raylet the scheduler treats like a
+    node of a KubeRay worker group: ``resources`` is what that group would advertise.
+
+    Yields:
+        The new node's id (hex), once the head lists it alive.
+    """
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    before = {node["node_id"] for node in wait_for_nodes(head, 1)}
+    node_port = free_port()
+    log = workdir / f"ray-node-{node_port}.log"
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        f"--address={head.gcs_address}",
+        "--block",
+        *_resource_flags(num_cpus, num_gpus, resources or {}),
+        "--disable-usage-stats",
+        f"--temp-dir={Path('/tmp') / f'ray-node-{node_port}'}",
+        *(f"--{flag}={value}" for flag, value in _node_ports().items()),
+    ]
+    proc = _start_blocking(cmd, _ray_env(head.token_path), log)
+    try:
+        yield _wait_for_new_node(head, before, proc, log)
+    finally:
+        _stop(proc)
+
+
+def _wait_for_new_node(
+    head: RayHead, before: set[str], proc: subprocess.Popen[bytes], log: Path
+) -> str:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray worker node exited with {proc.returncode}; see {log}")
+        new = [node["node_id"] for node in alive_nodes(head) if node["node_id"] not in before]
+        if new:
+            return str(new[0])
+        time.sleep(1)
+    raise RuntimeError(f"ray worker node did not join {head.gcs_address} within 90 s; see {log}")
+
+
+def wait_for_nodes(head: RayHead, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+    """The live nodes once at least ``count`` are listed (the dashboard answers before its own
+    node has registered)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := alive_nodes(head)) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the Ray head at {head.dashboard_url} lists {len(nodes)} live node(s), "
+                f"not {count}, after {timeout:.0f} s"
+            )
+        time.sleep(0.5)
+    return nodes
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

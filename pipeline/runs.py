@@ -1,19 +1,36 @@
 """Turn a DAG run into a pipeline run: run key, validated config, written next to the artifacts.
 
-Runs in the first Airflow task, so a bad config or a missing data file fails there, before any
-Ray job or GPU is involved.
+Runs in the first Airflow task, so a bad config, a missing data file or a setting that cannot
+work on a remote Ray cluster fails there, before any Ray job or GPU is involved. What it returns
+is the run's XCom: small, and with secrets redacted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline import storage
 from pipeline.config import ConfigError, PipelineConfig, load_config
-from pipeline.stages.common import write_resolved_config
+from pipeline.redact import literal_secrets, redact
+from pipeline.stages.common import code_version, write_resolved_config
+
+STAGES = ("prepare_data", "continued_pretraining", "instruction_finetuning", "evaluate", "promote")
+"""The Ray job stages of one run, in order; each is ``python -m pipeline.stages.<stage>``."""
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_INPUT_FIELDS = (
+    "data.domain_corpus",
+    "data.instructions",
+    "data.replay_corpus",
+    "data.eval_sets",
+    "eval.general_corpus",
+)
 
 
 def run_key(dag_id: str, run_id: str) -> str:
@@ -21,20 +38,39 @@ def run_key(dag_id: str, run_id: str) -> str:
     return f"{_UNSAFE.sub('-', dag_id)}__{_UNSAFE.sub('-', run_id)}".strip("-")
 
 
-def check_inputs(config: PipelineConfig) -> None:
-    """Fail fast on inputs that do not exist (every data entry must match at least one file)."""
+def is_local_host(host: str | None) -> bool:
+    """True when a Ray connection's host (``127.0.0.1:8265`` or ``http://localhost:8265``)
+    names this machine; an empty host counts as local (nothing to be remote from)."""
+    host = (host or "").strip()
+    if not host:
+        return True
+    name = urlsplit(host if "://" in host else f"//{host}").hostname or ""
+    return name in LOCAL_HOSTS or name.startswith("127.")
+
+
+def _input_specs(config: PipelineConfig) -> list[tuple[str, str | list[str]]]:
+    values: dict[str, Any] = {
+        "data.domain_corpus": config.data.domain_corpus,
+        "data.instructions": config.data.instructions,
+        "data.replay_corpus": config.data.replay_corpus,
+        "data.eval_sets": config.data.eval_sets,
+        "eval.general_corpus": getattr(config.eval, "general_corpus", None),
+    }
+    return [(field, values[field]) for field in _INPUT_FIELDS if values[field]]
+
+
+def check_inputs(config: PipelineConfig) -> dict[str, list[str]]:
+    """Fail fast on inputs that do not exist (every data entry must match at least one file).
+
+    Returns:
+        ``{field: [input file URIs]}`` for every data field that is set.
+    """
     from pipeline.data.sources import DataError, expand_inputs
 
-    for field, spec in (
-        ("data.domain_corpus", config.data.domain_corpus),
-        ("data.instructions", config.data.instructions),
-        ("data.replay_corpus", config.data.replay_corpus),
-        ("data.eval_sets", config.data.eval_sets),
-    ):
-        if not spec:
-            continue
+    found: dict[str, list[str]] = {}
+    for field, spec in _input_specs(config):
         try:
-            expand_inputs(spec, field)
+            found[field] = expand_inputs(spec, field)
         except DataError as err:
             raise ConfigError(str(err)) from err
     for field, folder, marker in (
@@ -45,24 +81,142 @@ def check_inputs(config: PipelineConfig) -> None:
             raise ConfigError(
                 f"{field}: no Hugging Face model files found at {folder} (no {marker})"
             )
+    return found
 
 
-def resolve_run(config_path: str, overrides: dict[str, Any], key: str) -> dict[str, Any]:
+def check_remote_safe(config: PipelineConfig, source: str) -> None:
+    """Refuse settings that only work when Airflow and Ray share one machine.
+
+    Every Ray pod would get its own empty copy of a local folder or SQLite file: stages could
+    not find each other's outputs and every run would promote itself into a registry that
+    disappears with its pod.
+
+    Raises:
+        ConfigError: listing each local setting and what to set instead in ``source``.
+    """
+    problems = []
+    root = config.storage.artifact_root
+    if not storage.is_s3(root):
+        problems.append(
+            f"storage.artifact_root is the local folder {root}; set "
+            "storage.artifact_root: s3://<bucket>/<prefix>"
+        )
+    uri = config.tracking.tracking_uri
+    if not uri.startswith(("http://", "https://", "databricks")):
+        problems.append(
+            f"tracking.tracking_uri is {redact(uri)} (a store on the Airflow host); set "
+            "tracking.tracking_uri: http(s)://<your mlflow server>"
+        )
+    location = config.tracking.artifact_location
+    if location and "://" not in location.replace("file://", ""):
+        problems.append(
+            f"tracking.artifact_location is the local folder {location}; set it to "
+            "s3://<bucket>/<prefix> or null (the MLflow server's --artifacts-destination)"
+        )
+    for field, spec in _input_specs(config):
+        entries = [spec] if isinstance(spec, str) else list(spec)
+        local = [e for e in entries if "://" not in e]
+        if local:
+            problems.append(f"{field} names local files ({local[0]}); put them under s3://")
+    for field, folder in (
+        ("model.base", config.model.base),
+        ("model.tokenizer", config.model.tokenizer),
+    ):
+        if folder and "://" not in folder and not folder.startswith("models:/"):
+            problems.append(f"{field} is the local folder {folder}; put it under s3://")
+    if problems:
+        raise ConfigError(
+            f"{source}: the Ray cluster is remote (connection ray_default does not point at "
+            "this machine), so every setting must name shared storage:\n- " + "\n- ".join(problems)
+        )
+
+
+def check_no_literal_secrets(config: PipelineConfig, source: str) -> None:
+    """Refuse tokens written into ``orchestration.runtime_env.env_vars``.
+
+    The resolved config is written next to the artifacts, logged to MLflow and its job options
+    travel through XCom; a ``${NAME}`` reference instead is expanded by Ray on the node, from
+    the node's environment (a Kubernetes Secret on KubeRay).
+    """
+    found = literal_secrets(config.orchestration.runtime_env, "orchestration.runtime_env")
+    if found:
+        names = ", ".join(found)
+        example = found[0].rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"{source}: {names} holds a literal secret, which would be stored with the run's "
+            f"config and passed through Airflow; write {example}: ${{{example}}} instead and "
+            "give the Ray nodes that environment variable (e.g. from a Kubernetes Secret)"
+        )
+
+
+def inputs_fingerprint(config: PipelineConfig, inputs: dict[str, list[str]], code: str) -> str:
+    """Hash of everything a run's first stage reads: the resolved config, each input file's
+    identity (size and ETag or modification time), the base model's files and the code version.
+    """
+    from pipeline.data.sources import fingerprint
+
+    files = {field: [fingerprint(uri) for uri in uris] for field, uris in inputs.items()}
+    models = {
+        field: storage.content_fingerprint(folder)
+        for field, folder in (
+            ("model.base", config.model.base),
+            ("model.tokenizer", config.model.tokenizer),
+        )
+        if folder and not folder.startswith("models:/")
+    }
+    blob = json.dumps([config.fingerprint(), files, models, code], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def job_options(config: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """Per stage: deadline, driver placement, runtime_env and wait budgets for the Ray job
+    (the ``job_options`` of the DAG's RayJobOperator)."""
+    orch = config.orchestration
+    minutes = orch.stage_timeout_minutes
+    return {
+        stage: {
+            "timeout_s": minutes[stage] * 60.0 if stage in minutes else None,
+            "entrypoint_num_cpus": orch.driver_num_cpus,
+            "entrypoint_memory": int(orch.driver_memory_gb * 1024**3),
+            "entrypoint_resources": dict(orch.driver_resources),
+            "runtime_env": orch.runtime_env,
+            "transient_error_budget_s": orch.transient_error_budget_s,
+            "stop_wait_s": orch.stop_wait_s,
+        }
+        for stage in STAGES
+    }
+
+
+def resolve_run(
+    config_path: str, overrides: dict[str, Any], key: str, *, remote_cluster: bool = False
+) -> dict[str, Any]:
     """Validate config + overrides, check inputs, apply the plan, write the resolved config.
 
     With ``compute.plan: auto`` the planner's chosen settings replace the configured ones before
     the config is written (so every Ray job trains with them), and the plan is logged to the
     DAG run's MLflow parent run.
 
+    Args:
+        config_path: the YAML file.
+        overrides: ``{"cpt.max_steps": 20}`` from the trigger form (None keeps the file's value).
+        key: the run key (``run_key``).
+        remote_cluster: the Ray cluster is on other machines: local storage is refused.
+
     Returns:
-        Small dict for XCom: ``config_uri``, ``run_key``, ``artifact_root``, ``fingerprint``, and
-        ``plan`` (the chosen settings per section) when ``compute.plan`` is ``auto``.
+        Small dict for XCom, secrets redacted: ``config_uri``, ``run_key``, ``artifact_root``,
+        ``fingerprint``, ``code_version``, ``inputs_fingerprint``, ``mlflow_run_url`` (parent
+        run; "" without ``tracking.ui_url``), ``jobs`` (``job_options``) and ``plan`` (the
+        chosen settings per section) when ``compute.plan`` is ``auto``.
 
     Raises:
-        ConfigError: invalid config, missing inputs, or no plan fits the pool.
+        ConfigError: invalid config, missing inputs, local storage for a remote cluster, a
+            literal secret in the config, or no plan fits the pool.
     """
     config = load_config(config_path, overrides)
-    check_inputs(config)
+    check_no_literal_secrets(config, config_path)
+    if remote_cluster:
+        check_remote_safe(config, config_path)
+    inputs = check_inputs(config)
     chosen: dict[str, Any] | None = None
     if config.compute.plan == "auto":
         from pipeline import tracking
@@ -71,12 +225,28 @@ def resolve_run(config_path: str, overrides: dict[str, Any], key: str) -> dict[s
         config, plan = apply_plan(config)
         tracking.log_plan(config.tracking, key, plan)
         chosen = {section: plan[section]["chosen"] for section in ("cpt", "sft")}
+    code = code_version()
     resolved: dict[str, Any] = {
         "config_uri": write_resolved_config(config, key),
         "run_key": key,
         "artifact_root": config.storage.artifact_root,
         "fingerprint": config.fingerprint(),
+        "code_version": code,
+        "inputs_fingerprint": inputs_fingerprint(config, inputs, code),
+        "mlflow_run_url": parent_run_url(config, key),
+        "jobs": job_options(config),
     }
     if chosen is not None:
         resolved["plan"] = chosen
-    return resolved
+    redacted: dict[str, Any] = redact(resolved)
+    return redacted
+
+
+def parent_run_url(config: PipelineConfig, key: str) -> str:
+    """URL of the DAG run's MLflow parent run (created here), "" without ``tracking.ui_url``."""
+    if not config.tracking.ui_url:
+        return ""
+    from pipeline import tracking
+
+    url = tracking.run_url(config.tracking, tracking.parent_run_id(config.tracking, key))
+    return url or ""

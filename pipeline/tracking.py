@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import PipelineConfig, TrackingConfig
+from pipeline.redact import redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -18,6 +20,11 @@ if TYPE_CHECKING:
 RUN_KEY_TAG = "pipeline.run_key"
 ROLE_TAG = "pipeline.role"
 STAGE_TAG = "pipeline.stage"
+DECISION_TAG = "pipeline.decision"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+"""MLflow 3's UI opens an experiment by its kind; this one shows the runs table (model
+training), not the GenAI traces and "Evaluations" view."""
 
 
 def client(tracking: TrackingConfig) -> MlflowClient:
@@ -35,11 +42,22 @@ def experiment_id(tracking: TrackingConfig) -> str:
     mlc = client(tracking)
     experiment = mlc.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
+            # Experiments created before the tag existed; a kind chosen in the UI is kept.
+            mlc.set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+            )
         return str(experiment.experiment_id)
     location = tracking.artifact_location
     if location and "://" not in location:
         location = f"file://{location}"
-    return str(mlc.create_experiment(tracking.experiment, artifact_location=location))
+    return str(
+        mlc.create_experiment(
+            tracking.experiment,
+            artifact_location=location,
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+        )
+    )
 
 
 def parent_run_id(tracking: TrackingConfig, run_key: str) -> str:
@@ -63,7 +81,7 @@ def run_url(tracking: TrackingConfig, run_id: str) -> str | None:
 
 
 def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"cpt": {"lr": 0.1}}`` -> ``{"cpt.lr": "0.1"}`` for MLflow params."""
+    """``{"cpt": {"lr": 0.1}}`` -> ``{"cpt.lr": "0.1"}`` for MLflow params (redact first)."""
     out: dict[str, str] = {}
     for key, value in obj.items():
         name = f"{prefix}{key}"
@@ -93,7 +111,8 @@ def stage_run(config: PipelineConfig, run_key: str, stage: str) -> Iterator[str]
         },
     )
     run_id = str(run.info.run_id)
-    params = [Param(k, v[:6000]) for k, v in flatten(config.model_dump(mode="json")).items()]
+    shown = redact(config.model_dump(mode="json"))  # no tokens or URI passwords in params
+    params = [Param(k, v[:6000]) for k, v in flatten(shown).items()]
     mlc.log_batch(run_id, params=params)
     try:
         yield run_id
@@ -106,6 +125,34 @@ def stage_run(config: PipelineConfig, run_key: str, stage: str) -> Iterator[str]
 
 def finish_parent(tracking: TrackingConfig, run_key: str) -> None:
     client(tracking).set_terminated(parent_run_id(tracking, run_key), status="FINISHED")
+
+
+def log_parent_summary(
+    tracking: TrackingConfig, run_key: str, metrics: dict[str, float], tags: dict[str, str]
+) -> str:
+    """Put a DAG run's outcome on its MLflow parent run, where the runs table shows it.
+
+    Args:
+        tracking: the run's tracking config.
+        run_key: identifies the DAG run (and so its parent run).
+        metrics: summary numbers, e.g. ``{"eval.candidate.domain_perplexity": 3.1}``; non-finite
+            values are skipped (MLflow rejects them).
+        tags: e.g. ``{"pipeline.decision": "rejected: beats_champion failed"}``; values are
+            redacted and cut to MLflow's 8000 characters.
+
+    Returns:
+        The parent run id.
+    """
+    import math
+
+    from mlflow.entities import RunTag
+
+    parent = parent_run_id(tracking, run_key)
+    finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+    log_metrics(tracking, parent, finite)
+    batch = [RunTag(k, str(redact(str(v), k))[:8000]) for k, v in tags.items()]
+    client(tracking).log_batch(parent, tags=batch)
+    return parent
 
 
 def log_metrics(
@@ -121,6 +168,8 @@ def log_metrics(
 
 
 CHAMPION_ALIAS = "champion"
+CHALLENGER_ALIAS = "challenger"
+"""Always the newest registered candidate, promoted or not."""
 
 
 def champion_version(tracking: TrackingConfig) -> Any | None:
@@ -138,14 +187,57 @@ def champion_version(tracking: TrackingConfig) -> Any | None:
 
 
 def download_model_version(tracking: TrackingConfig, source: str, dest: str) -> str:
-    """Local copy of a registered version's files."""
+    """Download a registered version's files (``source``: its source or download URI) into
+    ``dest``; returns the folder holding ``config.json``, the weights and the tokenizer.
+
+    A version logged with MLflow's transformers flavour keeps the weights under ``model/`` and
+    the tokenizer under ``components/tokenizer/``; the tokenizer files are moved next to the
+    weights so the folder loads with ``from_pretrained`` like any exported model. A version
+    registered from a plain folder (before the flavour was used) is returned as downloaded.
+    """
     import mlflow.artifacts
 
     client(tracking)
     path: str = mlflow.artifacts.download_artifacts(
         artifact_uri=source, dst_path=dest, tracking_uri=tracking.tracking_uri
     )
-    return path
+    return str(transformers_model_files(Path(path)))
+
+
+def champion_model_dir(tracking: TrackingConfig, version: str | int, dest: str) -> str:
+    """Local folder of registered ``version`` of ``tracking.registered_model`` with
+    ``config.json``, weights and tokenizer files, ready for ``from_pretrained``."""
+    source = client(tracking).get_model_version_download_uri(
+        tracking.registered_model, str(version)
+    )
+    return download_model_version(tracking, str(source), dest)
+
+
+def transformers_model_files(root: Path) -> Path:
+    """The Hugging Face folder inside a downloaded transformers-flavour MLflow model (``root``
+    unchanged when it holds no ``MLmodel`` with that flavour)."""
+    import shutil
+
+    import yaml
+
+    mlmodel = root / "MLmodel"
+    if not mlmodel.is_file():
+        return root
+    flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("transformers")
+    if not flavor:
+        return root
+    model_dir = root / flavor.get("model_binary", "model")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{mlmodel} names the weights folder {model_dir.name}/, which holds no config.json; "
+            "the version was logged without its weights (save_pretrained=False) and cannot be "
+            "evaluated or fine-tuned from the registry"
+        )
+    for component in flavor.get("components", []):
+        # Weights and tokenizer never share file names; the tokenizer's copy wins if they did.
+        for item in (root / "components" / component).glob("*"):
+            shutil.move(str(item), str(model_dir / item.name))
+    return model_dir
 
 
 def log_plan(tracking: TrackingConfig, run_key: str, plan: dict[str, Any]) -> None:

@@ -86,7 +86,8 @@ class Decontaminator:
 
 
 class HeldoutWriter:
-    """Streams ``heldout.json`` (``documents``: texts, ``chats``: message lists) to disk."""
+    """Streams ``heldout.json`` (``documents``: domain texts, ``general_documents``: replay
+    texts, ``chats``: message lists) to disk."""
 
     def __init__(self, path: Path) -> None:
         self.handle = open(path, "w")  # noqa: SIM115
@@ -133,6 +134,12 @@ def assemble(
     doc_held = DocumentPacker(buffers["cpt_heldout"], tok.eos_token_id)
     for ids, mask, text in records(scratch, results, doc_sel, ids_of["domain"], HELDOUT, True):
         doc_held.add(ids)
+        if d.decontaminate_heldout:
+            decon.add_eval(ids, mask)
+        heldout.add(text)
+    # The replay corpus's held-out part: general text for the forgetting gate, never packed.
+    heldout.next_list("general_documents")
+    for ids, mask, text in records(scratch, results, doc_sel, ids_of["replay"], HELDOUT, True):
         if d.decontaminate_heldout:
             decon.add_eval(ids, mask)
         heldout.add(text)

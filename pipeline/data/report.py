@@ -108,6 +108,26 @@ def metrics(manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def summary(manifest: dict[str, Any]) -> list[str]:
+    """The lines the prepare_data task log ends with."""
+    c = manifest["counts"]
+    docs, chats = c["documents"], c["chats"]
+    lines = [
+        f"read {c['read']} records, quarantined {c['quarantined_total']}, "
+        f"PII replaced {sum(c['pii'].values())}",
+        f"documents: {docs['train']} train, {docs['heldout']} held out, "
+        f"{docs['exact_duplicates'] + docs['near_duplicates']} duplicates dropped",
+        f"chats: {chats['train']} train, {chats['heldout']} held out, "
+        f"{chats['exact_duplicates'] + chats['near_duplicates']} duplicates dropped",
+    ]
+    for name, entry in manifest["splits"].items():
+        lines.append(
+            f"{name}: {entry['blocks']} blocks, {entry['tokens']} tokens, "
+            f"packing {entry['packing_efficiency']:.1%}"
+        )
+    return lines
+
+
 def markdown(manifest: dict[str, Any]) -> str:
     """A readable report of the manifest's counts."""
     c = manifest["counts"]

@@ -8,15 +8,20 @@ A stage module defines ``run(ctx) -> StageOutput`` and calls ``stage_main(STAGE,
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+import pipeline
 from pipeline import storage, tracking
 from pipeline.config import PipelineConfig, config_from_dict
 
@@ -68,15 +73,63 @@ def read_resolved_config(uri: str) -> PipelineConfig:
     return config_from_dict(raw, source=uri)
 
 
+@functools.cache
+def code_version() -> str:
+    """``<pipeline.__version__>+src.<hash>``: the package version and a hash of its source files.
+
+    A content hash rather than a git sha: it is the same wherever the same code runs (a git
+    checkout on the Airflow host, a wheel in the Ray worker image, a ``working_dir`` upload),
+    and it changes with uncommitted edits. Hashing the ~50 modules takes about a millisecond.
+    """
+    root = Path(pipeline.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return f"{pipeline.__version__}+src.{digest.hexdigest()[:10]}"
+
+
+def check_code_version(expected: str | None) -> None:
+    """Exit with status 2 when the installed code is not the code the run was resolved with.
+
+    Args:
+        expected: ``--code-version`` from the entrypoint (Airflow's ``code_version()``); None
+            (a stage started by hand) skips the check.
+    """
+    installed = code_version()
+    if expected is None or expected == installed:
+        return
+    print(
+        f"code version mismatch: Airflow resolved this run with pipeline {expected}, but this "
+        f"Ray job runs pipeline {installed}. The Ray workers' image (or the job's runtime_env, "
+        "orchestration.runtime_env) must hold the same pipeline code as the Airflow deployment; "
+        "rebuild or redeploy one of them.",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
 def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{stage}")
     parser.add_argument("--config", required=True, help="URI of the run's resolved config.yaml")
     parser.add_argument("--run-key", required=True, help="identifies the DAG run; names the folder")
     parser.add_argument("--input", default=None, help="output folder URI of the previous stage")
+    parser.add_argument(
+        "--code-version",
+        default=None,
+        help="code version Airflow resolved the run with; the job exits 2 when it differs",
+    )
+    parser.add_argument(
+        "--inputs-fingerprint",
+        default=None,
+        help="fingerprint of the run's input data (first stage): a committed result made from "
+        "other data is not reused",
+    )
     return parser.parse_args(argv)
 
 
-def previous_outputs(input_uri: str | None) -> dict[str, Any]:
+def previous_result(input_uri: str | None) -> dict[str, Any]:
+    """The previous stage's committed ``result.json`` (empty for the first stage)."""
     if input_uri is None:
         return {}
     result = storage.committed_result(input_uri)
@@ -84,8 +137,23 @@ def previous_outputs(input_uri: str | None) -> dict[str, Any]:
         raise SystemExit(
             f"previous stage output {input_uri} has no {storage.SUCCESS_MARKER}; run that stage first"
         )
-    outputs: dict[str, Any] = result["outputs"]
-    return outputs
+    return result
+
+
+def result_digest(config_fingerprint: str, outputs: dict[str, Any], input_digest: str) -> str:
+    """Hash of what a stage result stands for: its config, its outputs and its inputs' digest.
+
+    Chained through the stages (each input digest is the previous stage's result digest), so
+    the inputs fingerprint of every downstream task changes when an upstream output changes.
+    """
+    blob = json.dumps([config_fingerprint, outputs, input_digest], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def reusable(done: dict[str, Any] | None, identity: dict[str, str]) -> bool:
+    """A committed result may stand in for this attempt only when config fingerprint, input
+    digest and code version all match (``identity`` holds the three)."""
+    return done is not None and all(done.get(k) == v for k, v in identity.items())
 
 
 def stage_main(
@@ -96,27 +164,41 @@ def stage_main(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = parse_args(stage, argv)
+    check_code_version(args.code_version)
     config = read_resolved_config(args.config)
     output_uri = storage.stage_uri(config.storage.artifact_root, args.run_key, stage)
+    upstream = previous_result(args.input)
+    # The first stage's inputs are data files: their fingerprint comes from Airflow.
+    input_digest = str(upstream.get("result_digest") or args.inputs_fingerprint or "")
+    identity = {
+        "config_fingerprint": config.fingerprint(),
+        "input_digest": input_digest,
+        "code_version": code_version(),
+    }
     done = storage.committed_result(output_uri)
-    if done is not None and done.get("config_fingerprint") == config.fingerprint():
+    if done is not None and reusable(done, identity):
         log.info("%s already committed at %s; reusing its result", stage, output_uri)
         print(json.dumps(done))
         return done
-    previous = previous_outputs(args.input)
+    if done is not None:
+        changed = sorted(k for k, v in identity.items() if done.get(k) != v)
+        log.info("%s result at %s is stale (%s changed); running again", stage, output_uri, changed)
+    previous: dict[str, Any] = upstream.get("outputs", {})
     started = time.time()
     with tracking.stage_run(config, args.run_key, stage) as run_id:
         ctx = StageContext(stage, config, args.run_key, output_uri, previous, run_id)
         out = run(ctx)
         numeric = {k: v for k, v in out.metrics.items() if isinstance(v, int | float)}
         tracking.log_metrics(config.tracking, run_id, numeric)
+    outputs = {**previous, **out.outputs}
     result = {
         "stage": stage,
         "status": "succeeded",
         "run_key": args.run_key,
-        "config_fingerprint": config.fingerprint(),
+        **identity,
+        "result_digest": result_digest(identity["config_fingerprint"], outputs, input_digest),
         "output_uri": output_uri,
-        "outputs": {**previous, **out.outputs},
+        "outputs": outputs,
         "metrics": out.metrics,
         "summary": out.summary,
         "skip_reason": out.skip_reason,

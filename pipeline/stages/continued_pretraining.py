@@ -40,7 +40,7 @@ def initial_model(ctx: StageContext) -> str:
 
 def run(ctx: StageContext) -> StageOutput:
     from pipeline.train.loop import LoopSpec
-    from pipeline.train.ray_train import fit
+    from pipeline.train.ray_train import fit, training_summary
 
     base_uri = initial_model(ctx)
     model_uri = storage.join(ctx.output_uri, "model")
@@ -56,7 +56,11 @@ def run(ctx: StageContext) -> StageOutput:
         mlflow_run_id=ctx.mlflow_run_id,
     )
     metrics = fit(spec, ctx.config.compute, name=f"{ctx.run_key}-{STAGE}")
-    return StageOutput(outputs={"base_model": base_uri, "cpt_model": model_uri}, metrics=metrics)
+    return StageOutput(
+        outputs={"base_model": base_uri, "cpt_model": model_uri},
+        metrics=metrics,
+        summary=training_summary(metrics),
+    )
 
 
 if __name__ == "__main__":

@@ -1,105 +1,240 @@
-"""Stage 4: score base, CPT, SFT and the current champion on held-out data; decide the gates.
+"""Stage 4: score base, CPT, SFT and the current champion on the same held-out texts; decide the
+gates; write the report a person reads before trusting a promotion.
 
-Each model is scored in its own Ray task on the configured pool, so on GPUs they run side by
-side. The report (``eval_report.json``) is what the promote stage acts on.
+Every model reads the same fixed documents and chats (``pipeline.eval.scores.score_model``),
+tokenized with its own tokenizer, so bits-per-byte compares models with different tokenizers
+over the same bytes. Each model is scored by ``eval.num_workers`` Ray tasks on the configured pool
+(data-parallel: each takes one share of the documents and chats), a model too large for one GPU is loaded across the GPUs of
+its worker (``eval.shard_model``), and models fetched from S3 or the registry are downloaded once
+per node. ``eval_report.json`` is what the promote stage acts on; ``report/report.html`` is what a
+person reads.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline import storage, tracking
 from pipeline.config import PipelineConfig
-from pipeline.eval.gates import evaluate_gates, gates_report
 from pipeline.stages.common import StageContext, StageOutput, stage_main
-from pipeline.stages.prepare_data import HELDOUT_FILE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 STAGE = "evaluate"
 REPORT_FILE = "eval_report.json"
+REPORT_DIR = "report"
+SIDE_BY_SIDE = 4
+"""Generated answers shown next to the champion's in the report."""
 log = logging.getLogger(__name__)
 
 
-def score_one(
-    config_dict: dict[str, Any], model_uri: str, from_registry: bool, heldout: dict[str, Any]
-) -> dict[str, Any]:
-    """Runs as a Ray task: fetch the model folder, score it."""
-    from pipeline.config import config_from_dict
-    from pipeline.eval.perplexity import score_model
+def load_for_eval(
+    cfg: PipelineConfig, model_uri: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """The model (on GPU in bf16 when there is one; across every visible GPU with
+    ``eval.shard_model``), its tokenizer and the attention kernel it runs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.data.tokenizer import load_tokenizer
     from pipeline.train.attention import select_attention
+    from pipeline.train.model import fetch_model
+
+    folder = fetch_model(model_uri, cfg.tracking)
+    attention = select_attention(cfg.compute.attention)
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {
+        "attn_implementation": attention,
+        "dtype": torch.bfloat16 if cuda else torch.float32,
+    }
+    if cuda and cfg.eval.shard_model:
+        # Layers spread over the worker's GPUs: a 70B model (138 GB in bf16) fits 8 x 80 GB.
+        kwargs["device_map"] = "auto"
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    if cuda and not cfg.eval.shard_model:
+        model.to("cuda")  # type: ignore[arg-type]  # transformers 5 types .to() oddly
+    model.eval()
+    log.info("evaluating %s from %s with %s attention", model_uri, folder, attention)
+    return model, load_tokenizer(folder), attention
+
+
+def score_share(
+    config_dict: dict[str, Any],
+    model_uri: str,
+    heldout: dict[str, Any],
+    general_docs: list[str],
+    part: int,
+    parts: int,
+) -> dict[str, Any]:
+    """Runs as a Ray task: one model's scores on its ``part``-th share of the fixed texts."""
+    from pipeline.config import config_from_dict
+    from pipeline.eval.scores import score_model
 
     cfg = config_from_dict(config_dict)
-    with tempfile.TemporaryDirectory() as scratch:
-        if from_registry:
-            model_dir = tracking.download_model_version(cfg.tracking, model_uri, scratch)
-        else:
-            model_dir = str(storage.download_dir(model_uri, scratch))
-        return score_model(
-            model_dir,
-            heldout,
-            cfg.data.seq_len,
-            cfg.data.chat_format,
-            cfg.eval.batch_size,
-            cfg.eval.max_batches,
-            select_attention(cfg.compute.attention),
-        )
+    model, tok, attention = load_for_eval(cfg, model_uri)
+    return score_model(model, tok, heldout, general_docs, cfg, attention, part, parts)
+
+
+def eval_task_resources(cfg: PipelineConfig) -> dict[str, Any]:
+    """Ray task options of one evaluation worker on the configured pool."""
+    compute, e = cfg.compute, cfg.eval
+    if compute.pool == "cpu":
+        return {"num_cpus": compute.cpus_per_worker}
+    gpus = max(e.gpus_per_worker, 1)
+    return {
+        "num_cpus": compute.cpus_per_worker,
+        "num_gpus": gpus,
+        "resources": {f"pool_{compute.pool}": float(gpus)},
+    }
 
 
 def score_all(
-    cfg: PipelineConfig, models: dict[str, tuple[str, bool]], heldout: dict[str, Any]
+    cfg: PipelineConfig, models: dict[str, str], heldout: dict[str, Any], general: list[str]
 ) -> dict[str, Any]:
+    """``{model name: ModelScores}``; every (model, share) is one Ray task, all in parallel."""
     import ray
 
-    from pipeline.train.ray_train import worker_resources
+    from pipeline.eval.scores import merge_scores
 
     if not ray.is_initialized():
         ray.init()
-    resources = worker_resources(cfg.compute)
-    task = ray.remote(score_one).options(
-        num_cpus=resources.pop("CPU"), num_gpus=resources.pop("GPU", 0), resources=resources
-    )
-    heldout_ref = ray.put(heldout)
+    task = ray.remote(score_share).options(**eval_task_resources(cfg))
     config_dict = cfg.model_dump(mode="json")
+    heldout_ref, general_ref = ray.put(heldout), ray.put(general)
+    parts = cfg.eval.num_workers
     refs = {
-        name: task.remote(config_dict, uri, reg, heldout_ref) for name, (uri, reg) in models.items()
+        name: [
+            task.remote(config_dict, uri, heldout_ref, general_ref, part, parts)
+            for part in range(parts)
+        ]
+        for name, uri in models.items()
     }
-    return {name: ray.get(ref) for name, ref in refs.items()}
+    return {name: merge_scores(ray.get(shares)) for name, shares in refs.items()}
+
+
+def side_by_side(scores: dict[str, Any], limit: int = SIDE_BY_SIDE) -> list[dict[str, Any]]:
+    """The first generated answers of the candidate next to the champion's."""
+    cand = scores["candidate"]["instructions"]["examples"][:limit]
+    champ = scores.get("champion", {}).get("instructions", {}).get("examples", [])
+    return [
+        {
+            "prompt": row["prompt"],
+            "reference": row["reference"],
+            "candidate": row["answer"],
+            "champion": champ[i]["answer"] if i < len(champ) else None,
+        }
+        for i, row in enumerate(cand)
+    ]
+
+
+def loss_curves(cfg: PipelineConfig, run_key: str) -> dict[str, list[tuple[int, float]]]:
+    """Per-step training loss of this run's CPT and SFT stages, from their committed results."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for name, stage in (("cpt", "continued_pretraining"), ("sft", "instruction_finetuning")):
+        result = storage.committed_result(
+            storage.stage_uri(cfg.storage.artifact_root, run_key, stage)
+        )
+        history = (result or {}).get("metrics", {}).get("loss_history") or []
+        curves[name] = [(i + 1, loss) for i, loss in enumerate(history) if loss is not None]
+    return curves
+
+
+def judge_candidate(cfg: PipelineConfig, scores: dict[str, Any]) -> None:
+    """Add the LLM judge's pairwise verdicts to the candidate's scores (eval contract)."""
+    from pipeline.eval.judge import judge_pairwise
+
+    judge = cfg.eval.judge
+    if judge is None or "champion" not in scores:
+        return
+    cand = scores["candidate"]["instructions"]["examples"]
+    champ = scores["champion"]["instructions"]["examples"]
+    pairs = list(zip(cand, champ, strict=True))[: judge.max_examples]
+    scores["candidate"]["judge"] = judge_pairwise(
+        judge,
+        prompts=[c["prompt"] for c, _ in pairs],
+        candidate=[c["answer"] for c, _ in pairs],
+        champion=[h["answer"] for _, h in pairs],
+    )
+
+
+def write_html_report(
+    ctx: StageContext, report: dict[str, Any], curves: dict[str, list[tuple[int, float]]]
+) -> str:
+    """``report/`` next to ``eval_report.json`` and in the MLflow run; returns the HTML's URI."""
+    from pipeline.eval.report import REPORT_FILE as HTML_FILE
+    from pipeline.eval.report import write_report
+
+    e = ctx.config.eval
+    report_uri = storage.join(ctx.output_uri, REPORT_DIR)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / REPORT_DIR
+        write_report(
+            report, curves, folder, bootstrap_samples=e.bootstrap_samples, confidence=e.confidence
+        )
+        storage.upload_dir(folder, report_uri)
+        tracking.client(ctx.config.tracking).log_artifacts(
+            ctx.mlflow_run_id, str(folder), artifact_path=REPORT_DIR
+        )
+    return storage.join(report_uri, HTML_FILE)
+
+
+def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """Flat numbers for MLflow and the stage result."""
+    metrics: dict[str, Any] = {}
+    for model, s in report["scores"].items():
+        for corpus in ("domain", "general", "answer_loss"):
+            metrics[f"{model}.{corpus}.bits_per_byte"] = s[corpus]["bits_per_byte"]
+        for name, value in s["instructions"]["means"].items():
+            if value is not None:
+                metrics[f"{model}.instructions.{name}"] = value
+        if "judge" in s:
+            metrics[f"{model}.judge.win_rate"] = s["judge"]["win_rate"]
+    metrics["gates_passed"] = int(report["passed"])
+    return metrics
 
 
 def run(ctx: StageContext) -> StageOutput:
+    from pipeline.eval.gates import decide, gate_table
+    from pipeline.eval.scores import general_documents
+    from pipeline.stages.prepare_data import HELDOUT_FILE
+
     cfg, prev = ctx.config, ctx.previous
     heldout = storage.read_json(storage.join(prev["data"], HELDOUT_FILE))
-    models = {
-        "base": (prev["base_model"], False),
-        "cpt": (prev["cpt_model"], False),
-        "candidate": (prev["sft_model"], False),
-    }
+    general = general_documents(cfg, heldout)
+    models = {"base": prev["base_model"], "cpt": prev["cpt_model"], "candidate": prev["sft_model"]}
     champion = tracking.champion_version(cfg.tracking)
     if champion is not None:
-        models["champion"] = (champion.source, True)
-    scores = score_all(cfg, models, heldout)
-    report = {
+        models["champion"] = f"models:/{cfg.tracking.registered_model}/{champion.version}"
+    log.info("scoring %s with %d worker(s) each", sorted(models), cfg.eval.num_workers)
+    scores = score_all(cfg, models, heldout, general)
+    judge_candidate(cfg, scores)
+    report: dict[str, Any] = {
         "scores": scores,
-        "champion_version": champion.version if champion is not None else None,
-        **gates_report(evaluate_gates(scores, cfg.eval)),
+        "champion_version": str(champion.version) if champion is not None else None,
+        **decide(scores, cfg.eval, base_pretrained=cfg.model.base is not None),
+        "samples": side_by_side(scores),
     }
+    report["report_html"] = write_html_report(ctx, report, loss_curves(cfg, ctx.run_key))
     report_uri = storage.join(ctx.output_uri, REPORT_FILE)
     storage.write_json(report_uri, report)
     tracking.log_json_artifact(cfg.tracking, ctx.mlflow_run_id, REPORT_FILE, report)
-    for gate in report["gates"]:
-        log.info(
-            "gate %s: %s (%s)", gate["name"], "pass" if gate["passed"] else "FAIL", gate["detail"]
-        )
-    metrics: dict[str, Any] = {
-        f"{model}.{split}.{name}": value
-        for model, splits in scores.items()
-        for split, values in splits.items()
-        for name, value in values.items()
-        if name in ("loss", "perplexity", "bits_per_byte")
-    }
-    metrics["gates_passed"] = int(report["passed"])
-    return StageOutput(outputs={"eval_report": report_uri}, metrics=metrics)
+    table = gate_table(report["gates"], report["skipped"])
+    decision = (
+        "every gate passed" if report["passed"] else "gates FAILED: promotion will be refused"
+    )
+    against = f"champion v{report['champion_version']}" if champion is not None else "base model"
+    summary = [f"candidate vs {against}: {decision}", *table, f"report: {report['report_html']}"]
+    for line in summary:
+        log.info("%s", line)
+    return StageOutput(
+        outputs={"eval_report": report_uri, "eval_report_html": report["report_html"]},
+        metrics=headline_metrics(report),
+        summary=summary,
+    )
 
 
 if __name__ == "__main__":

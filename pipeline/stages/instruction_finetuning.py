@@ -10,7 +10,7 @@ STAGE = "instruction_finetuning"
 
 def run(ctx: StageContext) -> StageOutput:
     from pipeline.train.loop import LoopSpec
-    from pipeline.train.ray_train import fit
+    from pipeline.train.ray_train import fit, training_summary
 
     model_uri = storage.join(ctx.output_uri, "model")
     spec = LoopSpec(
@@ -25,7 +25,11 @@ def run(ctx: StageContext) -> StageOutput:
         mlflow_run_id=ctx.mlflow_run_id,
     )
     metrics = fit(spec, ctx.config.compute, name=f"{ctx.run_key}-{STAGE}")
-    return StageOutput(outputs={"sft_model": model_uri}, metrics=metrics)
+    return StageOutput(
+        outputs={"sft_model": model_uri},
+        metrics=metrics,
+        summary=training_summary(metrics),
+    )
 
 
 if __name__ == "__main__":

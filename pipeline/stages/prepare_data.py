@@ -166,8 +166,12 @@ def prepare(cfg: PipelineConfig, output_uri: str) -> dict[str, Any]:
             select.check_bad_fraction(read, bad, first_bad, d.max_bad_fraction)
             docs = [results[j.index] for j in jobs["domain"] + jobs["replay"]]
             chats = [results[j.index] for j in jobs["instructions"]]
+            # Replay documents are held out too: their held-out part is the general corpus.
             doc_sel = select.select(
-                docs, {j.index for j in jobs["domain"]}, d.heldout_fraction, d.near_dup_threshold
+                docs,
+                {j.index for j in jobs["domain"] + jobs["replay"]},
+                d.heldout_fraction,
+                d.near_dup_threshold,
             )
             chat_sel = select.select(
                 chats,
@@ -221,6 +225,7 @@ def run(ctx: StageContext) -> StageOutput:
     return StageOutput(
         outputs={"tokenizer": storage.join(ctx.output_uri, "tokenizer"), "data": data_uri},
         metrics=report.metrics(manifest),
+        summary=report.summary(manifest),
     )
 
 

@@ -72,7 +72,11 @@ def fetch_model(uri: str, tracking: TrackingConfig) -> Path:
         FileNotFoundError: the local folder or remote prefix does not exist.
     """
     source = resolve_model_uri(uri, tracking)
-    if "://" not in source:
+    # A registered version lives wherever MLflow's artifact store puts it (a local path,
+    # mlflow-artifacts:/, s3://): it is always fetched through MLflow, which also lays out the
+    # transformers flavour's weights and tokenizer as one from_pretrained folder.
+    from_registry = uri.startswith(REGISTRY_PREFIX)
+    if not from_registry and "://" not in source:
         if not Path(source).is_dir():
             raise FileNotFoundError(f"model folder not found: {source} (model URI {uri})")
         return Path(source)
@@ -80,7 +84,9 @@ def fetch_model(uri: str, tracking: TrackingConfig) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     # The content fingerprint keys the cache too: an s3:// folder rewritten in place (a rerun
     # that rebuilt base_model/) must not be served from last time's copy.
-    version = storage.content_fingerprint(source) if storage.is_s3(source) else ""
+    version = (
+        storage.content_fingerprint(source) if storage.is_s3(source) and not from_registry else ""
+    )
     key = hashlib.sha256(f"{source}|{version}".encode()).hexdigest()[:24]
     target = cache / key
     with (cache / f"{key}.lock").open("w") as lock:
@@ -91,12 +97,12 @@ def fetch_model(uri: str, tracking: TrackingConfig) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
         log.info("fetching %s into %s", source, target)
-        if storage.is_s3(source):
-            fetched = storage.download_dir(source, partial)
-        else:
+        if from_registry:
             from pipeline import tracking as mlflow_tracking
 
             fetched = Path(mlflow_tracking.download_model_version(tracking, source, str(partial)))
+        else:
+            fetched = storage.download_dir(source, partial)
         fetched.rename(target)
         shutil.rmtree(partial, ignore_errors=True)
         (target / COMPLETE_MARKER).write_text(source)

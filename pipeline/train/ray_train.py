@@ -99,3 +99,24 @@ def planner_calibration(spec: LoopSpec, measured: dict[str, Any]) -> dict[str, f
         measured.get("peak_memory_gib", 0.0),
     )
     return predicted | ratios
+
+
+def training_summary(metrics: dict[str, Any]) -> list[str]:
+    """The lines a training stage's Airflow task log ends with."""
+
+    def num(key: str, fmt: str) -> str:
+        value = metrics.get(key)
+        return "-" if value is None else format(value, fmt)
+
+    resumed = metrics.get("resumed_from_step")
+    return [
+        f"steps {metrics.get('steps', '-')} (skipped {metrics.get('skipped_steps', 0)})"
+        + (f", resumed from step {resumed}" if resumed else ""),
+        f"loss {num('first_loss', '.4f')} -> {num('final_loss', '.4f')}"
+        f" (min {num('min_loss', '.4f')})",
+        f"tokens seen {metrics.get('tokens_seen', '-')}"
+        f" ({metrics.get('target_tokens_seen', '-')} trained on)",
+        f"throughput {num('tokens_per_s', ',.0f')} tokens/s, MFU {num('mfu', '.1%')},"
+        f" peak memory {num('peak_memory_gib', '.2f')} GiB, attention {metrics.get('attention')}",
+        f"checkpoints at steps {metrics.get('checkpoint_steps') or '-'}",
+    ]

@@ -4,6 +4,10 @@ It speaks HTTP with httpx instead of importing the Ray SDK, so Airflow workers a
 triggerer need neither ``ray`` nor a matching Ray version. Ray 2.60 clusters started with
 ``RAY_AUTH_MODE=token`` expect ``Authorization: Bearer <token>`` on every request; the token is
 looked up in the places listed in ``TOKEN_LOOKUP_ORDER``, first hit wins.
+
+Transient failures (connection refused, timeouts, HTTP 5xx: a head restart, a dashboard
+hiccup) are retried with capped exponential backoff until ``transient_error_budget_s`` of
+consecutive failure has passed; a rejected token (401/403) fails at once.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +27,13 @@ from airflow.sdk.bases.hook import BaseHook
 from airflow.sdk.exceptions import AirflowException
 from airflow.sdk.log import amask_secret, mask_secret
 
-AGENT_WAIT_S = 60.0
-"""How long a submission waits for the job agent of a freshly started head."""
+DEFAULT_TRANSIENT_ERROR_BUDGET_S = 600.0
+"""Seconds of consecutive transient failures a call rides out when neither the caller nor the
+connection extra ``transient_error_budget_s`` sets a budget; a head restart fits in it."""
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+STOP_POLL_S = 0.5
+"""Status poll interval while waiting for a stopped job to be reported STOPPED."""
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
@@ -49,8 +59,16 @@ class RayJobsAuthError(RayJobsError):
     """The Ray head rejected the bearer token (HTTP 401/403)."""
 
 
-class RayJobsUnreachableError(RayJobsError):
+class RayJobsTransientError(RayJobsError):
+    """A failure that may heal by waiting: no connection, a timeout, an HTTP 5xx."""
+
+
+class RayJobsUnreachableError(RayJobsTransientError):
     """Nothing answered at the Ray dashboard address."""
+
+
+class RayJobStillRunningError(RayJobsError):
+    """A job asked to stop was not reported terminal within the stop wait."""
 
 
 class RaySubmissionExistsError(RayJobsError):
@@ -136,15 +154,48 @@ def dashboard_base_url(conn: Connection) -> str:
     return str(url).rstrip("/")
 
 
+@dataclass
+class TransientRetry:
+    """Backoff schedule of one call: 1 s, 2 s, 4 s ... capped at ``BACKOFF_MAX_S``, never
+    sleeping past the budget; the budget counts consecutive failure from the first one."""
+
+    budget_s: float
+    started: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+
+    def next_delay(self) -> float | None:
+        """Seconds to sleep before the next attempt, or None once the budget is spent."""
+        left = self.budget_s - (time.monotonic() - self.started)
+        if left <= 0:
+            return None
+        delay = min(BACKOFF_FIRST_S * 2**self.attempts, BACKOFF_MAX_S, left)
+        self.attempts += 1
+        return delay
+
+    def exhausted(self, err: RayJobsError) -> RayJobsError:
+        """The last error, saying how long it was retried; keeps its class."""
+        elapsed = time.monotonic() - self.started
+        note = (
+            f" (retried for {elapsed:.0f} s, {self.attempts} retries, within "
+            f"transient_error_budget_s={self.budget_s:g})"
+            if self.attempts
+            else ""
+        )
+        return type(err)(f"{err}{note}")
+
+
 class RayJobsHook(BaseHook):
     """Submit, watch, stop and read logs of Ray jobs through the dashboard's REST API.
 
     Args:
         ray_conn_id: Airflow connection whose host/port (and optional schema) point at the
             Ray dashboard, e.g. ``AIRFLOW_CONN_RAY_DEFAULT=http://ray-head:8265``.
-        connect_timeout: seconds to wait for a TCP connection; kept short so a wrong address
-            fails the task at once instead of hanging.
+        connect_timeout: seconds to wait for a TCP connection; kept short so each attempt of
+            a retried call fails fast.
         request_timeout: seconds for the whole request once connected.
+        transient_error_budget_s: seconds of consecutive transient failures a call retries
+            (with backoff) before it raises; None: the connection extra
+            ``transient_error_budget_s``, else ``DEFAULT_TRANSIENT_ERROR_BUDGET_S``.
     """
 
     conn_name_attr = "ray_conn_id"
@@ -157,10 +208,12 @@ class RayJobsHook(BaseHook):
         *,
         connect_timeout: float = 5.0,
         request_timeout: float = 30.0,
+        transient_error_budget_s: float | None = None,
     ) -> None:
         super().__init__()
         self.ray_conn_id = ray_conn_id
         self._timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
+        self._budget_s = transient_error_budget_s
         self._target: RayApiTarget | None = None
 
     # -- connection ------------------------------------------------------------------------
@@ -168,10 +221,9 @@ class RayJobsHook(BaseHook):
     def _get_target(self) -> RayApiTarget:
         if self._target is None:
             conn = self.get_connection(self.ray_conn_id)
-            token = resolve_auth_token(conn.password, conn.extra_dejson)
-            if token:
-                mask_secret(token.value)  # keep it out of task logs even if an error echoes it
-            self._target = RayApiTarget(dashboard_base_url(conn), token)
+            self._target = self._target_from(conn, conn.extra_dejson, resolve_auth_token)
+            if self._target.token:
+                mask_secret(self._target.token.value)  # keep it out of logs even in errors
         return self._target
 
     async def _aget_target(self) -> RayApiTarget:
@@ -181,10 +233,22 @@ class RayJobsHook(BaseHook):
             conn = await self.aget_connection(self.ray_conn_id)
             extra = await conn.aextra_dejson()
             token = await asyncio.to_thread(resolve_auth_token, conn.password, extra)
+            self._target = self._target_from(conn, extra, lambda _password, _extra: token)
             if token:
                 await amask_secret(token.value)
-            self._target = RayApiTarget(dashboard_base_url(conn), token)
         return self._target
+
+    def _target_from(
+        self,
+        conn: Connection,
+        extra: dict[str, Any],
+        token_of: Callable[[str | None, dict[str, Any]], RayAuthToken | None],
+    ) -> RayApiTarget:
+        if self._budget_s is None:
+            self._budget_s = float(
+                extra.get("transient_error_budget_s", DEFAULT_TRANSIENT_ERROR_BUDGET_S)
+            )
+        return RayApiTarget(dashboard_base_url(conn), token_of(conn.password, extra))
 
     def dashboard_job_url(self, submission_id: str) -> str:
         """Link to the job's page in the Ray dashboard."""
@@ -194,45 +258,79 @@ class RayJobsHook(BaseHook):
         """Async twin of :meth:`dashboard_job_url` for the triggerer."""
         return job_page_url((await self._aget_target()).base_url, submission_id)
 
+    async def abase_url(self) -> str:
+        """The dashboard's base URL, for messages about the head itself."""
+        return (await self._aget_target()).base_url
+
     # -- requests --------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, json: Any = None) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, json: Any = None, *, retry: bool = True
+    ) -> httpx.Response:
+        """One API call; transient failures are retried within the budget unless ``retry``
+        is False (best-effort calls such as log reads)."""
         target = self._get_target()
-        url = target.base_url + path
-        try:
-            with httpx.Client(timeout=self._timeout, headers=target.headers) as client:
-                response = client.request(method, url, json=json)
-        except httpx.TransportError as err:
-            raise self._transport_error(url, err) from err
-        return self._checked(response, target)
+        schedule = TransientRetry(self._budget_s if retry and self._budget_s else 0.0)
+        while True:
+            try:
+                with httpx.Client(timeout=self._timeout, headers=target.headers) as client:
+                    return self._checked(client.request(method, target.base_url + path, json=json))
+            except httpx.TransportError as err:
+                failure: RayJobsError = self._transport_error(target.base_url + path, err)
+            except RayJobsTransientError as err:
+                failure = err
+            delay = schedule.next_delay()
+            if delay is None:
+                raise schedule.exhausted(failure) from failure
+            self.log.warning("Ray API call failed, retrying in %.0f s: %s", delay, failure)
+            time.sleep(delay)
 
-    async def _arequest(self, method: str, path: str, json: Any = None) -> httpx.Response:
+    async def _arequest(
+        self, method: str, path: str, json: Any = None, *, retry: bool = True
+    ) -> httpx.Response:
+        """Async twin of :meth:`_request`: the same retry schedule, sleeping without blocking."""
         target = await self._aget_target()
-        url = target.base_url + path
-        try:
-            async with httpx.AsyncClient(timeout=self._timeout, headers=target.headers) as client:
-                response = await client.request(method, url, json=json)
-        except httpx.TransportError as err:
-            raise self._transport_error(url, err) from err
-        return self._checked(response, target)
+        schedule = TransientRetry(self._budget_s if retry and self._budget_s else 0.0)
+        while True:
+            try:
+                async with httpx.AsyncClient(
+                    timeout=self._timeout, headers=target.headers
+                ) as client:
+                    response = await client.request(method, target.base_url + path, json=json)
+                return self._checked(response)
+            except httpx.TransportError as err:
+                failure: RayJobsError = self._transport_error(target.base_url + path, err)
+            except RayJobsTransientError as err:
+                failure = err
+            delay = schedule.next_delay()
+            if delay is None:
+                raise schedule.exhausted(failure) from failure
+            self.log.warning("Ray API call failed, retrying in %.0f s: %s", delay, failure)
+            await asyncio.sleep(delay)
 
     def _transport_error(self, url: str, err: httpx.TransportError) -> RayJobsError:
         if isinstance(err, httpx.ConnectError | httpx.ConnectTimeout):
             env_var = f"AIRFLOW_CONN_{self.ray_conn_id.upper()}"
             return RayJobsUnreachableError(
                 f"cannot reach the Ray Jobs API at {url} (Airflow connection "
-                f"{self.ray_conn_id!r}): {type(err).__name__}: {err}. Check that the Ray head is "
-                f"running with its dashboard reachable from this host, and that the connection "
-                f"({env_var} or the Airflow UI) points at the dashboard port (default 8265)."
+                f"{self.ray_conn_id!r}): {type(err).__name__}: {err}. The Ray head is down or "
+                f"unreachable from this host: if its cluster was torn down (e.g. the head of a "
+                f"finished `make demo`), its jobs and dashboard links are gone with it. "
+                f"Otherwise check that the head runs with its dashboard reachable, and that "
+                f"the connection ({env_var} or the Airflow UI) points at the dashboard port "
+                f"(default 8265)."
             )
-        return RayJobsError(f"request to the Ray Jobs API at {url} failed: {type(err).__name__}")
+        return RayJobsTransientError(
+            f"request to the Ray Jobs API at {url} failed: {type(err).__name__}: {err}"
+        )
 
-    def _checked(self, response: httpx.Response, target: RayApiTarget) -> httpx.Response:
+    def _checked(self, response: httpx.Response) -> httpx.Response:
         """Turn HTTP errors into exceptions that say what to fix; 404 is left to the caller."""
         code, text = response.status_code, _error_summary(response.text)
         where = f"{response.request.method} {response.request.url}"
         if code in (401, 403):
-            sent = f"a token from {target.token.source}" if target.token else "no token"
+            token = self._target.token if self._target else None
+            sent = f"a token from {token.source}" if token else "no token"
             raise RayJobsAuthError(
                 f"Ray rejected {where} with HTTP {code} ({text}). The cluster has token auth "
                 f"on (RAY_AUTH_MODE=token) and this hook sent {sent} for connection "
@@ -241,6 +339,9 @@ class RayJobsHook(BaseHook):
             )
         if code >= 400 and "already exists" in response.text:
             raise RaySubmissionExistsError(f"{where} failed: {text}")
+        if code >= 500:
+            # Includes "No available agent" from a head whose job agent is still starting.
+            raise RayJobsTransientError(f"{where} failed with HTTP {code}: {text}")
         if code >= 400 and code != 404:
             raise RayJobsError(f"{where} failed with HTTP {code}: {text}")
         return response
@@ -255,32 +356,35 @@ class RayJobsHook(BaseHook):
         metadata: dict[str, str] | None = None,
         runtime_env: dict[str, Any] | None = None,
         entrypoint_num_cpus: float | None = None,
+        entrypoint_memory: int | None = None,
+        entrypoint_resources: dict[str, float] | None = None,
+        entrypoint_label_selector: dict[str, str] | None = None,
     ) -> str:
         """Submit a job and return its submission id.
 
+        The ``entrypoint_*`` fields reserve resources for the driver process (Ray's
+        ``JobSubmitRequest``), so it is placed on a node that has them, not on the head.
+
         Raises:
             RaySubmissionExistsError: a job with ``submission_id`` exists already.
-            RayJobsAuthError, RayJobsUnreachableError, RayJobsError: see ``_checked``.
+            RayJobsAuthError: the token was rejected (at once, never retried).
+            RayJobsUnreachableError, RayJobsTransientError: still failing once the
+                transient-error budget is spent (this includes a head whose job agent is
+                not up yet: "No available agent").
+            RayJobsError: any other rejection, e.g. an invalid runtime_env.
         """
-        body = {
+        fields = {
             "entrypoint": entrypoint,
             "submission_id": submission_id,
             "metadata": metadata,
             "runtime_env": runtime_env,
             "entrypoint_num_cpus": entrypoint_num_cpus,
+            "entrypoint_memory": entrypoint_memory,
+            "entrypoint_resources": entrypoint_resources,
+            "entrypoint_label_selector": entrypoint_label_selector,
         }
-        # A head that just started (or restarted) answers before its job agent is up; Ray says
-        # "No available agent" then. That is worth waiting for, briefly; anything else is not.
-        deadline = time.monotonic() + AGENT_WAIT_S
-        while True:
-            try:
-                response = self._request("POST", "/api/jobs/", json=body)
-                break
-            except RayJobsError as err:
-                if "No available agent" not in str(err) or time.monotonic() > deadline:
-                    raise
-                self.log.info("Ray job agent not ready yet; retrying the submission")
-                time.sleep(2)
+        body = {name: value for name, value in fields.items() if value is not None}
+        response = self._request("POST", "/api/jobs/", json=body)
         self._raise_if_404(response)
         submitted: str = response.json()["submission_id"]
         self.log.info("submitted Ray job %s: %s", submitted, self.dashboard_job_url(submitted))
@@ -304,18 +408,56 @@ class RayJobsHook(BaseHook):
         return jobs
 
     def stop_job(self, submission_id: str) -> bool:
-        """Ask Ray to stop a job; False when it had already ended or does not exist."""
+        """Ask Ray to stop a job (stop, never delete: the record and logs stay); False when it
+        had already ended or does not exist. Ray reports STOPPED a few seconds later."""
         response = self._request("POST", f"/api/jobs/{_quoted(submission_id)}/stop")
         return response.status_code != 404 and bool(response.json().get("stopped"))
 
     async def astop_job(self, submission_id: str) -> bool:
-        """Async twin of :meth:`stop_job`, for the trigger's ``on_kill``."""
+        """Async twin of :meth:`stop_job`."""
         response = await self._arequest("POST", f"/api/jobs/{_quoted(submission_id)}/stop")
         return response.status_code != 404 and bool(response.json().get("stopped"))
 
-    def get_job_logs(self, submission_id: str) -> str:
+    def stop_and_wait(self, submission_id: str, wait_s: float) -> dict[str, Any] | None:
+        """Stop a job and poll until Ray reports it terminal, so the next try never finds it
+        still listed RUNNING; returns its final info (None when it does not exist).
+
+        Raises:
+            RayJobStillRunningError: not terminal after ``wait_s`` seconds.
+        """
+        self.stop_job(submission_id)
+        deadline = time.monotonic() + wait_s
+        while True:
+            job = self.get_job(submission_id)
+            if job is None or job["status"] in TERMINAL_STATUSES:
+                return job
+            if time.monotonic() > deadline:
+                raise _still_running(submission_id, job, wait_s)
+            time.sleep(STOP_POLL_S)
+
+    async def astop_and_wait(self, submission_id: str, wait_s: float) -> dict[str, Any] | None:
+        """Async twin of :meth:`stop_and_wait`."""
+        await self.astop_job(submission_id)
+        deadline = time.monotonic() + wait_s
+        while True:
+            job = await self.aget_job(submission_id)
+            if job is None or job["status"] in TERMINAL_STATUSES:
+                return job
+            if time.monotonic() > deadline:
+                raise _still_running(submission_id, job, wait_s)
+            await asyncio.sleep(STOP_POLL_S)
+
+    def get_job_logs(self, submission_id: str, *, retry: bool = True) -> str:
         """The driver's whole log (stdout and stderr of the entrypoint)."""
-        response = self._request("GET", f"/api/jobs/{_quoted(submission_id)}/logs")
+        response = self._request("GET", f"/api/jobs/{_quoted(submission_id)}/logs", retry=retry)
+        self._raise_if_404(response)
+        logs: str = response.json().get("logs", "")
+        return logs
+
+    async def aget_job_logs(self, submission_id: str, *, retry: bool = True) -> str:
+        """Async twin of :meth:`get_job_logs`."""
+        path = f"/api/jobs/{_quoted(submission_id)}/logs"
+        response = await self._arequest("GET", path, retry=retry)
         self._raise_if_404(response)
         logs: str = response.json().get("logs", "")
         return logs
@@ -336,6 +478,23 @@ class RayJobsHook(BaseHook):
                 f"({response.text.strip()[:300]}); is connection {self.ray_conn_id!r} pointing "
                 "at a Ray dashboard?"
             )
+
+
+def _still_running(
+    submission_id: str, job: dict[str, Any], wait_s: float
+) -> RayJobStillRunningError:
+    pending = (
+        " A PENDING driver was never placed, and Ray carries out its stop only once it is: "
+        "it fails such a job after RAY_JOB_START_TIMEOUT_SECONDS (default 900) on the head; "
+        "check that some node offers the stage's entrypoint resources."
+        if job["status"] == "PENDING"
+        else ""
+    )
+    return RayJobStillRunningError(
+        f"Ray job {submission_id} is still {job['status']} {wait_s:g} s after it was asked to "
+        "stop; a new attempt would run next to it. Stop it from the Ray dashboard (or `ray job "
+        f"stop`), or raise orchestration.stop_wait_s in the pipeline config.{pending}"
+    )
 
 
 def job_page_url(base_url: str, submission_id: str) -> str:

@@ -1,131 +1,37 @@
 """Operator that runs one pipeline stage as a Ray job: submit (or re-attach), defer, read result.
 
-Every try of a task instance shares one *job key* derived from (dag_id, run_id, task_id,
-map_index) and stored in the Ray job's metadata. A retry looks the key up first, so a worker
-that died while its job kept running re-attaches to it instead of starting a second training
-run, and a job that already succeeded is not run again.
+Which job a try runs is decided in ``ray_jobs.submission`` (job key, re-attach, reuse); how
+the job is waited for (deadline, transient errors, log streaming) in ``RayJobTrigger``, which
+the operator either defers to or, with ``deferrable=False``, runs in its own process.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import secrets
+import asyncio
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
-from ray_jobs.hooks import (
-    ACTIVE_STATUSES,
-    TERMINAL_STATUSES,
-    RayJobsError,
-    RayJobsHook,
-    RaySubmissionExistsError,
-)
+from ray_jobs.hooks import RayJobsError, RayJobsHook
 from ray_jobs.links import MLFLOW_RUN_URL_KEY, RAY_DASHBOARD_URL_KEY, MLflowRunLink, RayJobLink
-from ray_jobs.triggers import RayJobTrigger, job_event_payload
+from ray_jobs.submission import (
+    JobOptions,
+    SubmissionPlan,
+    base_submission_id,
+    plan_submission,
+    submit_new_job,
+    submitted_at,
+)
+from ray_jobs.triggers import RayJobTrigger, first_event, job_event_payload
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-JOB_KEY_METADATA_FIELD = "airflow_job_key"
 SUBMISSION_ID_XCOM_KEY = "ray_submission_id"
-MAX_JOB_KEY_LENGTH = 96
-"""Room is left for the ``-t<try>-<suffix>`` tail; Ray names driver log files after the id."""
 LOG_TAIL_LINES = 60
-_NOT_ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-def base_submission_id(dag_id: str, run_id: str, task_id: str, map_index: int | None) -> str:
-    """The job key of one task instance, shared by all its tries.
-
-    Readable (``<dag>__<run>__<task>[__m<i>]`` reduced to ``[A-Za-z0-9_-]``, cut to fit) and
-    ended by a hash of the exact, unsanitized tuple: sanitizing and cutting can make two
-    different task instances look alike, and a collision would re-attach to another run's job.
-
-    Returns:
-        At most ``MAX_JOB_KEY_LENGTH`` characters; the same inputs always give the same key.
-    """
-    index = -1 if map_index is None else map_index
-    parts = [dag_id, run_id, task_id] + ([f"m{index}"] if index >= 0 else [])
-    readable = "__".join(_NOT_ID_SAFE.sub("-", part).strip("-") for part in parts)
-    exact = json.dumps([dag_id, run_id, task_id, index])
-    digest = hashlib.sha256(exact.encode()).hexdigest()[:12]
-    return f"{readable[: MAX_JOB_KEY_LENGTH - len(digest) - 1]}-{digest}"
-
-
-@dataclass(frozen=True)
-class SubmissionPlan:
-    """What to do about the Ray job of a task instance, given the jobs already on the cluster."""
-
-    action: Literal["attach", "reuse", "submit"]
-    """attach: wait for a PENDING/RUNNING job; reuse: it SUCCEEDED, read its result;
-    submit: start a new job (none yet, or the newest FAILED or was STOPPED)."""
-    job: dict[str, Any] | None = None
-    """The newest earlier job with this key, None when there is none."""
-
-
-def choose_plan(jobs: Iterable[dict[str, Any]], job_key: str) -> SubmissionPlan:
-    """Decide from the cluster's job list (``RayJobsHook.list_jobs``) alone; no I/O."""
-    mine = [job for job in jobs if _job_key_of(job) == job_key]
-    if not mine:
-        return SubmissionPlan("submit")
-    # A job that has not started yet has no start_time: it is the most recent one.
-    newest = max(mine, key=lambda job: job.get("start_time") or float("inf"))
-    if newest["status"] in ACTIVE_STATUSES:
-        return SubmissionPlan("attach", newest)
-    if newest["status"] == "SUCCEEDED":
-        return SubmissionPlan("reuse", newest)
-    return SubmissionPlan("submit", newest)
-
-
-def _job_key_of(job: dict[str, Any]) -> str | None:
-    # Jobs submitted without metadata (by hand, by other tools) list it as null.
-    key: str | None = (job.get("metadata") or {}).get(JOB_KEY_METADATA_FIELD)
-    return key
-
-
-def plan_submission(hook: RayJobsHook, job_key: str) -> SubmissionPlan:
-    """Look up the jobs already submitted under ``job_key`` and decide what to do."""
-    return choose_plan(hook.list_jobs(), job_key)
-
-
-def submit_new_job(
-    hook: RayJobsHook,
-    *,
-    job_key: str,
-    try_number: int,
-    entrypoint: str,
-    metadata: dict[str, str],
-    runtime_env: dict[str, Any] | None = None,
-    entrypoint_num_cpus: float | None = None,
-) -> str:
-    """Submit as ``<job_key>-t<try_number>``, tagged with the key; returns the submission id.
-
-    A cleared task can come back with a try number whose (failed) job is still listed; that id
-    then gets a short random suffix rather than failing the task.
-    """
-    tagged = {**metadata, JOB_KEY_METADATA_FIELD: job_key, "try_number": str(try_number)}
-
-    def submit(submission_id: str) -> str:
-        return hook.submit_job(
-            entrypoint=entrypoint,
-            submission_id=submission_id,
-            metadata=tagged,
-            runtime_env=runtime_env,
-            entrypoint_num_cpus=entrypoint_num_cpus,
-        )
-
-    submission_id = f"{job_key}-t{try_number}"
-    try:
-        return submit(submission_id)
-    except RaySubmissionExistsError:
-        return submit(f"{submission_id}-{secrets.token_hex(3)}")
 
 
 class RayJobOperator(BaseOperator):
@@ -137,14 +43,27 @@ class RayJobOperator(BaseOperator):
         ray_conn_id: Airflow connection of the Ray dashboard.
         result_uri: where the stage writes its ``result.json`` (templated); returned as the
             task's XCom once the job succeeded. Without it the task returns the job status.
-        runtime_env: Ray runtime environment (templated), e.g. ``{"env_vars": {...}}``.
-        entrypoint_num_cpus: CPUs reserved for the driver process.
+        job_options: the stage's ``JobOptions`` as a dict or its JSON (templated): timeout,
+            driver resources, ``runtime_env``, transient-error budget, stop wait.
+        inputs_fingerprint: hash of the stage's resolved inputs (templated); part of the job
+            key, so a cleared task whose inputs changed runs a new job and one whose inputs
+            did not reuses or re-attaches.
+        mlflow_run_url: the DAG run's MLflow parent run (templated), linked while the stage
+            runs; replaced by the stage's own run from ``result.json`` once it ends.
         poll_interval: seconds between status polls.
-        deferrable: wait in the triggerer (frees the worker slot) instead of polling here.
+        log_interval_s: seconds between fetches of new job log lines for the task log.
+        deferrable: wait in the triggerer (frees the worker slot); False runs the same
+            trigger in this worker.
     """
 
-    template_fields: Sequence[str] = ("entrypoint", "result_uri", "runtime_env")
-    template_fields_renderers: ClassVar[dict[str, str]] = {"runtime_env": "json"}
+    template_fields: Sequence[str] = (
+        "entrypoint",
+        "result_uri",
+        "job_options",
+        "inputs_fingerprint",
+        "mlflow_run_url",
+    )
+    template_fields_renderers: ClassVar[dict[str, str]] = {"job_options": "json"}
     operator_extra_links = (RayJobLink(), MLflowRunLink())
 
     def __init__(
@@ -153,9 +72,11 @@ class RayJobOperator(BaseOperator):
         entrypoint: str,
         ray_conn_id: str = "ray_default",
         result_uri: str | None = None,
-        runtime_env: dict[str, Any] | None = None,
-        entrypoint_num_cpus: float | None = None,
+        job_options: dict[str, Any] | str | None = None,
+        inputs_fingerprint: str | None = None,
+        mlflow_run_url: str | None = None,
         poll_interval: float = 5.0,
+        log_interval_s: float = 15.0,
         deferrable: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -163,86 +84,111 @@ class RayJobOperator(BaseOperator):
         self.entrypoint = entrypoint
         self.ray_conn_id = ray_conn_id
         self.result_uri = result_uri
-        self.runtime_env = runtime_env
-        self.entrypoint_num_cpus = entrypoint_num_cpus
+        self.job_options = job_options
+        self.inputs_fingerprint = inputs_fingerprint
+        self.mlflow_run_url = mlflow_run_url
         self.poll_interval = poll_interval
+        self.log_interval_s = log_interval_s
         self.deferrable = deferrable
-        self._submission_id: str | None = None  # for on_kill in the synchronous mode
+        self._watched: tuple[str, float] | None = None  # (submission id, stop wait): on_kill
 
     def execute(self, context: Context) -> dict[str, Any]:
-        """Submit or re-attach to the job, then defer (or poll) until it ends."""
-        hook = RayJobsHook(self.ray_conn_id)
-        plan, submission_id = self._start(context, hook)
-        self._submission_id = submission_id
-        dashboard_url = hook.dashboard_job_url(submission_id)
-        context["ti"].xcom_push(key=SUBMISSION_ID_XCOM_KEY, value=submission_id)
-        context["ti"].xcom_push(key=RAY_DASHBOARD_URL_KEY, value=dashboard_url)
-        # Links are rendered when the task defers too; an empty value (no button yet) spares
-        # the log an "XCom not found" error for a run URL that only exists once the stage ends.
-        context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value="")
-        if plan.action == "reuse" and plan.job is not None:
-            event = job_event_payload(
-                status="SUCCEEDED",
-                submission_id=submission_id,
-                message=plan.job.get("message"),
-                result_uri=self.result_uri,
-                dashboard_url=dashboard_url,
-            )
-            return self.execute_complete(context, event)
-        if self.deferrable:
-            trigger = RayJobTrigger(
-                submission_id=submission_id,
-                ray_conn_id=self.ray_conn_id,
-                poll_interval=self.poll_interval,
-                result_uri=self.result_uri,
-            )
-            self.defer(trigger=trigger, method_name="execute_complete")
-        return self.execute_complete(context, self._wait(hook, submission_id, dashboard_url))
-
-    def _start(self, context: Context, hook: RayJobsHook) -> tuple[SubmissionPlan, str]:
+        """Submit, re-attach to or reuse the job, then defer (or wait here) until it ends."""
+        options = JobOptions.parse(self.job_options, self.task_id)
         ti = context["ti"]
-        job_key = base_submission_id(ti.dag_id, ti.run_id, ti.task_id, ti.map_index)
-        plan = plan_submission(hook, job_key)
-        if plan.action != "submit" and plan.job is not None:
-            existing: str = plan.job["submission_id"]
-            verb = "re-attaching to" if plan.action == "attach" else "reusing the result of"
-            self.log.info("%s Ray job %s (%s)", verb, existing, plan.job["status"])
-            return plan, existing
+        # The parent run exists before the stage starts: link it while the task runs.
+        ti.xcom_push(key=MLFLOW_RUN_URL_KEY, value=self.mlflow_run_url or "")
+        hook = self._hook(options)
+        plan = plan_submission(hook, self._job_key(context), options)
+        if plan.action == "submit" or plan.job is None:
+            return self._submit_and_watch(context, hook, options, plan)
+        submission_id: str = plan.job["submission_id"]
+        verb = "re-attaching to" if plan.action == "attach" else "reusing the result of"
+        self.log.info("%s Ray job %s (%s)", verb, submission_id, plan.job["status"])
+        if plan.action == "attach":
+            adopted_at = time.time()
+            return self._watch(context, options, submission_id, submitted_at(plan.job), adopted_at)
+        dashboard_url = self._push_job_links(context, hook, submission_id)
+        event = job_event_payload(
+            status="SUCCEEDED",
+            submission_id=submission_id,
+            message=plan.job.get("message"),
+            result_uri=self.result_uri,
+            dashboard_url=dashboard_url,
+            stage=self.task_id,
+        )
+        return self.execute_complete(context, event)
+
+    def _hook(self, options: JobOptions) -> RayJobsHook:
+        return RayJobsHook(
+            self.ray_conn_id, transient_error_budget_s=options.transient_error_budget_s
+        )
+
+    def _job_key(self, context: Context) -> str:
+        ti = context["ti"]
+        return base_submission_id(
+            ti.dag_id, ti.run_id, ti.task_id, ti.map_index, self.inputs_fingerprint
+        )
+
+    def _submit_and_watch(
+        self, context: Context, hook: RayJobsHook, options: JobOptions, plan: SubmissionPlan
+    ) -> dict[str, Any]:
         if plan.job is not None:
             self.log.info(
                 "previous Ray job %s ended %s; submitting a new one",
                 plan.job["submission_id"],
                 plan.job["status"],
             )
+        ti = context["ti"]
+        started = time.time()
         submission_id = submit_new_job(
             hook,
-            job_key=job_key,
+            job_key=self._job_key(context),
             try_number=ti.try_number,
             entrypoint=self.entrypoint,
-            metadata={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id},
-            runtime_env=self.runtime_env,
-            entrypoint_num_cpus=self.entrypoint_num_cpus,
+            metadata={
+                "dag_id": ti.dag_id,
+                "run_id": ti.run_id,
+                "task_id": ti.task_id,
+                "inputs_fingerprint": self.inputs_fingerprint or "",
+            },
+            options=options,
         )
-        return plan, submission_id
+        return self._watch(context, options, submission_id, started, None)
 
-    def _wait(self, hook: RayJobsHook, submission_id: str, dashboard_url: str) -> dict[str, Any]:
-        """Synchronous twin of ``RayJobTrigger.run``: poll until the job ends."""
-        while True:
-            job = hook.get_job(submission_id)
-            if job is None:
-                status, message = "MISSING", f"Ray job {submission_id} no longer exists"
-            elif job["status"] in TERMINAL_STATUSES:
-                status, message = job["status"], job.get("message") or ""
-            else:
-                time.sleep(self.poll_interval)
-                continue
-            return job_event_payload(
-                status=status,
-                submission_id=submission_id,
-                message=message,
-                result_uri=self.result_uri,
-                dashboard_url=dashboard_url,
-            )
+    def _watch(
+        self,
+        context: Context,
+        options: JobOptions,
+        submission_id: str,
+        started: float,
+        adopted_at: float | None,
+    ) -> dict[str, Any]:
+        """Defer to the trigger, or run it here when not deferrable."""
+        self._watched = (submission_id, options.stop_wait_s)
+        self._push_job_links(context, self._hook(options), submission_id)
+        trigger = RayJobTrigger(
+            submission_id=submission_id,
+            ray_conn_id=self.ray_conn_id,
+            poll_interval=self.poll_interval,
+            result_uri=self.result_uri,
+            stage=self.task_id,
+            deadline=options.deadline_from(started),
+            timeout_s=options.timeout_s,
+            transient_error_budget_s=options.transient_error_budget_s,
+            stop_wait_s=options.stop_wait_s,
+            log_interval_s=self.log_interval_s,
+            adopted_at=adopted_at,
+        )
+        if self.deferrable:
+            self.defer(trigger=trigger, method_name="execute_complete")
+        return self.execute_complete(context, asyncio.run(first_event(trigger)))
+
+    def _push_job_links(self, context: Context, hook: RayJobsHook, submission_id: str) -> str:
+        dashboard_url = hook.dashboard_job_url(submission_id)
+        context["ti"].xcom_push(key=SUBMISSION_ID_XCOM_KEY, value=submission_id)
+        context["ti"].xcom_push(key=RAY_DASHBOARD_URL_KEY, value=dashboard_url)
+        return dashboard_url
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Finish the task from the trigger's event.
@@ -255,9 +201,23 @@ class RayJobOperator(BaseOperator):
             ``{"submission_id", "status"}``.
 
         Raises:
+            AirflowSkipException: the stage's result has a ``skip_reason`` (e.g. promotion
+                refused by a gate).
             AirflowException: the job did not succeed (with its message and log tail), or its
                 result file is missing or not a JSON object.
         """
+        if event["status"] == "STOPPED" and event.get("was_being_stopped"):
+            # The job this try re-attached to was being stopped by the kill or clear of an
+            # earlier try; a cleared task means "run again", now that the old job is gone.
+            self.log.info(
+                "Ray job %s was already being stopped when this try found it; it is STOPPED now",
+                event["submission_id"],
+            )
+            options = JobOptions.parse(self.job_options, self.task_id)
+            plan = SubmissionPlan(
+                "submit", {"submission_id": event["submission_id"], "status": "STOPPED"}
+            )
+            return self._submit_and_watch(context, self._hook(options), options, plan)
         if event["status"] != "SUCCEEDED":
             raise AirflowException(self._failure_report(event))
         if not event.get("result_uri"):
@@ -265,32 +225,49 @@ class RayJobOperator(BaseOperator):
         result = _read_stage_result(event["result_uri"], event["submission_id"])
         if result.get(MLFLOW_RUN_URL_KEY):
             context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value=result[MLFLOW_RUN_URL_KEY])
+        summary = result.get("summary") or []
+        if summary:
+            self.log.info("stage summary:")
+            for line in summary:
+                self.log.info("  %s", line)
+        if result.get("skip_reason"):
+            raise AirflowSkipException(str(result["skip_reason"]))
         return result
 
     def _failure_report(self, event: dict[str, Any]) -> str:
-        submission_id = event["submission_id"]
-        report = (
-            f"Ray job {submission_id} ended {event['status']}: {event.get('message') or '-'}\n"
-            f"Dashboard: {event.get('dashboard_url') or '-'}"
-        )
-        if event["status"] == "MISSING":
+        submission_id, status = event["submission_id"], event["status"]
+        dashboard = event.get("dashboard_url") or "-"
+        if status == "MISSING":
+            dashboard += " (dead link: that head no longer knows the job)"
+        elif status == "ERROR":
+            dashboard += " (may be unreachable, see above)"
+        headline = f"Ray job {submission_id} ended {status}"
+        if status == "TIMEOUT":
+            headline = f"stage {event.get('stage') or self.task_id!r} timed out; {headline}"
+        report = f"{headline}: {event.get('message') or '-'}\nDashboard: {dashboard}"
+        if status in ("MISSING", "ERROR"):
             return report
         try:
-            logs = RayJobsHook(self.ray_conn_id).get_job_logs(submission_id)
+            # One attempt: the report must reach the user even when Ray itself is failing.
+            logs = RayJobsHook(self.ray_conn_id).get_job_logs(submission_id, retry=False)
         except RayJobsError as err:
-            # The report must still reach the user when Ray itself is what failed.
             return f"{report}\n(job log unavailable: {err})"
         tail = "\n".join(logs.rstrip().splitlines()[-LOG_TAIL_LINES:])
         return f"{report}\nLast {LOG_TAIL_LINES} lines of the job log:\n{tail}"
 
     def on_kill(self) -> None:
-        """Stop the Ray job when the task is killed while polling synchronously.
-
-        A deferred task is killed in the triggerer instead: see ``RayJobTrigger.on_kill``.
-        """
-        if self._submission_id:
-            stopped = RayJobsHook(self.ray_conn_id).stop_job(self._submission_id)
-            self.log.info("asked Ray to stop job %s: stopped=%s", self._submission_id, stopped)
+        """Stop the Ray job, and wait for STOPPED, when the task is killed while this worker
+        holds it (submitting, or waiting with ``deferrable=False``). A deferred task is killed
+        in the triggerer instead: see ``RayJobTrigger.on_kill``."""
+        if self._watched is None:
+            return
+        submission_id, stop_wait_s = self._watched
+        try:
+            job = RayJobsHook(self.ray_conn_id).stop_and_wait(submission_id, stop_wait_s)
+        except RayJobsError as err:
+            self.log.warning("could not stop Ray job %s: %s", submission_id, err)
+            return
+        self.log.info("Ray job %s stopped on task kill: %s", submission_id, job and job["status"])
 
 
 def _read_stage_result(result_uri: str, submission_id: str) -> dict[str, Any]:

@@ -23,12 +23,8 @@ from ray_jobs.hooks import (
     RayJobsUnreachableError,
     RaySubmissionExistsError,
 )
-from ray_jobs.operators import (
-    RayJobOperator,
-    base_submission_id,
-    plan_submission,
-    submit_new_job,
-)
+from ray_jobs.operators import RayJobOperator
+from ray_jobs.submission import base_submission_id, plan_submission, submit_new_job
 from ray_jobs.triggers import RayJobTrigger
 
 pytestmark = pytest.mark.integration
@@ -134,13 +130,14 @@ def test_unreachable_address_fails_fast_naming_url_and_connection(
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     started = time.monotonic()
     with pytest.raises(RayJobsUnreachableError) as err:
-        RayJobsHook("ray_nowhere").list_jobs()
+        RayJobsHook("ray_nowhere", transient_error_budget_s=2).list_jobs()
 
-    assert time.monotonic() - started < 10
+    assert 2 <= time.monotonic() - started < 10  # retried for the budget, then gave up
     message = str(err.value)
     assert f"{url}/api/jobs/" in message
     assert "'ray_nowhere'" in message and "AIRFLOW_CONN_RAY_NOWHERE" in message
-    assert "Ray head" in message
+    assert "The Ray head is down or unreachable" in message
+    assert "within transient_error_budget_s=2" in message
 
 
 # -- trigger -----------------------------------------------------------------------------------
@@ -161,24 +158,35 @@ def test_trigger_yields_one_succeeded_event(hook: RayJobsHook, ray_head: RayHead
             "message": "Job finished successfully.",
             "result_uri": "/r.json",
             "dashboard_url": f"{ray_head.dashboard_url}/#/jobs/{sid}",
+            "stage": "",
+            "was_being_stopped": False,
         }
     ]
 
 
 def test_trigger_reports_missing_job_and_unreachable_ray(
-    hook: RayJobsHook, monkeypatch: pytest.MonkeyPatch
+    hook: RayJobsHook, ray_head: RayHead, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     missing = collect(RayJobTrigger(submission_id="gone", ray_conn_id="ray_test"))
-    assert [(e.payload["status"], e.payload["message"]) for e in missing] == [
-        ("MISSING", "Ray job gone no longer exists on the cluster")
-    ]
+    assert [e.payload["status"] for e in missing] == ["MISSING"]
+    assert (
+        missing[0]
+        .payload["message"]
+        .startswith(
+            f"Ray job gone does not exist on the Ray head at {ray_head.dashboard_url}: that head "
+            "was restarted or replaced since the job was submitted, so the job's cluster is gone"
+        )
+    )
 
     monkeypatch.setenv("AIRFLOW_CONN_RAY_NOWHERE", f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
-    error = collect(RayJobTrigger(submission_id="x", ray_conn_id="ray_nowhere", poll_interval=0.05))
-    assert time.monotonic() - started < 5  # retried a few times, then gave up
+    error = collect(
+        RayJobTrigger(submission_id="x", ray_conn_id="ray_nowhere", transient_error_budget_s=2)
+    )
+    assert 2 <= time.monotonic() - started < 8  # retried for the budget, then gave up
     assert [e.payload["status"] for e in error] == ["ERROR"]
     assert "cannot reach the Ray Jobs API" in error[0].payload["message"]
+    assert "the head of a finished `make demo`" in error[0].payload["message"]
 
 
 # -- re-attach decision ------------------------------------------------------------------------
@@ -195,7 +203,8 @@ def test_reattach_decision_follows_the_jobs_on_the_cluster(hook: RayJobsHook) ->
         f"{key}-t1", "attach", first
     )  # fmt: skip
     assert plan.job and plan.job["metadata"] == {
-        "dag_id": "reattach", "airflow_job_key": key, "try_number": "1"
+        "dag_id": "reattach", "airflow_job_key": key, "try_number": "1",
+        "airflow_submit_nonce": plan.job["metadata"]["airflow_submit_nonce"],
     }  # fmt: skip
 
     assert hook.stop_job(first) is True

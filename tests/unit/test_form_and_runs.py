@@ -52,13 +52,17 @@ def test_literal_fields_become_enums_that_include_none() -> None:
     ]
 
 
-def test_plain_fields_and_descriptions_on_one_line() -> None:
-    assert field_schema("compute.offload_optimizer")["type"] == ["null", "boolean"]
+def test_booleans_are_three_way_selects_and_descriptions_plain_text() -> None:
+    # A switch cannot show "unset": the form draws an enum without a type as a select.
+    offload = field_schema("compute.offload_optimizer")
+    assert offload["enum"] == [None, True, False]
+    assert "type" not in offload
     corpus = field_schema("data.domain_corpus")
     assert corpus["type"] == ["null", "string"]
     assert "\n" not in corpus["description"]
     assert "  " not in corpus["description"]
     assert corpus["description"].startswith("JSONL file (local path or s3:// URI) of domain")
+    assert "(data/*.jsonl), folders and s3:// prefixes" in corpus["description"]  # no ``
 
 
 def test_form_fields_cover_the_form_and_mention_demo_values() -> None:
@@ -74,15 +78,35 @@ def test_form_fields_cover_the_form_and_mention_demo_values() -> None:
     assert fields["compute.zero_stage"]["description"].endswith(
         f"Empty keeps demo.yaml's value: {demo['compute']['zero_stage']}."
     )
-    # A field the file does not set gets no hint.
+    # A field the file does not set keeps the schema default.
     assert "eval" not in demo or "min_improvement" not in demo["eval"]
-    assert "Empty keeps" not in fields["eval.min_improvement"]["description"]
+    assert fields["eval.min_improvement"]["description"].endswith("Empty keeps the default: 0.0.")
 
 
-def test_form_fields_without_a_config_file_have_no_hints(tmp_path: Path) -> None:
+def test_form_fields_are_titled_grouped_and_label_the_empty_choice() -> None:
+    fields = form_fields(DEMO)
+    assert [fields[f]["title"] for f in ("cpt.max_steps", "sft.lr", "compute.zero_stage")] == [
+        "CPT max steps",
+        "SFT learning rate",
+        "ZeRO stage",
+    ]
+    sections = [fields[f]["section"] for f in FORM_FIELDS]
+    assert sections[:3] == ["Data"] * 3 and sections[-1] == "Evaluation gates"
+    assert sections.count("Compute") == 5
+    # Keys as the browser spells String(value); the empty choice names the value it keeps.
+    assert fields["compute.offload_optimizer"]["values_display"] == {
+        "null": "(keep demo.yaml's value: on)",
+        "true": "on",
+        "false": "off",
+    }
+    assert fields["compute.zero_stage"]["values_display"]["null"] == "(keep demo.yaml's value: 3)"
+    assert fields["compute.attention"]["values_display"]["sdpa"] == "sdpa"
+
+
+def test_form_fields_without_a_config_file_show_the_schema_defaults(tmp_path: Path) -> None:
     fields = form_fields(tmp_path / "missing.yaml")
-    assert all("Empty keeps" not in f["description"] for f in fields.values())
-    assert fields["cpt.lr"]["description"] == "Peak learning rate."
+    assert fields["cpt.lr"]["description"] == "Peak learning rate."  # required: no default
+    assert fields["compute.zero_stage"]["values_display"]["null"] == "(keep the default: 3)"
 
 
 # --- run_key -----------------------------------------------------------------------------
@@ -141,7 +165,10 @@ def test_check_inputs_names_the_missing_instructions(tmp_path: Path) -> None:
 def test_check_inputs_passes_when_files_exist(tmp_path: Path) -> None:
     (tmp_path / "domain.jsonl").write_text("{}\n")
     (tmp_path / "chats.jsonl").write_text("{}\n")
-    assert check_inputs(_config(tmp_path)) is None
+    assert check_inputs(_config(tmp_path)) == {
+        "data.domain_corpus": [str(tmp_path / "domain.jsonl")],
+        "data.instructions": [str(tmp_path / "chats.jsonl")],
+    }
 
 
 def test_check_inputs_rejects_a_base_model_folder_without_config_json(tmp_path: Path) -> None:
@@ -233,3 +260,66 @@ def test_plan_auto_is_applied_before_any_job_and_logged_to_the_parent_run(tmp_pa
     assert "plan.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     logged = parent.data.metrics["plan.cpt.predicted_step_time_s"]
     assert logged == pytest.approx(chosen["step_time_s"])
+
+
+# --- resolve_run: what the first task hands to the stages ---------------------------------
+
+
+def _demo_overrides(tmp_path: Path, data: Path | None = None) -> dict[str, object]:
+    overrides: dict[str, object] = {
+        "storage.artifact_root": str(tmp_path / "artifacts"),
+        "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "tracking.artifact_location": str(tmp_path / "mlruns"),
+        "tracking.ui_url": "http://mlflow.example:5000",
+    }
+    if data is not None:
+        overrides["data.domain_corpus"] = str(data)
+    return overrides
+
+
+def test_resolve_run_returns_code_version_jobs_and_the_parent_run_url(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from pipeline.runs import STAGES, resolve_run
+    from pipeline.stages.common import code_version
+
+    resolved = resolve_run(str(DEMO), _demo_overrides(tmp_path), "keys-run")
+    assert resolved["code_version"] == code_version()
+    assert re.fullmatch(r"0\.1\.0\+src\.[0-9a-f]{10}", resolved["code_version"])
+    assert re.fullmatch(r"[0-9a-f]{16}", resolved["inputs_fingerprint"])
+    jobs = resolved["jobs"]
+    assert list(jobs) == list(STAGES)
+    assert jobs["continued_pretraining"] == {
+        "timeout_s": 4320 * 60.0,
+        "entrypoint_num_cpus": 1.0,
+        "entrypoint_memory": 2 * 1024**3,
+        "entrypoint_resources": {},
+        "runtime_env": {},
+        "transient_error_budget_s": 600.0,
+        "stop_wait_s": 180.0,
+    }
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("domain-llm")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (parent,) = client.search_runs([experiment.experiment_id])
+    assert parent.data.tags["pipeline.role"] == "parent"
+    assert resolved["mlflow_run_url"] == (
+        f"http://mlflow.example:5000/#/experiments/{experiment.experiment_id}"
+        f"/runs/{parent.info.run_id}"
+    )
+
+
+def test_inputs_fingerprint_follows_the_data_files_and_the_config(tmp_path: Path) -> None:
+    from pipeline.runs import resolve_run
+
+    data = tmp_path / "domain.jsonl"
+    data.write_text((REPO_ROOT / "configs" / "demo_data" / "domain.jsonl").read_text())
+    overrides = _demo_overrides(tmp_path, data)
+    first = resolve_run(str(DEMO), overrides, "fp-run")["inputs_fingerprint"]
+    assert resolve_run(str(DEMO), overrides, "fp-run")["inputs_fingerprint"] == first
+    with data.open("a") as f:
+        f.write('{"text": "one more document"}\n')
+    changed_data = resolve_run(str(DEMO), overrides, "fp-run")["inputs_fingerprint"]
+    assert changed_data != first
+    changed_config = resolve_run(str(DEMO), {**overrides, "cpt.max_steps": 31}, "fp-run")
+    assert changed_config["inputs_fingerprint"] not in (first, changed_data)

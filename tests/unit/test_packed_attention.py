@@ -1,6 +1,6 @@
 """Packed documents stay isolated on every attention kernel, at every micro-batch size.
 
-``packed_model_inputs`` is what the training loop and ``score_blocks`` pass to the model. These
+``packed_model_inputs`` is what the training loop and ``score_sequences`` pass to the model. These
 tests run a tiny Llama on multi-row packed batches (several documents of uneven length per row,
 one split across rows, a padding segment) and pin every segment's logits to the same segment
 run alone, on sdpa and eager (train and eval), flex attention, and the flash-attention code path.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from pipeline.data.chat import IGNORE_INDEX
 from pipeline.data.pack import PackedBlocks, pack_documents
-from pipeline.eval.perplexity import score_blocks
+from pipeline.eval.perplexity import score_sequences
 from pipeline.train.attention import (
     document_block_mask,
     document_starts,
@@ -371,7 +371,7 @@ def test_flex_block_mask_rows_match_documents_run_alone(
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager", "flash_attention_2"])
-def test_score_blocks_scores_packed_rows_like_documents_alone(
+def test_score_sequences_scores_padded_rows_like_documents_alone(
     make_tiny_llama: Callable[..., PreTrainedModel],
     flash_kernels_on_cpu: None,
     tokenizer: PreTrainedTokenizerBase,
@@ -383,8 +383,16 @@ def test_score_blocks_scores_packed_rows_like_documents_alone(
         model.config._attn_implementation = attention  # see flash_llama
     else:
         model = make_tiny_llama(attention)
-    lengths = [1] * len(tokenizer)
-    score = score_blocks(model, blocks, lengths, batch_size=3, max_batches=1, attention=attention)
+    # Every segment a sequence of its own: right-padded rows of uneven length, 3 per batch.
+    pieces = [
+        (blocks.input_ids[row, start:end], blocks.labels[row, start:end])
+        for row, start, end in _segments(blocks)
+    ]
+    sequences = [(ids.tolist(), (labels != IGNORE_INDEX).tolist()) for ids, labels in pieces]
+    scored = score_sequences(
+        model, sequences, SEQ_LEN, SEQ_LEN // 2, 3, attention, tokenizer.pad_token_id
+    )
+    score_nll, score_tokens = sum(n for n, _ in scored), sum(t for _, t in scored)
 
     nll, tokens = 0.0, 0
     ids, _, labels = _tensors(blocks)
@@ -392,8 +400,8 @@ def test_score_blocks_scores_packed_rows_like_documents_alone(
         logits = _alone(model, ids[row, start:end])[None]
         seg_nll, seg_tokens = _summed_token_loss(logits, labels[row : row + 1, start:end])
         nll, tokens = nll + seg_nll, tokens + seg_tokens
-    assert score.tokens == tokens == SCORED_TOKENS
-    assert score.nll_sum == pytest.approx(nll, rel=1e-5)
+    assert score_tokens == tokens == SCORED_TOKENS
+    assert score_nll == pytest.approx(nll, rel=1e-5)
 
 
 # --- select_attention -----------------------------------------------------------------------

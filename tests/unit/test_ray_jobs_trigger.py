@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,19 +17,22 @@ from airflow.sdk.types import TaskInstanceKey
 from ray_jobs_plugin import RayJobsPlugin
 
 from ray_jobs.hooks import (
+    BACKOFF_MAX_S,
     RayJobsError,
     RayJobsHook,
+    TransientRetry,
     dashboard_base_url,
     resolve_auth_token,
 )
 from ray_jobs.links import MLflowRunLink, RayJobLink
-from ray_jobs.operators import (
+from ray_jobs.operators import RayJobOperator
+from ray_jobs.submission import (
     MAX_JOB_KEY_LENGTH,
-    RayJobOperator,
+    JobOptions,
     base_submission_id,
     choose_plan,
 )
-from ray_jobs.triggers import RayJobTrigger
+from ray_jobs.triggers import RayJobTrigger, new_log_lines
 
 RUN_ID = "manual__2026-01-05T10:00:00+00:00"
 
@@ -36,21 +40,25 @@ RUN_ID = "manual__2026-01-05T10:00:00+00:00"
 
 
 def test_trigger_serialize_round_trips_through_its_class_path() -> None:
-    trigger = RayJobTrigger(
-        submission_id="dag__run__task-abc-t1",
-        ray_conn_id="ray_default",
-        poll_interval=2.5,
-        result_uri="s3://bucket/run/stage/result.json",
-    )
-    classpath, kwargs = trigger.serialize()
-
-    assert classpath == "ray_jobs.triggers.RayJobTrigger"
-    assert kwargs == {
+    kwargs_in = {
         "submission_id": "dag__run__task-abc-t1",
         "ray_conn_id": "ray_default",
         "poll_interval": 2.5,
         "result_uri": "s3://bucket/run/stage/result.json",
+        "stage": "evaluate",
+        "deadline": 1_767_600_000.5,
+        "timeout_s": 3600.0,
+        "transient_error_budget_s": 120.0,
+        "stop_wait_s": 30.0,
+        "log_interval_s": 7.0,
+        "adopted_at": 1_767_596_400.25,
     }
+    trigger = RayJobTrigger(**kwargs_in)  # type: ignore[arg-type]
+    classpath, kwargs = trigger.serialize()
+
+    assert classpath == "ray_jobs.triggers.RayJobTrigger"
+    # Everything the wait depends on survives a triggerer restart, the deadline above all.
+    assert kwargs == kwargs_in
     # The triggerer stores kwargs as JSON and rebuilds the trigger from the class path.
     rebuilt = import_string(classpath)(**json.loads(json.dumps(kwargs)))
     assert rebuilt.serialize() == (classpath, kwargs)
@@ -87,6 +95,80 @@ def test_base_submission_id_is_bounded_for_long_ids() -> None:
     assert len(long) == MAX_JOB_KEY_LENGTH
     assert re.fullmatch(r"[A-Za-z0-9_-]+", long)
     assert long != other  # same truncated prefix, different hash
+
+
+def test_inputs_fingerprint_changes_the_key_and_stays_readable() -> None:
+    plain = base_submission_id("domain_llm", RUN_ID, "evaluate", -1)
+    first = base_submission_id("domain_llm", RUN_ID, "evaluate", -1, "3f9a1c0d77e2b4a1")
+    again = base_submission_id("domain_llm", RUN_ID, "evaluate", -1, "3f9a1c0d77e2b4a1")
+    changed = base_submission_id("domain_llm", RUN_ID, "evaluate", -1, "3f9a1c0d77e2b4a2")
+
+    assert first == again  # unchanged inputs: same key, so the job is reused or re-attached
+    assert len({plain, first, changed}) == 3  # changed inputs: a new job
+    assert first.startswith("domain_llm__manual__2026-01-05T10-00-00-00-00__evaluate__3f9a1c0d-")
+    assert base_submission_id("domain_llm", RUN_ID, "evaluate", -1, "") == plain
+    long = base_submission_id("d" * 200, RUN_ID, "t" * 250, 12, "ab" * 40)
+    assert len(long) == MAX_JOB_KEY_LENGTH and "__abababab-" in long
+
+
+# -- job options -------------------------------------------------------------------------------
+
+
+def test_job_options_parse_the_templated_json_of_the_resolved_config() -> None:
+    rendered = json.dumps(
+        {
+            "timeout_s": 600,
+            "entrypoint_num_cpus": 1.0,
+            "entrypoint_memory": 2147483648.0,
+            "entrypoint_resources": {"driver": 1},
+            "runtime_env": {"env_vars": {"A": "1"}},
+            "transient_error_budget_s": 300,
+            "stop_wait_s": 60,
+        }
+    )
+    options = JobOptions.parse(rendered, "evaluate")
+
+    assert options.entrypoint_memory == 2_147_483_648
+    assert isinstance(options.entrypoint_memory, int)  # Ray rejects a float
+    assert (options.timeout_s, options.stop_wait_s) == (600, 60)
+    assert options.deadline_from(1000.0) == 1600.0
+    assert JobOptions.parse("null", "t") == JobOptions.parse(None, "t") == JobOptions()
+    assert JobOptions.parse({"timeout_s": None}, "t").deadline_from(1000.0) is None
+    with pytest.raises(ValueError, match=r"unknown keys \['timeout'\]; allowed: \['timeout_s'"):
+        JobOptions.parse({"timeout": 5}, "evaluate")
+    with pytest.raises(ValueError, match=r"job_options of task 'evaluate' is not JSON.*tojson"):
+        JobOptions.parse("{'timeout_s': 5}", "evaluate")
+
+
+# -- log streaming and retry schedule ----------------------------------------------------------
+
+
+def test_new_log_lines_keeps_an_offset_holds_partial_lines_and_rate_limits() -> None:
+    log = "step 1 loss 2.0\nstep 2 loss 1.9\nstep 3 lo"
+    first = new_log_lines(log, 0, max_lines=50, final=False)
+    assert (first.lines, first.skipped, first.offset) == (
+        ["step 1 loss 2.0", "step 2 loss 1.9"], 0, 32
+    )  # fmt: skip
+    log += "ss 1.8\n" + "".join(f"step {i}\n" for i in range(4, 104)) + "committed"
+    second = new_log_lines(log, first.offset, max_lines=50, final=False)
+    assert second.skipped == 51 and len(second.lines) == 50  # step 3 .. 103 is 101 lines
+    assert second.lines[-1] == "step 103"
+    final = new_log_lines(log, second.offset, max_lines=50, final=True)
+    assert (final.lines, final.offset) == (["committed"], len(log))
+    assert new_log_lines(log, final.offset, max_lines=50, final=True).lines == []
+    assert new_log_lines("fresh\n", 500, max_lines=50, final=False).lines == ["fresh"]
+
+
+def test_transient_retry_backs_off_exponentially_capped_within_the_budget() -> None:
+    schedule = TransientRetry(budget_s=10_000)
+    delays = [schedule.next_delay() for _ in range(8)]
+    assert delays == [1, 2, 4, 8, 16, BACKOFF_MAX_S, BACKOFF_MAX_S, BACKOFF_MAX_S]
+    assert TransientRetry(budget_s=0).next_delay() is None
+    # The budget is wall-clock time since the first failure: never sleep past it.
+    one_second_in = TransientRetry(budget_s=2.5, started=time.monotonic() - 1.0, attempts=1)
+    assert 1.4 < one_second_in.next_delay() <= 1.5  # type: ignore[operator]
+    spent = TransientRetry(budget_s=2.5, started=time.monotonic() - 2.6, attempts=2)
+    assert spent.next_delay() is None
 
 
 # -- re-attach decision ------------------------------------------------------------------------
@@ -272,6 +354,8 @@ def _event(status: str, result_uri: str | None = None) -> dict[str, Any]:
         "message": "Job finished.",
         "result_uri": result_uri,
         "dashboard_url": "http://head:8265/#/jobs/j-t1",
+        "stage": "t",
+        "was_being_stopped": False,
     }
 
 
@@ -301,3 +385,40 @@ def test_execute_complete_errors_name_the_job_and_the_file(tmp_path: Path) -> No
         AirflowException, match=re.escape("j-t1 ended MISSING: Job finished.\nDashboard: http")
     ):
         operator.execute_complete(context, _event("MISSING"))
+
+
+def test_execute_complete_logs_the_summary_and_skips_with_the_gate_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    result_uri = tmp_path / "result.json"
+    summary = ["gate perplexity 12.1 <= 15.0 pass", "gate judge 0.41 >= 0.5 FAIL", "decision: keep"]
+    result = {
+        "stage": "promote",
+        "mlflow_run_url": "http://mlflow/r/7",
+        "summary": summary,
+        "skip_reason": "promotion refused: gate judge 0.41 < 0.5",
+    }
+    result_uri.write_text(json.dumps(result))
+    ti = FakeTaskInstance()
+    operator = RayJobOperator(task_id="promote", entrypoint="true", ray_conn_id="ray_not_needed")
+
+    with pytest.raises(AirflowSkipException) as skipped:
+        operator.execute_complete({"ti": ti}, _event("SUCCEEDED", str(result_uri)))  # type: ignore[typeddict-item]
+
+    assert str(skipped.value) == "promotion refused: gate judge 0.41 < 0.5"
+    assert ti.xcoms == {"mlflow_run_url": "http://mlflow/r/7"}  # the child run, even when skipped
+    # The task SDK logs through structlog to stdout: one line each, in this order, at the end.
+    logged = [line for line in capsys.readouterr().out.splitlines() if "operators.py" in line]
+    expected = ["stage summary:", *(f"  {line}" for line in summary)]
+    assert len(logged) == 4
+    assert all(want in got for want, got in zip(expected, logged, strict=True))
+
+
+def test_timeout_and_missing_failures_say_what_happened() -> None:
+    operator = RayJobOperator(task_id="t", entrypoint="true", ray_conn_id="ray_not_needed")
+    context: Any = {"ti": FakeTaskInstance()}
+    missing = {**_event("MISSING"), "message": "Ray job j-t1 does not exist on the Ray head"}
+    with pytest.raises(AirflowException, match=r"(?s)ended MISSING.*dead link: that head"):
+        operator.execute_complete(context, missing)

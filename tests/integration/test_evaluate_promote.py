@@ -1,0 +1,203 @@
+"""Evaluate and promote end to end, as their stage entrypoints run them: real data preparation on
+the demo corpus, tiny models on disk, Ray tasks on an in-process local cluster, MLflow on SQLite.
+
+A briefly trained candidate beats the random base and becomes champion; then a deliberately
+damaged candidate (the trained weights scaled by 3) is scored against that champion, fails its
+gates and is registered as challenger only: the promote task ends skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.config import REPO_ROOT, PipelineConfig, load_config
+from pipeline.stages import evaluate, prepare_data, promote
+from pipeline.stages.common import stage_main, write_resolved_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+def _config(root: Path) -> PipelineConfig:
+    return load_config(
+        REPO_ROOT / "configs" / "demo.yaml",
+        {
+            "storage.artifact_root": str(root / "artifacts"),
+            "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db",
+            "tracking.artifact_location": str(root / "mlruns"),
+            "tracking.registered_model": "eval-test",
+            "eval.max_documents": 16,
+            "eval.max_generations": 4,
+            "eval.max_new_tokens": 16,
+            "eval.num_workers": 2,
+        },
+    )
+
+
+def _train_briefly(base: Path, data_uri: str, out: Path, steps: int = 40) -> None:
+    """A plain torch loop over the packed training blocks: enough to beat the random init."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.data.shards import read_manifest, read_split
+    from pipeline.data.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    blocks = read_split(data_uri, read_manifest(data_uri), "cpt_train")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        rows = [(step * 4 + i) % len(blocks) for i in range(4)]
+        ids = torch.as_tensor(blocks.input_ids[rows], dtype=torch.long)
+        labels = torch.as_tensor(blocks.labels[rows], dtype=torch.long)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(str(out))
+    load_tokenizer(base).save_pretrained(str(out))
+
+
+def _damage(good: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.data.tokenizer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(good), dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                param.mul_(3.0)
+    model.save_pretrained(str(out))
+    load_tokenizer(good).save_pretrained(str(out))
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A private in-process cluster (``address="local"``: never another test's head)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> dict[str, Any]:
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.train.model import build_model
+
+    root = tmp_path_factory.mktemp("evalpromote")
+    cfg = _config(root)
+    config_uri = write_resolved_config(cfg, "prep")
+    data = stage_main(
+        "prepare_data", prepare_data.run, ["--config", config_uri, "--run-key", "prep"]
+    )["outputs"]
+    tok = load_tokenizer(data["tokenizer"])
+    base = root / "base"
+    build_model(cfg.model, tok, cfg.data.seq_len, seed=0).save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    good, damaged = root / "good", root / "damaged"
+    _train_briefly(base, data["data"], good)
+    _damage(good, damaged)
+    return {"root": root, "cfg": cfg, "data": data, "base": base, "good": good, "bad": damaged}
+
+
+def _evaluate_and_promote(prepared: dict[str, Any], key: str, candidate: Path) -> dict[str, Any]:
+    """Write the upstream result evaluate reads, then run evaluate and promote's entrypoints."""
+    from pipeline import storage
+
+    cfg = prepared["cfg"]
+    config_uri = write_resolved_config(cfg, key)
+    upstream = storage.stage_uri(cfg.storage.artifact_root, key, "instruction_finetuning")
+    outputs = {
+        **prepared["data"],
+        "base_model": str(prepared["base"]),
+        "cpt_model": str(prepared["good"]),
+        "sft_model": str(candidate),
+    }
+    storage.commit(upstream, {"stage": "instruction_finetuning", "outputs": outputs})
+    args = ["--config", config_uri, "--run-key", key]
+    ev = stage_main("evaluate", evaluate.run, [*args, "--input", upstream])
+    pr = stage_main("promote", promote.run, [*args, "--input", ev["output_uri"]])
+    report = json.loads(Path(ev["outputs"]["eval_report"]).read_text())
+    return {"evaluate": ev, "promote": pr, "report": report}
+
+
+def _is_png(path: Path) -> bool:
+    head = path.read_bytes()[:24]
+    width, height = struct.unpack(">II", head[16:24])
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and width > 100 and height > 100
+
+
+@pytest.fixture(scope="module")
+def first(prepared: dict[str, Any]) -> dict[str, Any]:
+    return _evaluate_and_promote(prepared, "run-good", prepared["good"])
+
+
+@pytest.fixture(scope="module")
+def second(prepared: dict[str, Any], first: dict[str, Any]) -> dict[str, Any]:
+    return _evaluate_and_promote(prepared, "run-damaged", prepared["bad"])
+
+
+def test_trained_candidate_passes_against_the_base_and_becomes_champion(
+    first: dict[str, Any],
+) -> None:
+    report = first["report"]
+    assert report["reference"] == "base" and report["champion_version"] is None
+    assert report["passed"] is True, report["gates"]
+    gates = {g["name"]: g for g in report["gates"]}
+    assert gates["domain_bpb"]["low"] > 0.0
+    scores = report["scores"]
+    # Same 16 documents for every model, whole UTF-8 documents: identical byte counts.
+    assert scores["candidate"]["domain"]["bytes"] == scores["base"]["domain"]["bytes"]
+    assert len(scores["candidate"]["domain"]["documents"]) == 16
+    assert len(scores["candidate"]["instructions"]["examples"]) == 4
+    assert (
+        scores["candidate"]["domain"]["bits_per_byte"]
+        < 0.8 * scores["base"]["domain"]["bits_per_byte"]
+    )
+    promoted = first["promote"]
+    assert promoted["skip_reason"] is None
+    assert promoted["outputs"]["model_version"] == "1"
+
+
+def test_report_is_written_with_valid_plots(first: dict[str, Any]) -> None:
+    html = Path(first["report"]["report_html"])
+    assert html.name == "report.html" and html.is_file()
+    text = html.read_text()
+    assert "domain_bpb" in text
+    images = sorted(html.parent.glob("*.png"))
+    assert len(images) >= 2 and all(_is_png(p) for p in images)
+    assert any(line.startswith("candidate vs base model") for line in first["evaluate"]["summary"])
+
+
+def test_damaged_candidate_is_not_promoted(
+    prepared: dict[str, Any], first: dict[str, Any], second: dict[str, Any]
+) -> None:
+    from mlflow import MlflowClient
+
+    report = second["report"]
+    assert report["reference"] == "champion" and report["champion_version"] == "1"
+    assert report["passed"] is False
+    failed = {g["name"] for g in report["gates"] if not g["passed"]}
+    assert {"domain_bpb", "general_bpb"} <= failed
+    assert second["promote"]["skip_reason"].startswith("promotion refused")
+    uri = prepared["cfg"].tracking.tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert str(client.get_model_version_by_alias("eval-test", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("eval-test", "challenger").version) == "2"
+    # The champion was fetched from the registry and scores exactly as the model it was.
+    scores = report["scores"]
+    assert (
+        scores["champion"]["domain"]["documents"]
+        == first["report"]["scores"]["candidate"]["domain"]["documents"]
+    )
+    assert scores["candidate"]["domain"]["bits_per_byte"] == pytest.approx(1.5131, abs=2e-3)

@@ -1,0 +1,273 @@
+"""Triggering safely: the conf allowlist, the config folder, remote-safe storage, secrets kept
+out of MLflow params and XCom, the failure notification, and fresh data starting a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.config import REPO_ROOT, ConfigError, load_config
+from pipeline.form import FORM_FIELDS, allowed_config_dirs, trigger_overrides
+from pipeline.localstack import free_port
+from pipeline.runs import check_remote_safe, is_local_host, resolve_run
+
+DEMO = REPO_ROOT / "configs" / "demo.yaml"
+SECRET = "hf_hunter2secret"
+PASSWORD = "pw-hunter2"
+
+
+# --- dag_run.conf allowlist and the config folder --------------------------------------------
+
+
+def test_conf_keys_outside_the_form_are_rejected_with_the_allowed_list() -> None:
+    params = {"config": str(DEMO), **dict.fromkeys(FORM_FIELDS), "cpt.max_steps": 5}
+    conf = {"config": str(DEMO), "cpt.max_steps": 5, "storage.artifact_root": "/tmp/elsewhere"}
+    with pytest.raises(ConfigError) as err:
+        trigger_overrides(params, conf, allowed_config_dirs(DEMO))
+    message = str(err.value)
+    assert message.startswith("dag_run.conf keys ['storage.artifact_root'] are not allowed")
+    assert "config, data.domain_corpus, data.instructions, data.seq_len, cpt.max_steps" in message
+    # Only the form's fields: the same conf without the extra key passes.
+    del conf["storage.artifact_root"]
+    path, overrides = trigger_overrides(params, conf, allowed_config_dirs(DEMO))
+    assert path == str(DEMO)
+    assert list(overrides) == list(FORM_FIELDS)
+    assert overrides["cpt.max_steps"] == 5
+
+
+def test_the_config_file_must_be_under_an_allowed_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outside = tmp_path / "mine.yaml"
+    outside.write_text(DEMO.read_text())
+    params = {"config": str(outside), **dict.fromkeys(FORM_FIELDS)}
+    with pytest.raises(ConfigError, match=r"^config: .*mine\.yaml is outside the allowed config"):
+        trigger_overrides(params, {"config": str(outside)}, allowed_config_dirs(DEMO))
+    sneaky = {**params, "config": str(REPO_ROOT / "configs" / ".." / "pyproject.toml")}
+    with pytest.raises(ConfigError, match="outside the allowed config folders"):
+        trigger_overrides(sneaky, {}, allowed_config_dirs(DEMO))
+    monkeypatch.setenv("PIPELINE_CONFIG_DIRS", f"/nonexistent{os.pathsep}{tmp_path}")
+    path, _ = trigger_overrides(params, {"config": str(outside)}, allowed_config_dirs(DEMO))
+    assert path == str(outside)
+
+
+# --- remote clusters -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "local"),
+    [
+        ("127.0.0.1:8265", True),
+        ("http://localhost:8265", True),
+        ("[::1]:8265", True),
+        ("", True),
+        ("ray-head.ray.svc:8265", False),
+        ("https://ray.example.com/dashboard", False),
+        ("10.0.3.7", False),
+    ],
+)
+def test_ray_connection_host_decides_local(host: str, local: bool) -> None:
+    assert is_local_host(host) is local
+
+
+def test_a_remote_cluster_refuses_local_storage_and_says_what_to_set(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve_run(str(DEMO), {}, "remote-run", remote_cluster=True)
+    message = str(err.value)
+    assert "the Ray cluster is remote" in message
+    assert "set storage.artifact_root: s3://<bucket>/<prefix>" in message
+    assert "set tracking.tracking_uri: http(s)://<your mlflow server>" in message
+    assert "tracking.artifact_location is the local folder" in message
+    assert "data.domain_corpus names local files" in message
+    assert not (tmp_path / "remote-run").exists()
+    shared = load_config(
+        DEMO,
+        {
+            "storage.artifact_root": "s3://bucket/runs",
+            "tracking.tracking_uri": "https://mlflow.example.com",
+            "data.domain_corpus": "s3://bucket/data/domain/",
+            "data.instructions": "s3://bucket/data/chats.jsonl",
+        },
+    )
+    shared = shared.model_copy(
+        update={"tracking": shared.tracking.model_copy(update={"artifact_location": None})}
+    )
+    check_remote_safe(shared, "remote.yaml")  # nothing local left: accepted
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+
+def _secret_config(tmp_path: Path, tracking_uri: str, token: str) -> Path:
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["data"]["domain_corpus"] = str(REPO_ROOT / "configs" / "demo_data" / "domain.jsonl")
+    raw["data"]["instructions"] = str(REPO_ROOT / "configs" / "demo_data" / "instructions.jsonl")
+    raw["storage"] = {"artifact_root": str(tmp_path / "artifacts")}
+    raw["tracking"] = {"tracking_uri": tracking_uri, "artifact_location": None, "ui_url": None}
+    raw["orchestration"] = {"runtime_env": {"env_vars": {"HF_TOKEN": token, "LOG_LEVEL": "info"}}}
+    path = tmp_path / f"secret-{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_secrets_never_reach_xcom_or_mlflow_params(tmp_path: Path, mlflow_server: str) -> None:
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    authed = mlflow_server.replace("http://", f"http://bob:{PASSWORD}@")
+    # A literal token in the config is refused, without repeating it.
+    with pytest.raises(ConfigError) as err:
+        resolve_run(str(_secret_config(tmp_path, authed, SECRET)), {}, "secret-run")
+    assert "orchestration.runtime_env.env_vars.HF_TOKEN holds a literal secret" in str(err.value)
+    assert "write HF_TOKEN: ${HF_TOKEN} instead" in str(err.value)
+    assert SECRET not in str(err.value)
+    # A reference passes through to the job (Ray expands it on the node); the URI password not.
+    ref_config = _secret_config(tmp_path, authed, "${HF_TOKEN}")
+    resolved = resolve_run(str(ref_config), {}, "secret-run")
+    assert resolved["jobs"]["prepare_data"]["runtime_env"]["env_vars"]["HF_TOKEN"] == "${HF_TOKEN}"
+    assert PASSWORD not in json.dumps(resolved)
+    # Stage params: even a literal token that got into a config is redacted.
+    config = load_config(_secret_config(tmp_path, authed, SECRET))
+    with tracking.stage_run(config, "secret-run", "prepare_data") as run_id:
+        pass
+    params = MlflowClient(tracking_uri=mlflow_server).get_run(run_id).data.params
+    assert params["orchestration.runtime_env.env_vars.HF_TOKEN"] == "***"
+    assert params["orchestration.runtime_env.env_vars.LOG_LEVEL"] == "info"
+    assert params["tracking.tracking_uri"] == mlflow_server.replace("http://", "http://***@")
+    assert not [k for k, v in params.items() if SECRET in v or PASSWORD in v]
+
+
+# --- the DAG: a rejected conf fails the first task and notifies -------------------------------
+
+
+class _Webhook(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []  # noqa: RUF012 - shared with the test on purpose
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Webhook.received.append({"path": self.path, **json.loads(body)})
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        return
+
+
+@pytest.fixture
+def webhook() -> Iterator[str]:
+    """A real local HTTP server standing in for a Slack incoming webhook."""
+    server = HTTPServer(("127.0.0.1", free_port()), _Webhook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Webhook.received.clear()
+    yield f"http://127.0.0.1:{server.server_port}/services/T0/B0"
+    server.shutdown()
+
+
+def test_conf_outside_the_allowlist_fails_the_run_and_notifies(
+    airflow_db: Path, webhook: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("PIPELINE_NOTIFY_CONN", "pipeline_notify")
+    monkeypatch.setenv("AIRFLOW_CONN_PIPELINE_NOTIFY", webhook)
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_DEFAULT", "http://127.0.0.1:1")
+    bag = DagBag(dag_folder=str(REPO_ROOT / "dags" / "domain_llm_retraining.py"))
+    dag = bag.get_dag("domain_llm_retraining")
+    dag_run = dag.test(run_conf={"config": str(DEMO), "tracking.tracking_uri": "sqlite:///x.db"})
+    states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+    assert str(dag_run.state).endswith("failed")
+    assert states["resolve_config"].endswith("failed")
+    assert states["prepare_data"].endswith("upstream_failed")
+    (message,) = _Webhook.received
+    assert message["path"] == "/services/T0/B0"
+    assert message["text"].startswith(
+        f"domain_llm_retraining run {dag_run.run_id} failed at stage resolve_config"
+    )
+
+
+# --- fresh data: the watch DAG emits the Asset, the retraining DAG gets a run ----------------
+
+ASSET_FLOW = """
+import sys
+from pathlib import Path
+from airflow.dag_processing.dagbag import DagBag
+from airflow.jobs.job import Job
+from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+from airflow.models.asset import AssetEvent, AssetModel
+from airflow.models.dag import DagModel
+from airflow.models.dagrun import DagRun
+from airflow.utils.session import create_session
+
+data = Path(sys.argv[1])
+bag = DagBag(dag_folder=sys.argv[2])
+watch = bag.get_dag("domain_data_watch")
+asset_uri = watch.tasks[0].outlets[0].uri
+states = [str(watch.test().get_task_instances()[0].state)]  # first look: the baseline
+with create_session() as session:
+    session.query(DagModel).filter(DagModel.dag_id == "domain_llm_retraining").update(
+        {"is_paused": False}
+    )
+states.append(str(watch.test().get_task_instances()[0].state))  # nothing new
+(data / "fresh.jsonl").write_text('{"text": "new domain text"}\\n')
+states.append(str(watch.test().get_task_instances()[0].state))  # new file: emits
+runner = SchedulerJobRunner(job=Job(), num_runs=1)
+with create_session() as session:
+    query, triggered = DagModel.dags_needing_dagruns(session)
+    due = [d for d in query.all() if d.dag_id in triggered]
+    runner._create_dag_runs_asset_triggered(dag_models=due, session=session)
+with create_session() as session:
+    events = session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+    extras = [e.extra for e in events.filter(AssetModel.uri == asset_uri)]
+    runs = session.query(DagRun).filter(
+        DagRun.dag_id == "domain_llm_retraining", DagRun.run_type == "asset_triggered"
+    )
+    print({"states": states, "asset_uri": asset_uri, "extras": extras,
+           "runs": [str(r.state) for r in runs]})
+"""
+
+
+def test_new_data_file_emits_the_asset_and_queues_a_retraining_run(
+    airflow_db: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "old.jsonl").write_text('{"text": "old"}\n')
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["data"]["domain_corpus"] = str(data / "old.jsonl")
+    raw["data"]["instructions"] = str(REPO_ROOT / "configs" / "demo_data" / "instructions.jsonl")
+    raw["storage"] = {"artifact_root": str(tmp_path / "artifacts")}
+    raw["orchestration"] = {"schedule": "asset"}
+    config = tmp_path / "watch.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    # A fresh interpreter: both DAG files read PIPELINE_CONFIG when parsed.
+    out = subprocess.run(
+        [sys.executable, "-c", ASSET_FLOW, str(data), str(REPO_ROOT / "dags")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PIPELINE_CONFIG": str(config)},
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr
+    assert result["asset_uri"] == data.as_uri()
+    assert [s.rsplit(".", 1)[-1].lower() for s in result["states"]] == [
+        "skipped",
+        "skipped",
+        "success",
+    ]
+    (extra,) = result["extras"]
+    assert extra["added"] == [str(data / "fresh.jsonl")]
+    assert (extra["files"], extra["changed_count"]) == (2, 0)
+    assert [s.rsplit(".", 1)[-1].lower() for s in result["runs"]] == ["queued"]
