@@ -47,7 +47,7 @@ browser:
 	@test -x $(CHROMIUM) || { echo "$(CHROMIUM) is still missing after installing chromium"; exit 1; }
 
 test: $(STAMP) browser
-	PIPELINE_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest -ra
+	PIPELINE_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest -ra --durations=25
 
 test-unit: $(STAMP)
 	$(VENV)/bin/pytest -ra tests/unit

@@ -18,14 +18,14 @@ from typing import Any
 from airflow.sdk import DAG, Asset, DeltaTriggerTimetable, get_current_context, task
 
 from pipeline.config import load_config
-from pipeline.data_watch import ASSET_NAME, data_asset_uri
+from pipeline.data_watch import data_asset_uri
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = os.environ.get("PIPELINE_CONFIG", str(REPO_ROOT / "configs" / "demo.yaml"))
 WATCH_MINUTES = float(os.environ.get("PIPELINE_DATA_WATCH_MINUTES", "15"))
 
 config = load_config(DEFAULT_CONFIG)
-domain_data = Asset(name=ASSET_NAME, uri=data_asset_uri(config))
+domain_data = Asset(data_asset_uri(config))
 watching = config.orchestration.schedule in ("asset", "weekly_or_asset")
 
 with DAG(

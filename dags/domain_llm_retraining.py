@@ -29,7 +29,7 @@ from airflow.sdk import (
 )
 
 from pipeline.config import OrchestrationConfig, load_config
-from pipeline.data_watch import ASSET_NAME, data_asset_uri
+from pipeline.data_watch import data_asset_uri
 from pipeline.form import CONFIG_PARAM, form_fields
 from pipeline.runs import STAGES
 from ray_jobs.notifiers import PipelineRunNotifier
@@ -63,7 +63,7 @@ def build_schedule(orchestration: OrchestrationConfig, asset: Asset) -> Any:
 
 default_config = load_config(DEFAULT_CONFIG)
 orchestration = default_config.orchestration
-domain_data = Asset(name=ASSET_NAME, uri=data_asset_uri(default_config))
+domain_data = Asset(data_asset_uri(default_config))
 
 params: dict[str, Any] = {
     CONFIG_PARAM: Param(

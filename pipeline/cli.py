@@ -133,6 +133,12 @@ def run_dag(conf: dict[str, Any], head: RayHead) -> Any:
     from airflow.sdk import timezone
 
     os.environ["AIRFLOW_CONN_RAY_DEFAULT"] = head.airflow_conn_uri()
+    # A local run of the operator's own config file: its folder is trusted like configs/
+    # (a triggered run may only name config files in the allowed folders).
+    config_dir = str(Path(conf["config"]).resolve().parent) if conf.get("config") else None
+    os.environ["PIPELINE_CONFIG_DIRS"] = os.pathsep.join(
+        filter(None, [os.environ.get("PIPELINE_CONFIG_DIRS"), config_dir])
+    )
     started = timezone.utcnow()
     try:
         return load_dag().test(run_conf=conf)

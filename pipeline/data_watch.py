@@ -15,16 +15,17 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import PipelineConfig
 
-ASSET_NAME = "domain_data"
-"""Name of the Airflow Asset both DAGs use: the watch DAG emits it, the retraining DAG can be
-scheduled on it."""
-
 _GLOB_CHARS = "*?["
 
 
 def data_asset_uri(config: PipelineConfig) -> str:
     """``orchestration.data_asset_uri``, else the folder of ``data.domain_corpus``, as a
-    ``file://`` or ``s3://`` URI (globs cut at their first wildcard)."""
+    ``file://`` or ``s3://`` URI (globs cut at their first wildcard).
+
+    Both DAGs build their Asset from this URI alone (its name is the URI): Airflow deactivates
+    an Asset whose name is reused with another URI, which a fixed name would do whenever the
+    watched location changes.
+    """
     location = config.orchestration.data_asset_uri
     if not location:
         corpus = config.data.domain_corpus

@@ -51,6 +51,9 @@ class StageOutput:
     metrics: dict[str, Any] = field(default_factory=dict)
     summary: list[str] = field(default_factory=list)
     """Lines the Airflow task log ends with (final loss, tokens, gate table, decision)."""
+    report_url: str | None = None
+    """A page a person reads about this stage (evaluate's HTML report); the Airflow task shows
+    it as the "Report" link."""
     skip_reason: str | None = None
     """Set when the stage decided not to act (promotion refused by a gate): the Airflow task
     ends skipped with this reason instead of succeeded."""
@@ -202,6 +205,7 @@ def stage_main(
         "metrics": out.metrics,
         "summary": out.summary,
         "skip_reason": out.skip_reason,
+        "report_url": out.report_url,
         "mlflow_run_id": run_id,
         "mlflow_run_url": tracking.run_url(config.tracking, run_id),
         "seconds": round(time.time() - started, 1),

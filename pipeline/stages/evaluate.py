@@ -234,7 +234,19 @@ def run(ctx: StageContext) -> StageOutput:
         outputs={"eval_report": report_uri, "eval_report_html": report["report_html"]},
         metrics=headline_metrics(report),
         summary=summary,
+        report_url=report_page_url(ctx, report["report_html"]),
     )
+
+
+def report_page_url(ctx: StageContext, html_uri: str) -> str:
+    """Where a browser opens the report: the MLflow UI's view of the logged report when there
+    is one (it renders HTML artifacts), else the file itself."""
+    run_url = tracking.run_url(ctx.config.tracking, ctx.mlflow_run_id)
+    if run_url:
+        return f"{run_url}/artifacts/{REPORT_DIR}/{Path(html_uri).name}"
+    if storage.is_s3(html_uri):
+        return html_uri
+    return Path(html_uri).resolve().as_uri()
 
 
 if __name__ == "__main__":

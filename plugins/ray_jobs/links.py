@@ -1,4 +1,4 @@
-"""Extra links on Ray job tasks: the job's dashboard page and the stage's MLflow run.
+"""Extra links on Ray job tasks: the job's dashboard page, the stage's MLflow run and its report.
 
 In Airflow 3 ``get_link`` runs on the worker when the task instance finishes or defers (the
 task runner's ``finalize``), and the returned URL is stored as the XCom ``_link_<ClassName>``
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 RAY_DASHBOARD_URL_KEY = "ray_dashboard_url"
 MLFLOW_RUN_URL_KEY = "mlflow_run_url"
+REPORT_URL_KEY = "report_url"
 
 
 def _task_xcom(ti_key: TaskInstanceKey, key: str) -> str:
@@ -45,3 +46,13 @@ class MLflowRunLink(BaseOperatorLink):
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
         """URL from the XCom ``mlflow_run_url``; empty until the stage succeeded."""
         return _task_xcom(ti_key, MLFLOW_RUN_URL_KEY)
+
+
+class StageReportLink(BaseOperatorLink):
+    """The page the stage wrote for people (evaluate's HTML report with its gate table)."""
+
+    name = "Report"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        """URL from the XCom ``report_url``; empty for stages without a report."""
+        return _task_xcom(ti_key, REPORT_URL_KEY)

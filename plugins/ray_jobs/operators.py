@@ -16,7 +16,14 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
 from ray_jobs.hooks import RayJobsError, RayJobsHook
-from ray_jobs.links import MLFLOW_RUN_URL_KEY, RAY_DASHBOARD_URL_KEY, MLflowRunLink, RayJobLink
+from ray_jobs.links import (
+    MLFLOW_RUN_URL_KEY,
+    RAY_DASHBOARD_URL_KEY,
+    REPORT_URL_KEY,
+    MLflowRunLink,
+    RayJobLink,
+    StageReportLink,
+)
 from ray_jobs.submission import (
     JobOptions,
     SubmissionPlan,
@@ -64,7 +71,7 @@ class RayJobOperator(BaseOperator):
         "mlflow_run_url",
     )
     template_fields_renderers: ClassVar[dict[str, str]] = {"job_options": "json"}
-    operator_extra_links = (RayJobLink(), MLflowRunLink())
+    operator_extra_links = (RayJobLink(), MLflowRunLink(), StageReportLink())
 
     def __init__(
         self,
@@ -98,6 +105,7 @@ class RayJobOperator(BaseOperator):
         ti = context["ti"]
         # The parent run exists before the stage starts: link it while the task runs.
         ti.xcom_push(key=MLFLOW_RUN_URL_KEY, value=self.mlflow_run_url or "")
+        ti.xcom_push(key=REPORT_URL_KEY, value="")
         hook = self._hook(options)
         plan = plan_submission(hook, self._job_key(context), options)
         if plan.action == "submit" or plan.job is None:
@@ -225,6 +233,8 @@ class RayJobOperator(BaseOperator):
         result = _read_stage_result(event["result_uri"], event["submission_id"])
         if result.get(MLFLOW_RUN_URL_KEY):
             context["ti"].xcom_push(key=MLFLOW_RUN_URL_KEY, value=result[MLFLOW_RUN_URL_KEY])
+        if result.get(REPORT_URL_KEY):
+            context["ti"].xcom_push(key=REPORT_URL_KEY, value=result[REPORT_URL_KEY])
         summary = result.get("summary") or []
         if summary:
             self.log.info("stage summary:")

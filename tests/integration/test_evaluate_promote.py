@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import REPO_ROOT, PipelineConfig, load_config
+from pipeline.config import REPO_ROOT, JudgeConfig, PipelineConfig, load_config
 from pipeline.stages import evaluate, prepare_data, promote
 from pipeline.stages.common import stage_main, write_resolved_config
 
@@ -110,11 +110,13 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> dict[
     return {"root": root, "cfg": cfg, "data": data, "base": base, "good": good, "bad": damaged}
 
 
-def _evaluate_and_promote(prepared: dict[str, Any], key: str, candidate: Path) -> dict[str, Any]:
+def _evaluate_and_promote(
+    prepared: dict[str, Any], key: str, candidate: Path, cfg: PipelineConfig | None = None
+) -> dict[str, Any]:
     """Write the upstream result evaluate reads, then run evaluate and promote's entrypoints."""
     from pipeline import storage
 
-    cfg = prepared["cfg"]
+    cfg = cfg or prepared["cfg"]
     config_uri = write_resolved_config(cfg, key)
     upstream = storage.stage_uri(cfg.storage.artifact_root, key, "instruction_finetuning")
     outputs = {
@@ -143,8 +145,31 @@ def first(prepared: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def second(prepared: dict[str, Any], first: dict[str, Any]) -> dict[str, Any]:
-    return _evaluate_and_promote(prepared, "run-damaged", prepared["bad"])
+def judge_endpoint() -> Iterator[str]:
+    """The OpenAI-compatible test endpoint of test_judge (checks the bearer token)."""
+    from http.server import ThreadingHTTPServer
+    from threading import Thread
+
+    from tests.integration.test_judge import JudgeHandler
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeHandler)
+    Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def second(prepared: dict[str, Any], first: dict[str, Any], judge_endpoint: str) -> dict[str, Any]:
+    """The damaged candidate, judged against the champion by a judge that always says "A"."""
+    from tests.integration.test_judge import KEY, KEY_ENV
+
+    judge = {"endpoint": judge_endpoint, "model": "always-a", "api_key_env": KEY_ENV}
+    cfg = prepared["cfg"].model_copy(
+        update={"eval": prepared["cfg"].eval.model_copy(update={"judge": JudgeConfig(**judge)})}
+    )
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KEY_ENV, KEY)
+        return _evaluate_and_promote(prepared, "run-damaged", prepared["bad"], cfg)
 
 
 def test_trained_candidate_passes_against_the_base_and_becomes_champion(
@@ -201,3 +226,6 @@ def test_damaged_candidate_is_not_promoted(
         == first["report"]["scores"]["candidate"]["domain"]["documents"]
     )
     assert scores["candidate"]["domain"]["bits_per_byte"] == pytest.approx(1.5131, abs=2e-3)
+    # Position bias only ("A" in both orders): every pair is a tie, never a win.
+    judged = scores["candidate"]["judge"]
+    assert [e["win"] for e in judged["examples"]] == [0.5] * 4 and judged["win_rate"] == 0.5

@@ -46,7 +46,9 @@ def parsed(airflow_db: Path) -> dict[str, Any]:
     """The parsed DAG; DagBag looks DAGs up in the metadata DB, so it needs a migrated one."""
     # A fresh interpreter: sys.modules then shows exactly what parsing the DAG imported.
     dag_file = REPO_ROOT / "dags" / "domain_llm_retraining.py"
-    out = subprocess.run([sys.executable, "-c", PARSE, str(dag_file)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PARSE, str(dag_file)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result

@@ -108,6 +108,27 @@ def test_a_remote_cluster_refuses_local_storage_and_says_what_to_set(tmp_path: P
 # --- secrets ---------------------------------------------------------------------------------
 
 
+def test_redact_hides_credentials_and_secret_keys_but_not_look_alikes() -> None:
+    from pipeline.redact import redact, redact_text
+
+    line = "mlflow https://bob:pw@mlflow.example.com/x?token=abc&page=2 and s3://bucket/key"
+    assert redact_text(line) == (
+        "mlflow https://***@mlflow.example.com/x?token=***&page=2 and s3://bucket/key"
+    )
+    shown = redact(
+        {
+            "env_vars": {"HF_TOKEN": "hf_x", "AWS_SECRET_ACCESS_KEY": "k", "GH_TOKEN": "${GH}"},
+            "model": {"tokenizer": "/models/tok", "max_new_tokens": 32},
+            "uris": ["postgresql://u:p@db/mlflow"],
+        }
+    )
+    assert shown == {
+        "env_vars": {"HF_TOKEN": "***", "AWS_SECRET_ACCESS_KEY": "***", "GH_TOKEN": "${GH}"},
+        "model": {"tokenizer": "/models/tok", "max_new_tokens": 32},
+        "uris": ["postgresql://***@db/mlflow"],
+    }
+
+
 def _secret_config(tmp_path: Path, tracking_uri: str, token: str) -> Path:
     raw = yaml.safe_load(DEMO.read_text())
     raw["data"]["domain_corpus"] = str(REPO_ROOT / "configs" / "demo_data" / "domain.jsonl")
@@ -200,7 +221,7 @@ def test_conf_outside_the_allowlist_fails_the_run_and_notifies(
 # --- fresh data: the watch DAG emits the Asset, the retraining DAG gets a run ----------------
 
 ASSET_FLOW = """
-import sys
+import json, sys
 from pathlib import Path
 from airflow.dag_processing.dagbag import DagBag
 from airflow.jobs.job import Job
@@ -233,8 +254,13 @@ with create_session() as session:
     runs = session.query(DagRun).filter(
         DagRun.dag_id == "domain_llm_retraining", DagRun.run_type == "asset_triggered"
     )
-    print({"states": states, "asset_uri": asset_uri, "extras": extras,
-           "runs": [str(r.state) for r in runs]})
+    print(json.dumps({"states": states, "asset_uri": asset_uri, "extras": extras,
+                      "runs": [str(r.state) for r in runs]}))
+    # Leave the shared test DB as found: no queued run, the DAG paused.
+    runs.delete()
+    session.query(DagModel).filter(DagModel.dag_id == "domain_llm_retraining").update(
+        {"is_paused": True}
+    )
 """
 
 
@@ -256,11 +282,16 @@ def test_new_data_file_emits_the_asset_and_queues_a_retraining_run(
         [sys.executable, "-c", ASSET_FLOW, str(data), str(REPO_ROOT / "dags")],
         capture_output=True,
         text=True,
-        env={**os.environ, "PIPELINE_CONFIG": str(config)},
+        env={
+            **os.environ,
+            "PIPELINE_CONFIG": str(config),
+            # Store this parse of the DAGs even if another test stored one seconds ago.
+            "AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL": "0",
+        },
         timeout=180,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    result = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["asset_uri"] == data.as_uri()
     assert [s.rsplit(".", 1)[-1].lower() for s in result["states"]] == [
         "skipped",
