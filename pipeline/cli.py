@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import REPO_ROOT, ConfigError, load_config
+from pipeline.config import REPO_ROOT, ConfigError, PipelineConfig, load_config
 
 if TYPE_CHECKING:
     from pipeline.localstack import RayHead
@@ -245,6 +245,23 @@ def forget_ray_job_links(dag_id: str, run_id: str) -> None:
             row.value = ""
 
 
+def print_decision(config: PipelineConfig, key: str) -> None:
+    """The gate table, the promotion decision and where the evaluation report is."""
+    from pipeline import storage
+
+    print("evaluation and promotion (the evaluate summary names the HTML report):")
+    for stage in ("evaluate", "promote"):
+        result = storage.committed_result(
+            storage.stage_uri(config.storage.artifact_root, key, stage)
+        )
+        if result is None:
+            print(f"{stage}: no committed result")
+            continue
+        print(f"{stage}:")
+        for line in result.get("summary") or []:
+            print(f"  {line}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the DAG on the demo config and print where to look."""
     import signal
@@ -263,6 +280,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The head is gone now: a "Ray job" button would open a dead page, so the UI shows none.
     forget_ray_job_links(DAG_ID, dag_run.run_id)
     print(f"\nDAG run {dag_run.run_id}: {dag_run.state}")
+    from pipeline.runs import run_key
+
+    print_decision(config, run_key(DAG_ID, dag_run.run_id))
     print(f"artifacts: {config.storage.artifact_root}")
     print(f"Ray jobs:  the demo's head is stopped; their driver logs are kept: {len(kept)} files,")
     print("           <artifacts>/<run_key>/<stage>/ray_job_try<N>.log (also in the task logs)")
