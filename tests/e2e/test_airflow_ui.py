@@ -50,7 +50,7 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(os.environ.get("PIPELINE_TEST_ARTIFACTS", REPO_ROOT / "tests" / "artifacts"))
 # Form fields only (the DAG rejects any other conf key): small enough for a few minutes on
 # two CPU cores, long enough (CPT) for the browser to see a training task while it runs.
-RUN_CONF = {"cpt.max_steps": 24, "sft.max_steps": 4}
+RUN_CONF = {"cpt.max_steps": 12, "sft.max_steps": 4}
 STEP_LINE = re.compile(r"step \d+/\d+ loss \d+\.\d+")
 
 

@@ -125,8 +125,17 @@ def test_prepare_data_reads_only_the_tokenizer_files_of_an_s3_base(
     assert fetched == ["tokenizer.json", "tokenizer_config.json"]
 
 
-def test_the_registry_champion_resolves_to_its_version(tmp_path: Path) -> None:
+def test_the_registry_champion_resolves_to_its_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An alias is pinned to its version when resolved; a version is fetched through MLflow
+    into the node's cache once (a copy of the version's files, whatever store holds them)."""
     from pipeline import tracking
+
+    monkeypatch.setenv("PIPELINE_MODEL_CACHE", str(tmp_path / "cache"))
+
+    def weights(folder: Path) -> bytes:
+        return (folder / "model.safetensors").read_bytes()
 
     lines = (REPO_ROOT / "configs" / "demo_data" / "domain.jsonl").read_text().splitlines()
     tok = llama2_style_tokenizer([json.loads(line)["text"] for line in lines[:100]], 400)
@@ -139,10 +148,11 @@ def test_the_registry_champion_resolves_to_its_version(tmp_path: Path) -> None:
         mlc.create_model_version("tiny", source=str(folder))
     mlc.set_registered_model_alias("tiny", tracking.CHAMPION_ALIAS, "1")
     assert resolve_model_uri("models:/tiny@champion", config) == str(first)
-    assert fetch_model("models:/tiny@champion", config) == first
+    champion = fetch_model("models:/tiny@champion", config)
+    assert champion.parent == tmp_path / "cache" and weights(champion) == weights(first)
+    assert fetch_model("models:/tiny/1", config) == champion  # one copy per version and node
     mlc.set_registered_model_alias("tiny", tracking.CHAMPION_ALIAS, "2")
-    assert fetch_model("models:/tiny@champion", config) == second
-    assert fetch_model("models:/tiny/1", config) == first
+    assert weights(fetch_model("models:/tiny@champion", config)) == weights(second)
     with pytest.raises(ValueError, match="expected models:/<name>@<alias>"):
         resolve_model_uri("models:/tiny", config)
 

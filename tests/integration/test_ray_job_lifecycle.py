@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from ray_jobs.hooks import RayJobsHook, RayJobStillRunningError
 from ray_jobs.operators import RayJobOperator
 from ray_jobs.submission import JobOptions, base_submission_id, plan_submission, submit_new_job
 from ray_jobs.triggers import MAX_LOG_LINES_PER_FETCH, RayJobTrigger, first_event
+from tests.integration.test_ray_jobs_hook import FakeTaskInstance
 
 pytestmark = pytest.mark.integration
 
@@ -47,21 +47,6 @@ SLEEPER = f"{PY} -u -c \"import time; print('step 1 loss 2.0'); time.sleep(60)\"
 def hook(ray_head: RayHead, monkeypatch: pytest.MonkeyPatch) -> RayJobsHook:
     monkeypatch.setenv("AIRFLOW_CONN_RAY_LIFE", ray_head.airflow_conn_uri())
     return RayJobsHook("ray_life", transient_error_budget_s=10)
-
-
-@dataclass
-class FakeTaskInstance:
-    """The part of the runtime task instance the operator uses."""
-
-    run_id: str
-    dag_id: str = "lifecycle"
-    task_id: str = "stage"
-    map_index: int = -1
-    try_number: int = 1
-    xcoms: dict[str, Any] = field(default_factory=dict)
-
-    def xcom_push(self, key: str, value: Any) -> None:
-        self.xcoms[key] = value
 
 
 def _run_id() -> str:

@@ -141,7 +141,10 @@ def test_unknown_key_names_key_allowed_keys_and_line(tmp_path: Path) -> None:
 def test_unknown_section_lists_the_sections(tmp_path: Path) -> None:
     message = error_of(write(tmp_path, BASE_YAML + "trainer:\n  steps: 1\n"))
     assert "trainer (line 21): unknown key" in message
-    assert "['compute', 'cpt', 'data', 'eval', 'model', 'sft', 'storage', 'tracking']" in message
+    sections = (
+        "['compute', 'cpt', 'data', 'eval', 'model', 'orchestration', 'sft', 'storage', 'tracking']"
+    )
+    assert sections in message
 
 
 @pytest.mark.parametrize(

@@ -326,7 +326,7 @@ def test_plugin_registers_the_operator_links() -> None:
     assert RayJobsPlugin.name == "ray_jobs"
     names = sorted(link.name for link in RayJobsPlugin.operator_extra_links)
     assert names == sorted(link.name for link in RayJobOperator.operator_extra_links)
-    assert names == ["MLflow run", "Ray job"]
+    assert names == ["MLflow run", "Ray job", "Report"]
 
 
 # -- execute_complete without Ray --------------------------------------------------------------
