@@ -73,11 +73,19 @@ def parent_run_id(tracking: TrackingConfig, run_key: str) -> str:
     return str(run.info.run_id)
 
 
-def run_url(tracking: TrackingConfig, run_id: str) -> str | None:
+ML_WORKFLOW_QUERY = "?workflowType=machine_learning"
+"""MLflow 3's UI opens every run in its GenAI layout ("Evaluations") unless the URL asks for
+the model-training one; the experiment's kind tag does not change that."""
+
+
+def run_url(tracking: TrackingConfig, run_id: str, page: str = "") -> str | None:
+    """The run's page in the MLflow UI (``page``: e.g. ``/artifacts/report/report.html``), in
+    the model-training layout; None when ``tracking.ui_url`` is unset."""
     if not tracking.ui_url:
         return None
     exp = experiment_id(tracking)
-    return f"{tracking.ui_url.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    base = tracking.ui_url.rstrip("/")
+    return f"{base}/#/experiments/{exp}/runs/{run_id}{page}{ML_WORKFLOW_QUERY}"
 
 
 def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, str]:

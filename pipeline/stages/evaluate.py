@@ -241,9 +241,10 @@ def run(ctx: StageContext) -> StageOutput:
 def report_page_url(ctx: StageContext, html_uri: str) -> str:
     """Where a browser opens the report: the MLflow UI's view of the logged report when there
     is one (it renders HTML artifacts), else the file itself."""
-    run_url = tracking.run_url(ctx.config.tracking, ctx.mlflow_run_id)
+    page = f"/artifacts/{REPORT_DIR}/{Path(html_uri).name}"
+    run_url = tracking.run_url(ctx.config.tracking, ctx.mlflow_run_id, page)
     if run_url:
-        return f"{run_url}/artifacts/{REPORT_DIR}/{Path(html_uri).name}"
+        return run_url
     if storage.is_s3(html_uri):
         return html_uri
     return Path(html_uri).resolve().as_uri()

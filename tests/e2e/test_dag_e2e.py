@@ -120,7 +120,9 @@ def test_sft_model_beats_base_and_becomes_champion(
     assert len(cand["instructions"]["examples"]) == 8
     html = Path(report["report_html"])
     assert html.is_file() and sorted(p.name for p in html.parent.glob("*.png"))
-    assert first_run["evaluate"]["report_url"].endswith("/artifacts/report/report.html")
+    assert first_run["evaluate"]["report_url"].endswith(
+        "/artifacts/report/report.html?workflowType=machine_learning"
+    )
 
     client = _mlflow(demo_config[1])
     champion = client.get_model_version_by_alias("domain-llm", "champion")

@@ -305,7 +305,7 @@ def test_resolve_run_returns_code_version_jobs_and_the_parent_run_url(tmp_path: 
     assert parent.data.tags["pipeline.role"] == "parent"
     assert resolved["mlflow_run_url"] == (
         f"http://mlflow.example:5000/#/experiments/{experiment.experiment_id}"
-        f"/runs/{parent.info.run_id}"
+        f"/runs/{parent.info.run_id}?workflowType=machine_learning"
     )
 
 
