@@ -29,6 +29,8 @@ from ray_jobs.submission import JobOptions, base_submission_id, plan_submission,
 from ray_jobs.triggers import MAX_LOG_LINES_PER_FETCH, RayJobTrigger, first_event
 from tests.integration.test_ray_jobs_hook import FakeTaskInstance
 
+DAG_ID = FakeTaskInstance.dag_id
+
 pytestmark = pytest.mark.integration
 
 PY = shlex.quote(sys.executable)
@@ -83,7 +85,7 @@ def test_deadline_from_first_submission_stops_the_job_and_fails_naming_stage_and
     hook: RayJobsHook,
 ) -> None:
     run_id = _run_id()
-    key = base_submission_id("lifecycle", run_id, "stage", -1, "fp")
+    key = base_submission_id(DAG_ID, run_id, "stage", -1, "fp")
     first = submit_new_job(hook, job_key=key, try_number=1, entrypoint=SLEEPER, metadata={})
     submitted = _wait_status(hook, first, {"RUNNING"})
 
@@ -113,7 +115,7 @@ def test_deadline_from_first_submission_stops_the_job_and_fails_naming_stage_and
 def test_plan_stops_an_active_job_past_its_deadline_before_a_new_submission(
     hook: RayJobsHook,
 ) -> None:
-    key = base_submission_id("lifecycle", _run_id(), "stage", -1)
+    key = base_submission_id(DAG_ID, _run_id(), "stage", -1)
     first = submit_new_job(hook, job_key=key, try_number=1, entrypoint=STUBBORN, metadata={})
     _wait_status(hook, first, {"RUNNING"})
 
@@ -130,7 +132,7 @@ def test_plan_stops_an_active_job_past_its_deadline_before_a_new_submission(
 
 def test_trigger_on_kill_returns_once_the_job_is_stopped(hook: RayJobsHook) -> None:
     sid = submit_new_job(
-        hook, job_key=base_submission_id("lifecycle", _run_id(), "stage", -1),
+        hook, job_key=base_submission_id(DAG_ID, _run_id(), "stage", -1),
         try_number=1, entrypoint=STUBBORN, metadata={},
     )  # fmt: skip
     _wait_status(hook, sid, {"RUNNING"})
@@ -264,7 +266,7 @@ def test_clear_after_stop_submits_a_new_job_only_once_the_old_one_is_stopped(
     hook: RayJobsHook,
 ) -> None:
     run_id = _run_id()
-    key = base_submission_id("lifecycle", run_id, "stage", -1, "fp")
+    key = base_submission_id(DAG_ID, run_id, "stage", -1, "fp")
     old = submit_new_job(hook, job_key=key, try_number=1, entrypoint=STUBBORN, metadata={})
     _wait_status(hook, old, {"RUNNING"})
     # The kill of try 1 asked Ray to stop; the job stays listed RUNNING for its grace period.
@@ -337,8 +339,7 @@ def test_unchanged_inputs_reuse_the_result_changed_inputs_run_a_new_job(
     rerun = _deferred(operator("inputs-b"), changed)
     assert rerun.submission_id != trigger.submission_id
     assert (
-        rerun.submission_id
-        == base_submission_id("lifecycle", run_id, "stage", -1, "inputs-b") + "-t3"
+        rerun.submission_id == base_submission_id(DAG_ID, run_id, "stage", -1, "inputs-b") + "-t3"
     )
     rerun_result = operator("inputs-b").execute_complete({"ti": changed}, _event(rerun))  # type: ignore[typeddict-item]
     assert rerun_result["marker"] == "inputs-b"
@@ -407,7 +408,7 @@ def test_entrypoint_resources_reach_ray(hook: RayJobsHook) -> None:
         runtime_env={"env_vars": {"STAGE": "evaluate"}},
     )
     sid = submit_new_job(
-        hook, job_key=base_submission_id("lifecycle", _run_id(), "stage", -1),
+        hook, job_key=base_submission_id(DAG_ID, _run_id(), "stage", -1),
         try_number=1, entrypoint=HELLO, metadata={}, options=options,
     )  # fmt: skip
     time.sleep(3)
