@@ -134,7 +134,7 @@ def _wait_for_token(url: str, password: str, proc: subprocess.Popen[bytes], log:
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGINT is standalone's own way to stop its components; then make sure."""
-    for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+    for sig, wait in ((signal.SIGINT, 5), (signal.SIGTERM, 5), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
