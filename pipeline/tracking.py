@@ -143,9 +143,9 @@ def log_parent_summary(
     Args:
         tracking: the run's tracking config.
         run_key: identifies the DAG run (and so its parent run).
-        metrics: summary numbers, e.g. ``{"eval.candidate.domain_perplexity": 3.1}``; non-finite
+        metrics: summary numbers, e.g. ``{"candidate.domain.bits_per_byte": 1.08}``; non-finite
             values are skipped (MLflow rejects them).
-        tags: e.g. ``{"pipeline.decision": "rejected: beats_champion failed"}``; values are
+        tags: e.g. ``{"pipeline.decision": "rejected"}``; values are
             redacted and cut to MLflow's 8000 characters.
 
     Returns:
