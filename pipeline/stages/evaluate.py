@@ -182,17 +182,28 @@ def write_html_report(
     return storage.join(report_uri, HTML_FILE)
 
 
+def model_metrics(model: str, scores: dict[str, Any]) -> dict[str, float]:
+    """One model's headline scores as flat metric names (``candidate.domain.bits_per_byte``);
+    also what promote puts on the DAG run's parent run."""
+    metrics: dict[str, float] = {}
+    for corpus in ("domain", "general", "answer_loss"):
+        value = scores.get(corpus, {}).get("bits_per_byte")
+        if value is not None:
+            metrics[f"{model}.{corpus}.bits_per_byte"] = float(value)
+    for name, value in scores.get("instructions", {}).get("means", {}).items():
+        if value is not None:
+            metrics[f"{model}.instructions.{name}"] = float(value)
+    win_rate = scores.get("judge", {}).get("win_rate")
+    if win_rate is not None:
+        metrics[f"{model}.judge.win_rate"] = float(win_rate)
+    return metrics
+
+
 def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
-    """Flat numbers for MLflow and the stage result."""
+    """Flat numbers of every model, and the verdict, for MLflow and the stage result."""
     metrics: dict[str, Any] = {}
-    for model, s in report["scores"].items():
-        for corpus in ("domain", "general", "answer_loss"):
-            metrics[f"{model}.{corpus}.bits_per_byte"] = s[corpus]["bits_per_byte"]
-        for name, value in s["instructions"]["means"].items():
-            if value is not None:
-                metrics[f"{model}.instructions.{name}"] = value
-        if "judge" in s:
-            metrics[f"{model}.judge.win_rate"] = s["judge"]["win_rate"]
+    for model, scores in report["scores"].items():
+        metrics |= model_metrics(model, scores)
     metrics["gates_passed"] = int(report["passed"])
     return metrics
 

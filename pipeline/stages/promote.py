@@ -21,6 +21,7 @@ from pipeline import storage, tracking
 from pipeline.config import TrackingConfig
 from pipeline.data.shards import MANIFEST_FILE
 from pipeline.stages.common import StageContext, StageOutput, code_version, stage_main
+from pipeline.stages.evaluate import model_metrics
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -154,23 +155,6 @@ def move_aliases(config: TrackingConfig, version: str, passed: bool) -> list[str
     return lines
 
 
-def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The candidate's main scores from the report, as flat metric names."""
-    scores = report.get("scores", {}).get("candidate", {})
-    metrics: dict[str, float] = {}
-    for split in ("domain", "general", "answer_loss"):
-        value = scores.get(split, {}).get("bits_per_byte")
-        if value is not None:
-            metrics[f"candidate.{split}.bits_per_byte"] = float(value)
-    for name, value in scores.get("instructions", {}).get("means", {}).items():
-        if isinstance(value, int | float):
-            metrics[f"candidate.instructions.{name}"] = float(value)
-    win_rate = scores.get("judge", {}).get("win_rate")
-    if win_rate is not None:
-        metrics["candidate.judge.win_rate"] = float(win_rate)
-    return metrics
-
-
 def run(ctx: StageContext) -> StageOutput:
     cfg = ctx.config
     name = cfg.tracking.registered_model
@@ -191,7 +175,11 @@ def run(ctx: StageContext) -> StageOutput:
         log.info(line)
     metrics: dict[str, Any] = {"promoted": int(passed), "model_version": int(version)}
     parent = tracking.parent_run_id(cfg.tracking, ctx.run_key)
-    tracking.log_metrics(cfg.tracking, parent, {**metrics, **headline_metrics(report)})
+    tracking.log_metrics(
+        cfg.tracking,
+        parent,
+        {**metrics, **model_metrics("candidate", report.get("scores", {}).get("candidate", {}))},
+    )
     tracking.client(cfg.tracking).set_tag(parent, tracking.DECISION_TAG, decision)
     tracking.finish_parent(cfg.tracking, ctx.run_key)
     return StageOutput(
