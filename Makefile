@@ -14,7 +14,7 @@ export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install browser demo test test-unit lint format mlflow-ui ray-head ray-stop airflow-ui bench lock clean
+.PHONY: install browser demo test test-unit lint format mlflow-ui ray-head ray-stop airflow-ui bench gpu-check gpu-wheels lock clean
 
 install: $(STAMP)
 
@@ -83,6 +83,15 @@ airflow-ui: $(STAMP) $(AIRFLOW_HOME)/airflow.db
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
+
+# One call on a GPU machine with no internet: installs what it lacks from .whl/ (see gpu-wheels),
+# then resumes, checks packed attention and measures MFU (benchmarks/README.md). No venv there.
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# Here, with PyPI: fills .whl/ (gitignored, ~35 MB) with the wheels gpu-check installs there.
+gpu-wheels: $(STAMP)
+	GPU_CHECK_PYTHON=$(PY) bash benchmarks/gpu_check.sh --wheels
 
 lock: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | sed -e 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements/constraints.txt

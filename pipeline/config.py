@@ -419,6 +419,34 @@ class ComputeConfig(_Section):
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
 
+    checkpoint_every_n_layers: int = Field(1, ge=1)
+    """Selective activation checkpointing: with ``activation_checkpointing`` on, only every
+    n-th decoder layer (layers 0, n, 2n, ...) recomputes its activations; the others keep
+    them. 1 checkpoints every layer (least memory); 2 halves the recompute and keeps half the
+    layers' activations."""
+
+    cross_entropy: Literal["auto", "full", "chunked", "fused"] = "auto"
+    """How the loss is computed from the last hidden states. ``full``: the LM head's logits for
+    the whole micro-batch, then cross-entropy (``vocab x tokens`` floats alive at once).
+    ``chunked``: the LM head and the loss run ``loss_chunk_tokens`` tokens at a time and are
+    recomputed in backward, so full fp32 logits never exist (any ZeRO stage, any device).
+    ``fused``: liger-kernel's fused linear cross-entropy (CUDA, ZeRO 0-2: it reads the whole
+    LM head weight). ``auto``: ``fused`` where it can run, else ``chunked``."""
+
+    loss_chunk_tokens: int = Field(4096, ge=64)
+    """Tokens per chunk of the ``chunked`` cross-entropy."""
+
+    compile_layers: bool = False
+    """``torch.compile`` every decoder layer (not the whole model: ZeRO-3's hooks and the
+    packed-attention inputs stay outside the compiled graphs). The first steps pay the compile
+    time."""
+
+    local_scratch: str | None = None
+    """Node-local folder for per-rank checkpoint staging (uploads to ``s3://``) and the
+    checkpoint copies a resume loads; each is deleted once uploaded or loaded. ``None``: the
+    system temp dir. On GPU pods, point it at the NVMe volume (a 70B checkpoint stages about
+    1 TB per node)."""
+
     offload_params: bool = False
     """Keep ZeRO-3 parameter partitions on CPU too (ZeRO-Infinity style; needs zero_stage 3 and
     offload_optimizer). Frees GPU memory for the largest models at the cost of PCIe traffic."""
@@ -459,6 +487,27 @@ class ComputeConfig(_Section):
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
         if self.offload_params and not (self.zero_stage == 3 and self.offload_optimizer):
             raise ValueError("offload_params needs zero_stage 3 and offload_optimizer: true")
+        if self.zero_stage == 0 and self.precision == "bf16":
+            raise ValueError(
+                "zero_stage 0 with bf16 accumulates and reduces gradients in bf16 (DeepSpeed "
+                "offers no fp32 accumulation without ZeRO); use zero_stage 1, which on one GPU "
+                "costs only an fp32 gradient buffer more"
+            )
+        if self.compile_layers and self.zero_stage == 3:
+            raise ValueError(
+                "compile_layers with zero_stage 3: ZeRO-3's parameter hooks inside the decoder "
+                "layers break the compiled graphs; use zero_stage 0-2 or compile_layers: false"
+            )
+        if self.cross_entropy == "fused" and self.zero_stage == 3:
+            raise ValueError(
+                "cross_entropy 'fused' reads the whole LM head weight, which ZeRO-3 partitions; "
+                "use 'chunked' (or 'auto') with zero_stage 3"
+            )
+        if self.cross_entropy == "fused" and self.pool == "cpu":
+            raise ValueError(
+                "cross_entropy 'fused' is liger-kernel's CUDA kernel; use 'chunked' (or 'auto') "
+                "on the cpu pool"
+            )
         return self
 
 

@@ -111,7 +111,7 @@ def score_sequences(
             positions[row, n:] = torch.arange(width - n)
         with torch.no_grad():
             inputs = packed_model_inputs(ids.to(device), positions.to(device), attention)
-            # The flash-attention path returns one flattened row: back to [B, S, V].
+            # flash_attention_2 and document_sdpa return one flattened row: back to [B, S, V].
             logits = model(**inputs).logits.reshape(len(batch), width, -1)
             for row, (i, begin, end, first) in enumerate(batch):
                 seq_ids, scored = sequences[i]

@@ -1,4 +1,8 @@
-"""What one host of each Ray worker pool has, with the config's overrides applied."""
+"""What one host of each Ray worker pool has, with the config's overrides applied.
+
+``POOLS`` is the project's one table of GPU figures: the planner, the training loop's MFU
+(``pipeline.train.throughput``) and the GPU benchmarks read the peak FLOP/s from it.
+"""
 
 from __future__ import annotations
 
@@ -93,6 +97,52 @@ POOLS: dict[str, Pool] = {
         runtime_reserved_gib=0.0,
     ),
 }
+
+
+DEVICE_NAME_POOLS = (("A100", "a100"), ("H100", "h100"), ("H200", "h100"))
+"""CUDA device-name fragment -> the pool whose per-GPU figures it has. The H200 is the H100's
+GH100 chip with more and faster HBM: the same 989 TFLOP/s dense bf16. Every A100 (SXM or
+PCIe, 40 or 80 GB) has 312."""
+SLOWER_VARIANTS = ("PCIE", "NVL")
+"""H100/H200 variants with lower clocks than the SXM parts the h100 pool describes (H100 PCIe
+756, H100 NVL and H200 NVL about 835 TFLOP/s dense bf16): no pool claims their peak."""
+
+
+def gpu_peak_flops(pool: str, precision: str = "bf16") -> float | None:
+    """Dense peak FLOP/s of one GPU of ``pool`` (``POOLS[pool].peak_tflops``, no sparsity).
+
+    Args:
+        pool: a ``POOLS`` key (``a100``, ``h100``, ``cpu``).
+        precision: ``bf16`` or ``fp32``.
+
+    Returns:
+        FLOP/s, or None for pools without GPUs (a CPU worker has no peak MFU would compare
+        with) and for names that are not in ``POOLS``.
+    """
+    known = POOLS.get(pool)
+    if known is None or not known.has_gpu:
+        return None
+    return known.peak_tflops[precision] * 1e12
+
+
+def pool_for_device_name(name: str) -> str | None:
+    """The pool whose per-GPU figures (peak FLOP/s, memory) a CUDA device has.
+
+    Args:
+        name: ``torch.cuda.get_device_name()``, e.g. ``NVIDIA H100 80GB HBM3``, ``NVIDIA H200``,
+            ``NVIDIA A100-SXM4-80GB``.
+
+    Returns:
+        ``a100`` or ``h100``; None for other GPUs and for the H100/H200 PCIe and NVL cards,
+        whose peaks are lower than the pool's (give those a peak by hand).
+    """
+    upper = name.upper()
+    for fragment, pool in DEVICE_NAME_POOLS:
+        if fragment in upper:
+            if pool == "h100" and any(v in upper for v in SLOWER_VARIANTS):
+                return None
+            return pool
+    return None
 
 
 def pool_for(compute: ComputeConfig) -> Pool:

@@ -11,13 +11,19 @@ Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation i
 Transformer Models", sbh(34 + 5as/h) per layer) redone for this architecture: RMSNorm instead
 of LayerNorm (Hugging Face's saves an fp32 copy of its input), GQA (K and V are kv_heads wide),
 SwiGLU (three ff-wide tensors and the product), no dropout. Flash and flex attention keep no
-s x s tensor; eager keeps the fp32 softmax (and its 16-bit copy). With checkpointing one tensor
-per layer (its input) stays and one layer is recomputed at a time. Logits are counted apart:
-vocab x seq_len x micro-batch in fp32 for the loss, log-probabilities and their gradient.
+s x s tensor; eager keeps the fp32 softmax (and its 16-bit copy). A checkpointed layer keeps one
+tensor (its input) and is recomputed, one at a time, in backward; with
+``checkpoint_every_n_layers`` = k only layers 0, k, 2k, ... are checkpointed and the others keep
+everything. The loss is counted apart, by the cross-entropy the trainer runs: ``full`` holds
+vocab x seq_len x micro-batch fp32 log-probabilities and their gradient; ``chunked`` one chunk
+of ``loss_chunk_tokens`` tokens at a time; ``fused`` (liger-kernel) one chunk of about
+tokens x hidden / vocab tokens (so its logits are about as big as the hidden states) plus the
+input and weight gradients it computes in the forward pass.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pipeline.planning.hardware import GIB
@@ -34,6 +40,11 @@ LOGITS_BYTES_PER_ELEMENT = 8
 """fp32 log-probabilities saved by the loss plus their fp32 gradient at the start of backward
 (the 16-bit logits and their fp32 copy are gone by then). Matches the H200 measurements in
 tests/unit/test_plan.py to within 6%."""
+CHUNK_LOGITS_BYTES_PER_ELEMENT = 12
+"""``chunked`` loss, per element of one chunk's logits at its backward peak: fp32 logits, the
+fp32 log-probabilities the loss saves and their fp32 gradient (plus the 16-bit logits and
+gradient in bf16, ``element_bytes`` more). An estimate from the tensors the chunk makes, not
+yet measured on a GPU."""
 FRAGMENTATION = 0.10
 """Share of activation and logits memory lost to allocator fragmentation."""
 WORKER_PROCESS_GIB = 1.5
@@ -47,8 +58,9 @@ class MemoryEstimate:
     model_states: float
     """DeepSpeed's model-state figure for one GPU (at the optimizer step)."""
     activations: float
-    """Saved activations and backward temporaries at their peak, logits included."""
+    """Saved activations and backward temporaries at their peak, the loss's logits included."""
     logits: float
+    """What the loss holds at its peak (see ``loss_bytes``)."""
     buffers: float
     """Gradient reduce and parameter prefetch buckets."""
     fragmentation: float
@@ -69,7 +81,8 @@ def state_bytes(work: Workload, setting: Setting) -> tuple[float, float]:
     """Model-state bytes per GPU: (at the optimizer step, during backward).
 
     At the step the figure equals DeepSpeed's estimator; during backward the fp32 gradient
-    partition (18 - 16 or 18 - 14 bytes per param in bf16) does not exist yet.
+    partition (18 - 16 or 18 - 14 bytes per param in bf16) does not exist yet, except under
+    ZeRO-0, whose bf16 optimizer keeps it.
     """
     params = work.arch.total_params()
     n = work.num_workers
@@ -94,7 +107,10 @@ def state_bytes(work: Workload, setting: Setting) -> tuple[float, float]:
         partitioned = 0.0
     else:
         partitioned = (partition - (e if grads_replicated else 0)) * params / shards
-    step_only = 4 * params / shards if mixed and not setting.offload_optimizer else 0.0
+    # ZeRO-1/2 build the fp32 gradient partition at the step; ZeRO-0 in bf16 runs DeepSpeed's
+    # BF16_Optimizer, which allocates its fp32 gradient accumulators once and keeps them.
+    transient = mixed and not setting.offload_optimizer and setting.zero_stage > 0
+    step_only = 4 * params / shards if transient else 0.0
     return replicated + partitioned, replicated + partitioned - step_only
 
 
@@ -143,21 +159,40 @@ def layer_activation_bytes(work: Workload, micro: int) -> float:
     return norms + attention + mlp
 
 
+def loss_bytes(work: Workload, setting: Setting) -> float:
+    """Bytes the cross-entropy holds at its peak for one micro-batch, by the kernel the trainer
+    runs under ``setting`` (``Workload.loss_kernel``)."""
+    arch, e = work.arch, work.element_bytes
+    vocab, d = arch.vocab_size, arch.hidden_size
+    tokens = work.seq_len * setting.micro_batch_size
+    kernel = work.loss_kernel(setting)
+    if kernel == "full":
+        return LOGITS_BYTES_PER_ELEMENT * vocab * tokens
+    if kernel == "chunked":
+        per_element = CHUNK_LOGITS_BYTES_PER_ELEMENT + (e if e < 4 else 0)
+        return per_element * vocab * min(work.loss_chunk_tokens, tokens)
+    # liger's fused linear cross-entropy: chunks of next_power_of_2(tokens / ceil(V / d))
+    # tokens, whose 16-bit logits are overwritten by their gradient; the input and LM-head
+    # weight gradients are computed in the forward pass and held until backward.
+    chunk = min(1 << (math.ceil(tokens / math.ceil(vocab / d)) - 1).bit_length(), tokens)
+    return e * vocab * chunk + e * tokens * d + e * vocab * d
+
+
 def activation_bytes(work: Workload, setting: Setting) -> tuple[float, float]:
-    """(peak activation bytes incl. logits, logits bytes) for one micro-batch."""
+    """(peak activation bytes incl. the loss's, the loss's bytes) for one micro-batch."""
     arch, e, b = work.arch, work.element_bytes, setting.micro_batch_size
     sb = work.seq_len * b
     layer = layer_activation_bytes(work, b)
     final_norm = (4 + 2 * e) * sb * arch.hidden_size
-    logits = LOGITS_BYTES_PER_ELEMENT * arch.vocab_size * sb
+    logits = loss_bytes(work, setting)
     temporaries = (
         e * sb * (2 * arch.hidden_size + 2 * arch.experts_per_token * arch.intermediate_size)
     )
-    if setting.activation_checkpointing:
-        kept: float = arch.num_layers * e * sb * arch.hidden_size
-        return kept + final_norm + max(logits, layer + temporaries), logits
-    kept = arch.num_layers * layer
-    return kept + final_norm + max(logits, temporaries), logits
+    checkpointed = setting.checkpointed_layers(arch.num_layers)
+    kept = checkpointed * e * sb * arch.hidden_size + (arch.num_layers - checkpointed) * layer
+    # The loss peaks at the end of the forward pass; a recomputed layer later, in backward.
+    backward = layer + temporaries if checkpointed else temporaries
+    return kept + final_norm + max(logits, backward), logits
 
 
 def buffer_bytes(work: Workload, setting: Setting) -> tuple[float, float]:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from pipeline.planning.flops import model_flops_per_token
 from pipeline.planning.search import Plan, Prediction
+from pipeline.planning.workload import Setting
+
+
+def _checkpointing(s: Setting) -> str:
+    """``no``, ``all`` layers, or the share of layers checkpointed (``1/2``: every 2nd)."""
+    if not s.activation_checkpointing:
+        return "no"
+    return "all" if s.checkpoint_every_n_layers == 1 else f"1/{s.checkpoint_every_n_layers}"
 
 
 def _row(p: Prediction, has_gpu: bool, mark: str) -> str:
@@ -12,9 +21,10 @@ def _row(p: Prediction, has_gpu: bool, mark: str) -> str:
     )
     gpu = f"{m.gib('gpu_peak'):7.1f}" if has_gpu else "      -"
     return (
-        f"{mark:1} {s.zero_stage:>4} {offload or '-':>9} {'yes' if s.activation_checkpointing else 'no':>4} "
-        f"{s.micro_batch_size:>5} {gpu} {m.gib('host_peak'):8.1f} {'yes' if p.fits else 'NO':>4} "
-        f"{t.step_time_s:9.3g} {t.tokens_per_s:10.4g} {t.mfu:6.1%}  {p.why}"
+        f"{mark:1} {s.zero_stage:>4} {offload or '-':>9} {_checkpointing(s):>4} "
+        f"{p.loss_kernel:>7} {s.micro_batch_size:>5} {gpu} {m.gib('host_peak'):8.1f} "
+        f"{'yes' if p.fits else 'NO':>4} {t.step_time_s:9.3g} {t.tokens_per_s:10.4g} "
+        f"{t.mfu:6.1%}  {p.why}"
     )
 
 
@@ -31,16 +41,17 @@ def format_plan(plan: Plan, limit: int | None = 12) -> str:
     lines = [
         f"model {arch.name}: {arch.total_params() / 1e9:.2f}B params "
         f"({arch.active_params() / 1e9:.2f}B active), {arch.num_layers} layers, d {arch.hidden_size}, "
-        f"vocab {arch.vocab_size}; seq_len {work.seq_len}, {work.precision}, {work.attention}",
+        f"vocab {arch.vocab_size}; seq_len {work.seq_len}, {work.precision}, {work.attention}; "
+        f"{model_flops_per_token(arch, work.seq_len) / 1e9:.3g} GFLOP per token (MFU numerator)",
         f"pool {pool.name}: {pool.num_nodes} node(s) x {pool.devices_per_node} {device}, "
         f"{pool.host_memory_gib:.0f} GiB RAM per node; {work.num_workers} workers; "
         f"section {plan.section}: {work.blocks_per_worker} block(s) per worker per step",
         "",
-        "  zero   offload ckpt micro GPU GiB host GiB fits    step s   tokens/s    MFU  why",
+        "  zero   offload ckpt    loss micro GPU GiB host GiB fits    step s   tokens/s    MFU  why",
     ]
     lines.append(_row(plan.configured, has_gpu, "c"))
     shown = plan.candidates if limit is None else plan.candidates[:limit]
-    lines.append("  " + "-" * 78)
+    lines.append("  " + "-" * 86)
     lines += [_row(p, has_gpu, "*" if p is plan.chosen else " ") for p in shown]
     if limit is not None and len(plan.candidates) > limit:
         lines.append(f"  ... {len(plan.candidates) - limit} more (--all or --json)")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig, config_from_dict
 from pipeline.planning.architecture import architecture_for
+from pipeline.planning.flops import matmul_params_per_token, model_flops_per_token
 from pipeline.planning.hardware import GIB, pool_for
 from pipeline.planning.memory import MemoryEstimate, estimate_memory
 from pipeline.planning.throughput import StepEstimate, estimate_step
@@ -18,6 +19,11 @@ fragmentation margin and the CUDA/NCCL reserve (spikes the model misses)."""
 HOST_SAFETY = 0.20
 """Share of host RAM a plan leaves free (Ray's object store, page cache, the OS)."""
 MAX_MICRO_BATCH = 64
+OFFLOAD_MARGIN = 0.05
+"""A setting that offloads is chosen only when predicted more than this much faster than the
+fastest fitting one that does not: the step model's error against the H200 runs (up to 3.5%),
+and offload's costs it leaves out (host memory bandwidth and cores shared with data loading,
+pinned host memory)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,8 @@ class Prediction:
     step: StepEstimate
     short: tuple[str, ...]
     """Resources it runs out of: ``gpu_memory``, ``host_memory`` (empty: it fits)."""
+    loss_kernel: str
+    """The cross-entropy the trainer runs under this setting (``Workload.loss_kernel``)."""
     why: str = ""
 
     @property
@@ -43,11 +51,14 @@ class Prediction:
             "offload_optimizer": s.offload_optimizer,
             "offload_params": s.offload_params,
             "activation_checkpointing": s.activation_checkpointing,
+            "checkpoint_every_n_layers": s.checkpoint_every_n_layers,
             "micro_batch_size": s.micro_batch_size,
+            "cross_entropy": self.loss_kernel,
             "gpu_memory_gib": round(m.gib("gpu_peak"), 2) if has_gpu else 0.0,
             "host_memory_gib": round(m.gib("host_peak"), 2),
             "model_states_gib": round(m.gib("model_states"), 2),
             "activations_gib": round(m.gib("activations"), 2),
+            "logits_gib": round(m.gib("logits"), 2),
             "fits": self.fits,
             "short": list(self.short),
             "step_time_s": round(t.step_time_s, 4),
@@ -75,6 +86,8 @@ class Plan:
                 "name": arch.name,
                 "params": arch.total_params(),
                 "active_params": arch.active_params(),
+                "matmul_params_per_token": matmul_params_per_token(arch),
+                "model_flops_per_token": model_flops_per_token(arch, self.work.seq_len),
                 "seq_len": self.work.seq_len,
                 "precision": self.work.precision,
                 "attention": self.work.attention,
@@ -117,6 +130,8 @@ def workload_for(config: PipelineConfig, section: str) -> Workload:
         precision=compute.precision,
         attention=attention,
         blocks_per_worker=train.micro_batch_size * train.grad_accum_steps,
+        cross_entropy=compute.cross_entropy,
+        loss_chunk_tokens=compute.loss_chunk_tokens,
     )
 
 
@@ -129,26 +144,44 @@ def predict(work: Workload, setting: Setting) -> Prediction:
         short.append("gpu_memory")
     if memory.host_peak > work.pool.host_memory_gib * (1 - HOST_SAFETY) * GIB:
         short.append("host_memory")
-    return Prediction(setting, memory, estimate_step(work, setting), tuple(short))
+    step = estimate_step(work, setting)
+    return Prediction(setting, memory, step, tuple(short), work.loss_kernel(setting))
+
+
+CHECKPOINT_EVERY = (1, 2, 4)
+"""``checkpoint_every_n_layers`` values the planner tries with checkpointing on."""
 
 
 def candidate_settings(work: Workload) -> list[Setting]:
-    """ZeRO 2/3 x optimizer offload x parameter offload (ZeRO-3) x checkpointing x micro-batch
-    sizes that divide the section's blocks per worker (its global batch stays the same)."""
+    """ZeRO 0-3 x optimizer offload (ZeRO 1-3) x parameter offload (ZeRO-3) x checkpointing
+    (off, or every 1st, 2nd or 4th layer) x micro-batch sizes that divide the section's blocks
+    per worker (its global batch stays the same). ZeRO-3 is left out when the loss is
+    ``fused``, which cannot run on ZeRO-3's partitioned LM head, and ZeRO-0 in bf16, which
+    DeepSpeed can only run with bf16 gradients (config validation refuses both).
+    """
     micros = [
         m
         for m in range(1, min(work.blocks_per_worker, MAX_MICRO_BATCH) + 1)
         if work.blocks_per_worker % m == 0
     ]
     offloads = {
+        0: [(False, False)],
+        1: [(False, False), (True, False)],
         2: [(False, False), (True, False)],
         3: [(False, False), (True, False), (True, True)],
     }
+    stages = [0, 1, 2] if work.cross_entropy == "fused" else [0, 1, 2, 3]
+    if work.precision == "bf16":
+        stages.remove(0)
+    layers = work.arch.num_layers
+    # Keep one k per distinct number of checkpointed layers (on 2 layers, k = 2 and 4 agree).
+    every = {-(-layers // k): k for k in reversed(CHECKPOINT_EVERY)}
+    checkpointing = [(False, 1)] + [(True, k) for k in sorted(every.values())]
     return [
-        Setting(stage, opt, params, ckpt, micro)
-        for stage in (2, 3)
+        Setting(stage, opt, params, ckpt, micro, every_n)
+        for stage in stages
         for opt, params in offloads[stage]
-        for ckpt in (False, True)
+        for ckpt, every_n in checkpointing
         for micro in micros
     ]
 
@@ -162,6 +195,7 @@ def configured_setting(config: PipelineConfig, section: str) -> Setting:
         offload_params=compute.offload_params,
         activation_checkpointing=compute.activation_checkpointing,
         micro_batch_size=train.micro_batch_size,
+        checkpoint_every_n_layers=compute.checkpoint_every_n_layers,
     )
 
 
@@ -170,11 +204,20 @@ def explain(prediction: Prediction, chosen: Prediction | None, work: Workload) -
     if prediction.short:
         return short_reason(prediction, work)
     if chosen is None or prediction.setting == chosen.setting:
+        if chosen is not None and _offloads(chosen):
+            return "chosen: fastest that fits; none without offload comes within the margin"
         return "chosen: highest predicted throughput that fits"
     slower = prediction.step.step_time_s / chosen.step.step_time_s - 1
+    if slower < -0.005:
+        return (
+            f"{-slower:.0%} faster, but it offloads and the margin to offloading is "
+            f"{OFFLOAD_MARGIN:.0%}"
+        )
     if slower > 0.005:
         return f"{slower:.0%} slower ({prediction.step.step_time_s:.3g} s vs {chosen.step.step_time_s:.3g} s per step)"
-    return "as fast, but needs more memory than the chosen plan"
+    if _rank(prediction)[1] > _rank(chosen)[1]:
+        return "as fast, but needs more memory than the chosen plan"
+    return "as fast and as big: the plan takes the lower ZeRO stage, less offload"
 
 
 def short_reason(prediction: Prediction, work: Workload) -> str:
@@ -196,21 +239,43 @@ def short_reason(prediction: Prediction, work: Workload) -> str:
     return "; ".join(parts)
 
 
-def _rank(p: Prediction) -> tuple[float, float]:
-    return (p.step.step_time_s, p.memory.gpu_peak + p.memory.host_peak / 1e3)
+def _rank(p: Prediction) -> tuple[float, float, int, int]:
+    """Fastest, then least memory, then (on one GPU ZeRO-1 and ZeRO-2 tie) the simpler setting."""
+    s = p.setting
+    memory = p.memory.gpu_peak + p.memory.host_peak / 1e3
+    return (p.step.step_time_s, memory, s.zero_stage, s.offload_optimizer + s.offload_params)
+
+
+def _offloads(p: Prediction) -> bool:
+    return p.setting.offload_optimizer or p.setting.offload_params
+
+
+def choose(fitting: list[Prediction]) -> Prediction | None:
+    """The fastest fitting prediction, unless it offloads and one that does not is within
+    ``OFFLOAD_MARGIN`` of it; None when nothing fits."""
+    if not fitting:
+        return None
+    fastest = min(fitting, key=_rank)
+    on_gpu = [p for p in fitting if not _offloads(p)]
+    if _offloads(fastest) and on_gpu:
+        best_on_gpu = min(on_gpu, key=_rank)
+        if best_on_gpu.step.step_time_s <= fastest.step.step_time_s * (1 + OFFLOAD_MARGIN):
+            return best_on_gpu
+    return fastest
 
 
 def make_plan(config: PipelineConfig, section: str = "cpt") -> Plan:
-    """Predict the configured setting and every candidate; choose the fastest that fits.
+    """Predict the configured setting and every candidate; choose the fastest that fits
+    (``choose``). Candidates are listed chosen first, then fitting, fastest first.
 
     Raises:
         ConfigError: the architecture cannot be read.
     """
     work = workload_for(config, section)
     predictions = [predict(work, s) for s in candidate_settings(work)]
-    fitting = [p for p in predictions if p.fits]
-    chosen = min(fitting, key=_rank) if fitting else None
-    ordered = sorted(predictions, key=lambda p: (not p.fits, *_rank(p)))
+    chosen = choose([p for p in predictions if p.fits])
+    first = chosen.setting if chosen else None
+    ordered = sorted(predictions, key=lambda p: (p.setting != first, not p.fits, *_rank(p)))
     candidates = [_with_why(p, chosen, work) for p in ordered]
     configured = _with_why(predict(work, configured_setting(config, section)), chosen, work)
     chosen = next((c for c in candidates if chosen and c.setting == chosen.setting), None)
@@ -218,7 +283,7 @@ def make_plan(config: PipelineConfig, section: str = "cpt") -> Plan:
 
 
 def _with_why(p: Prediction, chosen: Prediction | None, work: Workload) -> Prediction:
-    return Prediction(p.setting, p.memory, p.step, p.short, explain(p, chosen, work))
+    return Prediction(p.setting, p.memory, p.step, p.short, p.loss_kernel, explain(p, chosen, work))
 
 
 def apply_plan(config: PipelineConfig) -> tuple[PipelineConfig, dict[str, Any]]:
@@ -239,30 +304,21 @@ def apply_plan(config: PipelineConfig) -> tuple[PipelineConfig, dict[str, Any]]:
             f"{config.compute.pool} workers; the smallest needs: {least.why}. Add workers "
             f"(compute.num_workers), shorten data.seq_len or pick a bigger pool"
         )
+    # sft runs on cpt's DeepSpeed settings; only its micro-batch is its own.
     same = [
         p
         for p in plans["sft"].candidates
         if p.fits
-        and (
-            p.setting.zero_stage,
-            p.setting.offload_optimizer,
-            p.setting.offload_params,
-            p.setting.activation_checkpointing,
-        )
-        == (
-            cpt.setting.zero_stage,
-            cpt.setting.offload_optimizer,
-            cpt.setting.offload_params,
-            cpt.setting.activation_checkpointing,
-        )
+        and replace(p.setting, micro_batch_size=1) == replace(cpt.setting, micro_batch_size=1)
     ]
-    sft = min(same, key=_rank) if same else plans["sft"].configured
+    sft = choose(same) or plans["sft"].configured
     raw = config.model_dump(mode="json")
     raw["compute"] |= {
         "zero_stage": cpt.setting.zero_stage,
         "offload_optimizer": cpt.setting.offload_optimizer,
         "offload_params": cpt.setting.offload_params,
         "activation_checkpointing": cpt.setting.activation_checkpointing,
+        "checkpoint_every_n_layers": cpt.setting.checkpoint_every_n_layers,
     }
     for section, chosen in (("cpt", cpt), ("sft", sft)):
         blocks = plans[section].work.blocks_per_worker

@@ -1,25 +1,35 @@
-"""Step time and MFU of one setting: FLOPs over the sustained matmul rate, plus the ZeRO
-collectives that do not overlap, PCIe traffic and the CPU Adam step when offloading.
+"""Step time and MFU of one setting: hardware FLOPs over the sustained matmul rate, plus the
+ZeRO collectives that do not overlap, PCIe traffic and the CPU Adam step when offloading.
 
-MFU uses the project's definition: tokens/s x (6 N + 12 L d S) / peak, N the parameters one
-token goes through. Hardware FLOPs add a forward recompute (x 4/3) under checkpointing.
+MFU = tokens/s per GPU x ``flops.model_flops_per_token`` / peak, the definition the training
+loop logs. Hardware FLOPs (what sets the step time) add what the GPU recomputes: the forward
+pass of every checkpointed layer, and the LM head matmul under the ``chunked`` loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.planning.flops import (
+    layer_forward_flops_per_token,
+    lm_head_forward_flops_per_token,
+    model_flops_per_token,
+)
 from pipeline.planning.workload import Setting, Workload
 
 KERNEL_EFFICIENCY = {
-    "flash_attention_2": 0.64,
-    "flex_attention": 0.64,
-    "sdpa": 0.48,
-    "eager": 0.30,
+    "flash_attention_2": 0.55,
+    "flex_attention": 0.55,
+    "sdpa": 0.405,
+    "eager": 0.25,
 }
-"""Sustained share of the matmul peak a model of width -> infinity reaches with each attention
-kernel (packed documents). From one H200 run of this trainer (1.1B Llama, seq 4096, bf16):
-flex 49.5%, sdpa 37.5% of hardware FLOPs at width 2048, divided by the width factor below."""
+"""Sustained share of the matmul peak, in ``hardware_flops_per_token``, that a model of width
+-> infinity reaches with each attention kernel (packed documents). From one H200 run of this
+trainer (1.1B Llama, seq 4096, bf16, micro-batch 8): flex 42.5%, sdpa 31.5% of the peak at
+width 2048, divided by the width and token factors below; flash is taken as flex, eager keeps
+its old ratio to sdpa. The counted attention is causal over the whole block: sdpa and eager
+compute the whole masked score matrix and the kernels see packed documents, both of which
+land in these shares rather than in the FLOP count."""
 WIDTH_HALF = 512
 """Width at which matmuls reach half their sustained rate: efficiency x d / (d + 512)."""
 TOKENS_HALF = 1024
@@ -51,10 +61,16 @@ class StepEstimate:
     mfu: float
 
 
-def model_flops_per_token(work: Workload) -> float:
-    """6 N + 12 L d S: the MFU numerator per token."""
+def hardware_flops_per_token(work: Workload, setting: Setting) -> float:
+    """FLOPs the GPU runs per token: model FLOPs + recomputed layer forwards + the chunked
+    loss's second LM head forward (liger's fused loss computes its gradients in the one pass)."""
     arch = work.arch
-    return 6 * arch.active_params() + 12 * arch.num_layers * arch.hidden_size * work.seq_len
+    flops = model_flops_per_token(arch, work.seq_len)
+    checkpointed = setting.checkpointed_layers(arch.num_layers)
+    flops += checkpointed * layer_forward_flops_per_token(arch, work.seq_len)
+    if work.loss_kernel(setting) == "chunked":
+        flops += lm_head_forward_flops_per_token(arch)
+    return flops
 
 
 def matmul_rate(work: Workload, micro: int) -> float:
@@ -73,55 +89,69 @@ def collective_gbyte_s(work: Workload) -> float:
     return link * COLLECTIVE_EFFICIENCY
 
 
-def estimate_step(work: Workload, setting: Setting) -> StepEstimate:
-    """Predicted optimizer-step time of ``setting`` (``blocks_per_worker`` blocks per worker)."""
-    arch, n, e = work.arch, work.num_workers, work.element_bytes
-    micro = setting.micro_batch_size
-    accum = work.blocks_per_worker // micro
-    tokens_micro = micro * work.seq_len
-    flops = model_flops_per_token(work) * tokens_micro
-    if setting.activation_checkpointing:
-        flops *= 4 / 3
-    compute = flops / matmul_rate(work, micro)
-    if setting.zero_stage == 3:
-        compute *= STAGE3_OVERHEAD
-    params = arch.total_params()
+def zero_communication_s(work: Workload, setting: Setting, compute_s: float) -> tuple[float, float]:
+    """ZeRO's collectives: (one micro-step with what compute does not hide, once per step).
+
+    Args:
+        work: the model and pool.
+        setting: its ZeRO stage.
+        compute_s: one micro-step's compute.
+    """
+    n = work.num_workers
     ring = (n - 1) / n
-    bandwidth = collective_gbyte_s(work) * 1e9
+    # One pass of every 16-bit parameter (or gradient) through a ring collective.
+    volume = work.element_bytes * work.arch.total_params() * ring / (collective_gbyte_s(work) * 1e9)
     if setting.zero_stage == 3:
         # Parameters gathered for forward and again for backward, gradients reduce-scattered,
         # every micro-step; overlap_comm hides them behind compute when compute is longer.
-        per_micro = 3 * e * params * ring / bandwidth
-        micro_time = max(compute, per_micro)
-        communication = accum * (micro_time - compute)
-    else:
-        # ZeRO-1/2 reduce gradients every micro-step (overlap_comm is off in zero.py) and
-        # gather the updated 16-bit parameters once per step.
-        per_micro = e * params * ring / bandwidth if n > 1 else 0.0
-        micro_time = compute + per_micro
-        communication = accum * per_micro + (e * params * ring / bandwidth if n > 1 else 0.0)
+        return max(compute_s, 3 * volume), 0.0
+    if setting.zero_stage == 2:
+        # Gradients reduce-scattered every micro-step (overlap_comm is off in zero.py), the
+        # updated 16-bit parameters all-gathered once per step.
+        return compute_s + volume, volume
+    # ZeRO-0/1 communicate at the step boundary only: ZeRO-0 all-reduces the gradients (a
+    # reduce-scatter and an all-gather), ZeRO-1 reduce-scatters them and all-gathers the
+    # updated parameters.
+    return compute_s, 2 * volume
+
+
+def optimizer_step_s(work: Workload, setting: Setting, accum: int) -> tuple[float, float]:
+    """(PCIe copies and the CPU Adam step when offloading, the GPU Adam step) per step."""
+    params, e = work.arch.total_params(), work.element_bytes
     pcie = work.pool.pcie_gbyte_s * 1e9
-    shard = params / n
-    offload = 0.0
+    shard = params / work.num_workers if setting.zero_stage > 0 else params
+    offload, optimizer = 0.0, 0.0
     if setting.offload_optimizer:
-        # Gradients down every micro-step, updated parameters up once, CPU Adam on the shard.
-        offload += accum * e * shard / pcie + e * shard / pcie
+        # Gradients go down when they are reduced (every micro-step under ZeRO-2/3, once under
+        # ZeRO-1), updated parameters come up once, CPU Adam runs on the shard.
+        downs = accum if setting.zero_stage >= 2 else 1
+        offload += (downs + 1) * e * shard / pcie
         offload += shard / (CPU_ADAM_PARAMS_PER_CORE_S * work.cpus_per_worker)
-        optimizer = 0.0
     else:
         optimizer = GPU_ADAM_BYTES_PER_PARAM * shard / (work.pool.hbm_gbyte_s * 1e9)
     if setting.offload_params:
         offload += accum * 2 * e * shard / pcie  # each micro-step fetches the shard twice
-    step = accum * micro_time + offload + optimizer
-    if setting.zero_stage != 3:
-        step += communication - accum * per_micro  # the once-per-step gather
+    return offload, optimizer
+
+
+def estimate_step(work: Workload, setting: Setting) -> StepEstimate:
+    """Predicted optimizer-step time of ``setting`` (``blocks_per_worker`` blocks per worker)."""
+    n, micro = work.num_workers, setting.micro_batch_size
+    accum = work.blocks_per_worker // micro
+    flops = hardware_flops_per_token(work, setting) * micro * work.seq_len
+    compute = flops / matmul_rate(work, micro)
+    if setting.zero_stage == 3:
+        compute *= STAGE3_OVERHEAD
+    micro_time, per_step = zero_communication_s(work, setting, compute)
+    offload, optimizer = optimizer_step_s(work, setting, accum)
+    step = accum * micro_time + per_step + offload + optimizer
     tokens = work.blocks_per_worker * work.seq_len * n
     tokens_per_s = tokens / step
     peak = work.pool.peak_tflops[work.precision] * 1e12
-    mfu = tokens_per_s / n * model_flops_per_token(work) / peak
+    mfu = tokens_per_s / n * model_flops_per_token(work.arch, work.seq_len) / peak
     return StepEstimate(
         compute_s=accum * compute,
-        communication_s=communication,
+        communication_s=accum * (micro_time - compute) + per_step,
         offload_s=offload,
         optimizer_s=optimizer,
         step_time_s=step,

@@ -12,17 +12,24 @@ batch size 1 only), so the boundaries are always passed explicitly, in the form 
   document boundaries go in as ``cu_seq_lens_q/k`` and ``max_length_q/k``; transformers then
   calls flash-attn's varlen kernel, with no padding and no mask.
 - ``flex_attention``: a document ``BlockMask`` (causal and same document).
+- ``document_sdpa`` (what ``compute.attention: sdpa`` loads): the flash form, one ``[1, B*S]``
+  row and ``cu_seq_lens``, read by ``document_sdpa_attention``, which this module registers with
+  transformers. It runs torch's sdpa with ``is_causal=True`` on each document by itself, so a
+  block costs the sum of its documents' squared lengths, and no ``S x S`` mask is built.
 - ``sdpa`` and ``eager``: a ``[B, 1, S, S]`` block-diagonal causal mask (boolean for sdpa,
-  additive float for eager, the forms their attention functions take as they are).
+  additive float for eager, the forms their attention functions take as they are). With a dense
+  mask torch's sdpa computes all ``S x S`` scores of a block, whatever its documents' lengths;
+  plain ``sdpa`` keeps this rule for models loaded with it outside the pipeline.
 
 flash-attn only builds against CUDA, so it is an optional extra of the GPU image; the same code
-runs sdpa on CPU workers.
+runs document_sdpa on CPU workers.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,7 +39,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KERNELS = ("flash_attention_2", "flex_attention", "sdpa", "eager")
-"""The attention implementations this pipeline runs (``compute.attention`` minus ``auto``)."""
+"""The kernels ``compute.attention`` names (minus ``auto``)."""
+
+DOCUMENT_SDPA = "document_sdpa"
+"""The implementation ``compute.attention: sdpa`` loads: sdpa run per document of a packed row.
+
+The name holds "sdpa" so that transformers checks the model supports sdpa when loading it. It
+lives in memory only: ``save_pretrained`` does not write ``_attn_implementation`` to
+``config.json``, so an exported model loads anywhere with the default kernel.
+"""
 
 
 def flash_attention_available() -> bool:
@@ -60,13 +75,14 @@ def select_attention(requested: str) -> str:
     """Resolve ``compute.attention`` to the implementation transformers should load, and log it.
 
     ``auto`` is flash_attention_2 where flash-attn is installed on CUDA, else flex_attention on
-    CUDA, else sdpa. ``eager`` runs only on request.
+    CUDA, else sdpa. ``eager`` runs only on request. sdpa resolves to ``DOCUMENT_SDPA``, which
+    this call registers with transformers, so a model can be loaded with the returned name.
 
     Args:
         requested: the value of ``compute.attention``.
 
     Returns:
-        One of ``KERNELS``.
+        ``DOCUMENT_SDPA`` for sdpa, else the requested or chosen one of ``KERNELS``.
 
     Raises:
         ValueError: flash_attention_2 or flex_attention was requested but cannot run here, or
@@ -95,8 +111,117 @@ def select_attention(requested: str) -> str:
         raise ValueError(
             f"compute.attention={requested!r} is not a kernel; expected 'auto' or one of {KERNELS}"
         )
+    if chosen == "sdpa":
+        register_document_sdpa()
+        chosen = DOCUMENT_SDPA
     log.info("attention backend: %s (requested %s)", chosen, requested)
     return chosen
+
+
+def register_document_sdpa() -> None:
+    """Make ``DOCUMENT_SDPA`` an implementation transformers can load a model with.
+
+    Its attention function is ``document_sdpa_attention``; its mask function is sdpa's, so
+    generation (a padding mask, a KV cache) builds the masks plain sdpa does. Registering again
+    replaces the same entries.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(DOCUMENT_SDPA, document_sdpa_attention)
+    AttentionMaskInterface.register(DOCUMENT_SDPA, sdpa_mask)
+
+
+def document_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function: sdpa on each document of a packed row by itself.
+
+    With ``cu_seq_lens_q`` (``packed_model_inputs``) the one row is cut at those offsets and each
+    document's queries attend to its own keys, causally: one ``scaled_dot_product_attention``
+    call per document, ``is_causal=True``, grouped-query heads shared through ``enable_gqa``.
+    Without them (generation, plain batches) this is transformers' sdpa, unchanged.
+
+    Args:
+        module: the attention layer (``num_key_value_groups``, ``is_causal``).
+        query: ``[1, H, T, D]``.
+        key: ``[1, H_kv, T, D]``; ``value`` alike.
+        value: see ``key``.
+        attention_mask: None, or the 4-D boolean mask transformers built for the row (a sliding
+            window shorter than it): each document then takes its own diagonal block.
+        dropout: attention dropout probability.
+        scaling: the softmax scale.
+        is_causal: overrides ``module.is_causal``.
+        cu_seq_lens_q: ``[n + 1]`` document offsets into the row.
+        cu_seq_lens_k: the same offsets for the keys.
+        **kwargs: the layer's other keyword arguments (passed on to transformers' sdpa).
+
+    Returns:
+        ``[1, T, H, D]`` and no attention weights, as transformers' sdpa returns.
+
+    Raises:
+        ValueError: the row is not one row, keys and queries differ in length or offsets, or the
+            layer asks for a position bias or a softcap, which this path does not apply.
+    """
+    import torch
+
+    if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    offsets = cu_seq_lens_q.tolist()
+    if cu_seq_lens_k is not None and cu_seq_lens_k.tolist() != offsets:
+        raise ValueError("document_sdpa needs the same document offsets for queries and keys")
+    if query.shape[0] != 1 or key.shape[2] != query.shape[2] or offsets[-1] != query.shape[2]:
+        raise ValueError(
+            f"document_sdpa takes one packed row without a KV cache, its offsets ending at its "
+            f"length; got query {tuple(query.shape)}, key {tuple(key.shape)}, offsets ending "
+            f"at {offsets[-1]}"
+        )
+    if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        raise ValueError(
+            "document_sdpa applies no position bias or softcap; load this model with "
+            "compute.attention: eager"
+        )
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    outputs = []
+    for start, end in pairwise(offsets):
+        # A mask already holds causality; without one, is_causal lets sdpa skip the upper half.
+        mask = None if attention_mask is None else attention_mask[..., start:end, start:end]
+        outputs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=causal and mask is None,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+        )
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def packed_model_inputs(
@@ -108,12 +233,15 @@ def packed_model_inputs(
     and wherever a position id does not continue the previous one (every restart at 0); each
     token attends causally to the earlier tokens of its own document only, at any batch size.
 
-    The caller reads ``logits.reshape(B, S, -1)``: the flash-attention path returns
+    The caller reads ``logits.reshape(B, S, -1)``: flash_attention_2 and ``DOCUMENT_SDPA`` return
     ``[1, B*S, V]`` whose rows are contiguous, so the reshape is exact. The caller computes the
     loss itself from those logits and its labels; no ``labels`` go in.
 
     With sdpa and eager the explicit mask replaces the one transformers would build, including
     any sliding window of the model (Mistral v0.1): keep ``seq_len`` within the window there.
+
+    The ``DOCUMENT_SDPA`` inputs are only for a model loaded with that name: plain sdpa would
+    ignore ``cu_seq_lens`` and attend across the whole flattened row.
 
     Args:
         input_ids: ``[B, S]`` token ids, on the model's device.
@@ -122,10 +250,12 @@ def packed_model_inputs(
 
     Returns:
         ``input_ids``, ``position_ids`` and ``use_cache=False``, plus ``cu_seq_lens_q/k`` and
-        ``max_length_q/k`` (flash_attention_2) or ``attention_mask`` (the other kernels).
+        ``max_length_q/k`` (flash_attention_2; ``DOCUMENT_SDPA`` with them on the CPU and a
+        ``[1, B*S]`` all-True ``attention_mask``) or a 4-D ``attention_mask`` (the others).
 
     Raises:
-        ValueError: the shapes differ or are not 2-D, or ``attention`` is not one of ``KERNELS``.
+        ValueError: the shapes differ or are not 2-D, or ``attention`` is neither one of
+            ``KERNELS`` nor ``DOCUMENT_SDPA``.
     """
     if input_ids.ndim != 2 or input_ids.shape != position_ids.shape:
         raise ValueError(
@@ -142,6 +272,17 @@ def packed_model_inputs(
         inputs["input_ids"] = input_ids.reshape(1, -1)
         inputs["position_ids"] = position_ids.reshape(1, -1)
         inputs.update(_varlen_kwargs(starts))
+    elif attention == DOCUMENT_SDPA:
+        import torch
+
+        inputs["input_ids"] = input_ids.reshape(1, -1)
+        inputs["position_ids"] = position_ids.reshape(1, -1)
+        # document_sdpa_attention slices by these in Python: on the CPU, reading them in every
+        # layer costs no device sync.
+        inputs.update(_varlen_kwargs(starts.cpu()))
+        # "No padding": transformers then builds no mask (sdpa's is_causal covers it). Without
+        # a mask it would find the documents in the position ids and build a [B*S, B*S] one.
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
     elif attention == "flex_attention":
         inputs["attention_mask"] = document_block_mask(starts)
     elif attention == "sdpa":
@@ -156,7 +297,8 @@ def packed_model_inputs(
         inputs["attention_mask"] = additive.masked_fill_(~allowed, torch.finfo(torch.float32).min)
     else:
         raise ValueError(
-            f"no packed-input rule for attention {attention!r}; expected one of {KERNELS}"
+            f"no packed-input rule for attention {attention!r}; expected one of "
+            f"{(*KERNELS, DOCUMENT_SDPA)}"
         )
     return inputs
 

@@ -3,7 +3,8 @@
 Layout under a stage's ``checkpoints/<training fingerprint>/`` (local folder or ``s3://``)::
 
     step-0000010/            DeepSpeed engine state (every rank's shards), loop_state.json,
-                             rank<r>_rng.pt, and _COMPLETE, written last
+                             rank<r>_rng.pt (RNG states as plain tensors, loaded with
+                             ``weights_only=True``), and _COMPLETE, written last
     step-0000020/
     latest                   "step-0000020": advanced only after that folder is complete
 
@@ -12,9 +13,15 @@ removed by the next attempt. Older complete checkpoints are deleted only after a
 complete (``keep_last``).
 
 On local storage every rank writes in place, then rank 0 commits after a barrier. On S3 every
-rank writes to a node-local staging folder (the same cost as a local save) and a background
-thread uploads its own files, then marks its rank uploaded; rank 0's thread commits once every
-rank is uploaded. The loop only waits for an upload when it starts the next save or finishes.
+rank writes to a node-local staging folder (``compute.local_scratch``, else the temp dir; the
+same cost as a local save) and a background thread uploads its own files, deleting each once
+uploaded, then marks its rank uploaded; rank 0's thread commits once every rank is uploaded.
+The loop only waits for an upload when it starts the next save or finishes. A resume from S3
+downloads each rank's files to the same scratch folder and deletes them once loaded.
+
+A local checkpoint root is only valid when every rank sees the same folder: ``agreed_latest``
+compares every rank's view of the newest checkpoint and fails on all ranks at once when they
+differ (instead of one rank loading alone until the collective timeout).
 """
 
 from __future__ import annotations
@@ -22,13 +29,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline import storage
 from pipeline.train import faults
@@ -60,11 +71,14 @@ def file_owner(name: str) -> int | None:
 class CheckpointStore:
     """The checkpoints of one training stage attempt series (one rank's view of them)."""
 
-    def __init__(self, root_uri: str, keep_last: int, rank: int, world: int) -> None:
+    def __init__(
+        self, root_uri: str, keep_last: int, rank: int, world: int, scratch: str | None = None
+    ) -> None:
         self.root, self.keep_last, self.rank, self.world = root_uri, keep_last, rank, world
         self.remote = storage.is_s3(root_uri)
         digest = hashlib.sha256(root_uri.encode()).hexdigest()[:16]
-        self.staging = Path(tempfile.gettempdir()) / "pipeline-checkpoints" / digest
+        scratch_root = Path(scratch) if scratch else Path(tempfile.gettempdir())
+        self.staging = scratch_root / "pipeline-checkpoints" / digest / f"rank{rank}"
         self._upload: threading.Thread | None = None
         self._upload_error: BaseException | None = None
         self.last_upload_s = 0.0
@@ -93,6 +107,27 @@ class CheckpointStore:
         complete = [step for step in self._tags() if self.is_complete(step)]
         return max(complete) if complete else None
 
+    def agreed_latest(self) -> int | None:
+        """``latest_step`` as every rank sees it; all ranks call this together.
+
+        Raises:
+            RuntimeError: the ranks see different newest checkpoints (a local checkpoint root
+                on more than one node, or a store that is not consistent); every rank raises.
+        """
+        from pipeline.train.collectives import host_gather
+
+        views = host_gather(self.latest_step())
+        if len(set(views)) > 1:
+            seen = ", ".join(
+                f"rank {r}: {v if v is not None else 'none'}" for r, v in enumerate(views)
+            )
+            raise RuntimeError(
+                f"the ranks disagree on the newest complete checkpoint under {self.root} "
+                f"({seen}): each rank reads a different folder. Put storage.artifact_root on "
+                "s3:// (or a filesystem every node mounts) when workers span nodes."
+            )
+        return views[0]
+
     def read_loop_state(self, step: int) -> dict[str, Any]:
         state: dict[str, Any] = storage.read_json(
             storage.join(self.root, tag_for(step), LOOP_STATE_FILE)
@@ -112,12 +147,17 @@ class CheckpointStore:
         if not self.remote:
             return Path(self.root)
         tag = tag_for(step)
-        target = self.staging / f"load-rank{self.rank}"
+        target = self.staging / "load"
         shutil.rmtree(target, ignore_errors=True)
         for name in storage.list_children(storage.join(self.root, tag)):
             if file_owner(name) in (None, self.rank) and not name.startswith("_"):
                 storage.download_file(storage.join(self.root, tag, name), target / tag / name)
         return target
+
+    def release_local_copy(self) -> None:
+        """Delete what ``local_copy`` downloaded (a no-op for a local root, loaded in place)."""
+        if self.remote:
+            shutil.rmtree(self.staging / "load", ignore_errors=True)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -144,6 +184,7 @@ class CheckpointStore:
             shutil.rmtree(local_root / tag, ignore_errors=True)
         engine.save_checkpoint(str(local_root), tag=tag, save_latest=False)
         folder = local_root / tag
+        folder.mkdir(parents=True, exist_ok=True)  # a rank without shards of its own (ZeRO-0)
         torch.save(rng_state, folder / f"rank{self.rank}_rng.pt")
         if self.rank == 0:
             (folder / LOOP_STATE_FILE).write_text(json.dumps(loop_state, indent=2))
@@ -184,7 +225,8 @@ class CheckpointStore:
             if self.rank == 0:
                 self._wait_for_ranks(tag)
                 self._commit(step)
-                shutil.rmtree(folder, ignore_errors=True)
+            # Staged files are on S3 now; DeepSpeed also drops a zero_to_fp32 script beside them.
+            shutil.rmtree(folder.parent, ignore_errors=True)
             self.last_upload_s = time.perf_counter() - started
         except BaseException as err:  # surfaced by wait() in the training thread
             self._upload_error = err
@@ -221,3 +263,63 @@ class CheckpointStore:
         if self._upload_error is not None:
             err, self._upload_error = self._upload_error, None
             raise RuntimeError(f"checkpoint upload to {self.root} failed: {err}") from err
+
+
+def rng_snapshot() -> dict[str, Any]:
+    """Every RNG the loop draws from, as tensors and numbers only (``weights_only`` loads it)."""
+    import torch
+
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    snapshot: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
+    }
+    if torch.cuda.is_available():
+        snapshot["cuda"] = torch.cuda.get_rng_state()
+    return snapshot
+
+
+def restore_rng(path: Path) -> None:
+    """Restore what ``rng_snapshot`` saved to ``path``, never unpickling arbitrary objects."""
+    import torch
+
+    saved = torch.load(path, weights_only=True)
+    torch.set_rng_state(saved["torch"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
+    state = saved["numpy"]
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["gauss"]))
+    python = saved["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+
+
+def refuse_node_local_root(checkpoint_uri: str, section: str, world: int) -> None:
+    """A local checkpoint root on several nodes would hold each node's own files: ranks would
+    disagree on what to resume from. All ranks call this before anything is loaded.
+
+    Raises:
+        ValueError: the workers span nodes and the checkpoints go to a local folder.
+    """
+    from pipeline.train.collectives import host_gather
+
+    if storage.is_s3(checkpoint_uri):
+        return
+    nodes = sorted(set(host_gather(socket.gethostname())))
+    if len(nodes) > 1:
+        raise ValueError(
+            f"{section}: the {world} workers run on {len(nodes)} nodes ({', '.join(nodes)}) and "
+            f"checkpoints go to the local folder {checkpoint_uri}: each node would keep its own "
+            "part. Set storage.artifact_root to an s3:// URI for multi-node training."
+        )

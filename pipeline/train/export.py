@@ -19,30 +19,42 @@ from pipeline import storage
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from pipeline.config import PipelineConfig
     from pipeline.data.chat import ChatFormat
-    from pipeline.train.loop import LoopSpec
 
 
-def save_model(engine: Any, spec: LoopSpec, config: PipelineConfig, rank: int) -> None:
+def save_model(
+    engine: Any,
+    *,
+    output_uri: str,
+    tokenizer_uri: str,
+    chat_format: ChatFormat,
+    zero3: bool,
+    rank: int,
+) -> None:
     """Gather the full weights onto rank 0 and write a Hugging Face model folder with tokenizer.
 
-    Under ZeRO-3 every rank must take part in the gather (one layer at a time, to CPU).
+    ``engine.module`` is the training objective; its ``model`` is the causal LM that is saved.
+    Under ZeRO-3 every rank must take part in the gather (one layer at a time, to CPU). Only
+    rank 0 writes, and the other ranks return without waiting for it: a 140 GB export can take
+    longer than the process group's collective timeout, so no barrier follows the gather.
     """
-    import torch.distributed as dist
-
-    if config.compute.zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
+    model = engine.module.model
+    if zero3:
+        gathered = engine._zero3_consolidated_16bit_state_dict()
+        # The objective names the LM's parameters "model.<name>"; the LM folder wants "<name>".
+        state = (
+            None if gathered is None else {k.removeprefix("model."): v for k, v in gathered.items()}
+        )
     else:
-        state = engine.module.state_dict()
-    if rank == 0:
-        with (
-            storage.local_staging(spec.output_uri) as out,
-            tempfile.TemporaryDirectory() as scratch,
-        ):
-            tok_dir = storage.download_dir(spec.tokenizer_uri, Path(scratch))
-            export_pretrained(engine.module, state, tok_dir, config.data.chat_format, out)
-    dist.barrier()
+        state = model.state_dict()
+    if rank != 0:
+        return
+    with (
+        storage.local_staging(output_uri) as out,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        tok_dir = storage.download_dir(tokenizer_uri, Path(scratch))
+        export_pretrained(model, state, tok_dir, chat_format, out)
 
 
 def export_pretrained(

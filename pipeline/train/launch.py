@@ -1,5 +1,6 @@
 """Run the training recipe on this machine without Ray: one process per rank, torch.distributed
-started here (gloo on CPU, NCCL on GPUs).
+started here with the backends Ray Train gets (``collectives.process_group_backend``: gloo on
+CPU, ``cpu:gloo,cuda:nccl`` on GPUs).
 
 For debugging a stage's training outside a cluster, for single-GPU benchmarks and for tests
 that need several ranks but not Ray's worker management. Production runs go through
@@ -12,6 +13,7 @@ import os
 from typing import Any
 
 from pipeline.localstack import free_port
+from pipeline.train.collectives import process_group_backend
 from pipeline.train.loop import LoopSpec, spec_dict, train_worker
 
 
@@ -44,7 +46,7 @@ def run_local(spec: LoopSpec, world_size: int) -> None:
     import torch
     import torch.multiprocessing as mp
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = process_group_backend(use_gpu=torch.cuda.is_available())
     mp.start_processes(
         _rank_main,
         args=(world_size, free_port(), backend, spec_dict(spec)),

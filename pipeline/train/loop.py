@@ -3,13 +3,23 @@
 Read it top to bottom: ``train_worker`` builds a ``TrainingRecipe`` and runs ``setup`` (engine,
 data, resume from the newest complete checkpoint), ``train`` (optimizer steps, checkpoints, the
 non-finite guard), then ``finish`` (wait for uploads, export the model, write the metrics). Ray
-Train has already started the process group (gloo on CPU workers, NCCL on GPUs) when it runs;
-when a worker dies, Ray Train restarts the group and ``setup`` resumes where the last complete
-checkpoint left off.
+Train has already started the process group (gloo on CPU workers, ``cpu:gloo,cuda:nccl`` on
+GPUs, see ``collectives.py``) when it runs; when a worker dies, Ray Train restarts the group and
+``setup`` resumes where the last complete checkpoint left off.
 
 The loss of a step is the sum of every target token's loss over all micro-batches, accumulation
 steps and ranks, divided by the number of target tokens in the whole step: an SFT block with 5
-target tokens weighs 5 tokens, not as much as a block with 4,000.
+target tokens weighs 5 tokens, not as much as a block with 4,000. A mixture-of-experts model
+adds its router's load-balancing loss times the model's ``router_aux_loss_coef``, weighted the
+same way over the step's real tokens, and logs it apart (``aux_loss``).
+
+A step reads the host once, after its last backward (``collectives.step_totals``): the loss
+sums and the finite check of every rank come back together, and a non-finite step drops all
+of its gradients before the optimizer would apply them.
+
+The learning-rate schedule follows the step counter, skipped steps included: step ``s`` always
+applies the schedule's value for ``s``, so the cosine reaches its floor at ``max_steps`` however
+many steps a non-finite loss skipped, and a run with skips applies the same rates as one without.
 """
 
 from __future__ import annotations
@@ -18,22 +28,31 @@ import hashlib
 import logging
 import math
 import os
-import random
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline import storage
-from pipeline.config import PipelineConfig, TrainConfig, config_from_dict
-from pipeline.data.chat import IGNORE_INDEX
+from pipeline.config import TrainConfig, config_from_dict
 from pipeline.data.shards import read_manifest, read_split
-from pipeline.train import faults
-from pipeline.train.checkpoint import CheckpointStore, tag_for
+from pipeline.train import faults, trajectory
+from pipeline.train.checkpoint import (
+    CheckpointStore,
+    refuse_node_local_root,
+    restore_rng,
+    rng_snapshot,
+    tag_for,
+)
+from pipeline.train.collectives import host_sums, step_totals
 from pipeline.train.data_order import DataOrder
 from pipeline.train.export import save_model
+from pipeline.train.objective import LossRows, loss_rows
+from pipeline.train.records import StepRecord, TrainState, is_loss_spike, summarize
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +88,6 @@ class TrainingAborted(RuntimeError):
     """The guard stopped a diverging run; the message names the step and the last checkpoint."""
 
 
-@dataclass
-class TrainState:
-    """Everything the loop needs to continue exactly where a checkpoint left off."""
-
-    step: int = 0
-    """Optimizer steps done, skipped ones included."""
-    samples: int = 0
-    """Position in the data order: blocks consumed by all ranks."""
-    tokens: int = 0
-    """Tokens in the consumed blocks, padding included."""
-    target_tokens: int = 0
-    """Tokens trained on (labels not masked)."""
-    skipped_steps: int = 0
-    bad_in_a_row: int = 0
-    spike_in_a_row: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    """One record per step: loss (None when skipped), lr applied, grad norm, data digest."""
-
-
 def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
     """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
 
@@ -99,40 +99,6 @@ def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
         return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
 
     return factor
-
-
-def training_fingerprint(spec: LoopSpec, config: PipelineConfig) -> str:
-    """Hash of what determines the training trajectory; checkpoints resume only within it."""
-    relevant = {
-        "section": spec.section,
-        "train": getattr(config, spec.section).model_dump(mode="json"),
-        "model": config.model.model_dump(mode="json"),
-        "data": config.data.model_dump(mode="json"),
-        # The worker count is left out on purpose: a run restarted with another world size
-        # finds its checkpoints and is told how to resume them, instead of silently starting over.
-        "compute": config.compute.model_dump(mode="json", exclude={"max_failures", "num_workers"}),
-        "inputs": [spec.model_uri, spec.data_uri, spec.split],
-    }
-    return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:16]
-
-
-def token_loss_sum(logits: Any, labels: Any) -> Any:
-    """Summed next-token cross-entropy over unmasked labels (0 when none: never NaN)."""
-    import torch.nn.functional as F
-
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
-def is_loss_spike(earlier: list[float], loss: float, factor: float, min_history: int) -> bool:
-    """Whether ``loss`` is above ``factor`` times the mean of the last 100 earlier losses (with
-    at least ``min_history`` of them, so warm-up noise does not count)."""
-    window = earlier[-100:]
-    return len(window) >= min_history and loss > factor * sum(window) / len(window)
 
 
 def train_worker(spec_dict: dict[str, Any]) -> None:
@@ -162,7 +128,7 @@ class TrainingRecipe:
         self.faults = faults.active_faults()
         self.resumed_from = 0
         self.state = TrainState()
-        self.attempt_records: list[dict[str, Any]] = []
+        self.attempt_records: list[StepRecord] = []
         """Applied steps of this attempt (a resumed attempt times only its own steps)."""
         self.checkpoint_steps: list[int] = []
         self.first_step_reads: dict[str, int] = {}
@@ -175,8 +141,15 @@ class TrainingRecipe:
 
         from pipeline.train.attention import select_attention
         from pipeline.train.model import count_parameters
+        from pipeline.train.throughput import model_flops_per_token
 
         config = self.config
+        # DeepSpeed JIT-builds its ops with the first `ninja` on PATH. Two ninja versions (the
+        # system's and this environment's) hash build commands differently, so processes that
+        # find different ones rebuild cpu_adam for each other (minutes each): always use ours.
+        env_bin = str(Path(sys.executable).parent)
+        if (Path(env_bin) / "ninja").exists() and not os.environ["PATH"].startswith(env_bin):
+            os.environ["PATH"] = f"{env_bin}{os.pathsep}{os.environ['PATH']}"
         if config.compute.pool == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         elif torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
@@ -189,6 +162,7 @@ class TrainingRecipe:
         # Wrap Ray Train's process group so ZeRO-3's partitioned loading sees the real world size.
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        refuse_node_local_root(self.spec.checkpoint_uri, self.spec.section, self.world)
         self.attention = select_attention(config.compute.attention)
         self.engine = self._build_engine()
         self.device = self.engine.device
@@ -198,23 +172,29 @@ class TrainingRecipe:
             self.spec.data_uri, read_manifest(self.spec.data_uri), self.spec.split, verify=verify
         )
         self.order = DataOrder(len(self.blocks), self.train_cfg.seed)
-        self.n_params = count_parameters(self.engine.module)
-        model_cfg = self.engine.module.config
-        self.flops_per_token = _flops_per_token(self.n_params, model_cfg, config.data.seq_len)
-        fingerprint = training_fingerprint(self.spec, config)
+        self.n_params = count_parameters(self.model)
+        self.flops_per_token = model_flops_per_token(self.model.config, config.data.seq_len)
+        inputs = [self.spec.model_uri, self.spec.data_uri, self.spec.split]
+        fingerprint = trajectory.training_fingerprint(config, self.spec.section, inputs)
         self.checkpoint_root = storage.join(self.spec.checkpoint_uri, fingerprint)
         self.checkpoints = CheckpointStore(
-            self.checkpoint_root, self.train_cfg.keep_last, self.rank, self.world
+            self.checkpoint_root,
+            self.train_cfg.keep_last,
+            self.rank,
+            self.world,
+            config.compute.local_scratch,
         )
         self._resume()
         if self.rank == 0:
             log.info(
-                "%s: %d params, %d blocks, world %d, attention %s, checkpoints %s",
+                "%s: %d params, %d blocks, world %d, attention %s, cross-entropy %s, "
+                "checkpoints %s",
                 self.spec.section,
                 self.n_params,
                 len(self.blocks),
                 self.world,
                 self.attention,
+                self.cross_entropy,
                 self.checkpoint_root,
             )
 
@@ -224,34 +204,49 @@ class TrainingRecipe:
         from transformers.integrations import HfDeepSpeedConfig
 
         from pipeline.train.model import fetch_model, load_training_model
-        from pipeline.train.zero import deepspeed_config, initialize_engine
+        from pipeline.train.objective import make_objective, resolve_cross_entropy
+        from pipeline.train.zero import deepspeed_config, initialize_engine, optimizer_param_groups
 
-        config = self.config
-        ds_config = deepspeed_config(config.compute, self.train_cfg, self.world)
+        config, compute = self.config, self.config.compute
+        ds_config = deepspeed_config(compute, self.train_cfg, self.world)
         # Alive during from_pretrained: ZeRO-3 partitions weights as they load.
-        self._hf_ds = HfDeepSpeedConfig(ds_config) if config.compute.zero_stage == 3 else None
-        dtype = torch.bfloat16 if config.compute.precision == "bf16" else torch.float32
+        self._hf_ds = HfDeepSpeedConfig(ds_config) if compute.zero_stage == 3 else None
+        dtype = torch.bfloat16 if compute.precision == "bf16" else torch.float32
         model_dir = fetch_model(self.spec.model_uri, config.tracking)
         tokenizer_dir = fetch_model(self.spec.tokenizer_uri, config.tracking)
         model = load_training_model(
-            model_dir, tokenizer_dir, self.attention, dtype, config.compute.zero_stage
+            model_dir, tokenizer_dir, self.attention, dtype, compute.zero_stage
         )
-        if config.compute.activation_checkpointing:
+        layers = model.get_decoder().layers
+        if compute.activation_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
+            # Selective checkpointing: the layers in between keep their activations.
+            for index, layer in enumerate(layers):
+                layer.gradient_checkpointing = index % compute.checkpoint_every_n_layers == 0
+        if compute.compile_layers:
+            for layer in layers:
+                layer.compile()
+        device_type = "cpu" if compute.pool == "cpu" else "cuda"
+        self.cross_entropy = resolve_cross_entropy(
+            compute.cross_entropy, device_type, compute.zero_stage
+        )
+        self.model = model
+        objective = make_objective(model, self.cross_entropy, compute.loss_chunk_tokens)
+        self.aux_coef: float | None = objective.aux_coef
         del deepspeed  # imported first so that its accelerator choice sees DS_ACCELERATOR
         return initialize_engine(
-            model,
+            objective,
+            optimizer_param_groups(model, self.train_cfg.weight_decay),
             ds_config,
             lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.train_cfg)),
         )
 
     def _resume(self) -> None:
         """Continue from the newest complete checkpoint of this training fingerprint, if any."""
-        import torch
         import torch.distributed as dist
 
         store = self.checkpoints
-        latest = store.latest_step()
+        latest = store.agreed_latest()
         if self.rank == 0:
             store.remove_incomplete()
         dist.barrier()
@@ -271,26 +266,32 @@ class TrainingRecipe:
             raise RuntimeError(
                 f"DeepSpeed could not load checkpoint {tag_for(latest)} from {local}"
             )
-        rng = torch.load(local / tag_for(latest) / f"rank{self.rank}_rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        self.state = TrainState(**saved["state"])
+        restore_rng(local / tag_for(latest) / f"rank{self.rank}_rng.pt")
+        store.release_local_copy()
+        self.state = TrainState.from_dict(saved["state"])
         self.resumed_from = latest
         if self.rank == 0:
-            log.info(
-                "resumed from step %d of %d (checkpoint %s)",
-                latest,
-                self.train_cfg.max_steps,
-                storage.join(self.checkpoint_root, tag_for(latest)),
-            )
-            self._log_mlflow({"resumed_from_step": float(latest)}, step=latest)
-            if self.spec.mlflow_run_id:
-                from pipeline import tracking
+            self._log_resume(latest, saved)
 
-                tracking.client(self.config.tracking).set_tag(
-                    self.spec.mlflow_run_id, "resumed_from_step", str(latest)
-                )
+    def _log_resume(self, latest: int, saved: dict[str, Any]) -> None:
+        changed = trajectory.changed_settings(
+            saved.get("operational", {}),
+            trajectory.operational_settings(self.config, self.spec.section),
+        )
+        log.info(
+            "resumed from step %d of %d (checkpoint %s)%s",
+            latest,
+            self.train_cfg.max_steps,
+            storage.join(self.checkpoint_root, tag_for(latest)),
+            "; same trajectory, changed settings: " + "; ".join(changed) if changed else "",
+        )
+        self._log_mlflow({"resumed_from_step": float(latest)}, step=latest)
+        if self.spec.mlflow_run_id:
+            from pipeline import tracking
+
+            tracking.client(self.config.tracking).set_tag(
+                self.spec.mlflow_run_id, "resumed_from_step", str(latest)
+            )
 
     # -- train ---------------------------------------------------------------------------------
 
@@ -311,7 +312,7 @@ class TrainingRecipe:
             faults.maybe_kill(self.faults, "sigkill", self.rank, step, self.checkpoint_root)
             faults.maybe_stall(self.faults, self.rank, step, self.checkpoint_root)
 
-    def train_step(self) -> dict[str, Any]:
+    def train_step(self) -> StepRecord:
         """One optimizer step over ``grad_accum_steps`` micro-batches on every rank."""
         micro, accum, world = (
             self.train_cfg.micro_batch_size,
@@ -320,78 +321,84 @@ class TrainingRecipe:
         )
         step, start = self.state.step + 1, self.state.samples
         batches = [
-            self._batch(self.order.micro_batch(start, micro, m, self.rank, world))
+            self._host_batch(self.order.micro_batch(start, micro, m, self.rank, world))
             for m in range(accum)
         ]
         self._note_first_reads(step, micro * accum)
-        n_targets = self._global_target_tokens(batches)
+        # The loss's denominators, known before any forward pass (labels only, on the host).
+        n_targets, n_real = host_sums(
+            [sum(r.n_targets for _, r in batches), sum(r.n_real for _, r in batches)]
+        )
         lr = float(self.engine.get_lr()[0])  # the scheduler moves after the step: this one applies
-        skipped_before = self.engine.skipped_steps
         started = time.perf_counter()
         empty = n_targets == 0  # every label masked: nothing to learn, not a failure
-        loss_sum = None if empty else self._accumulate(batches, step, n_targets)
+        totals = None if empty else self._accumulate(batches, step, n_targets, n_real)
+        applied = totals is not None
+        if not applied:
+            self.engine.lr_scheduler.step()  # see the module docstring: the schedule follows steps
         elapsed = time.perf_counter() - started
-        applied = loss_sum is not None and self.engine.skipped_steps == skipped_before
-        grad_norm = self.engine.get_global_grad_norm() if applied else None
         tokens = micro * accum * world * self.blocks.input_ids.shape[1]
         self.state.step, self.state.samples = step, start + micro * accum * world
         self.state.tokens += tokens
         if applied:
             self.state.target_tokens += n_targets
         digest = hashlib.sha1(self.order.indices(start, micro * accum * world).tobytes())
-        record: dict[str, Any] = {
-            "step": step,
-            "loss": loss_sum / n_targets if applied and loss_sum is not None else None,
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "target_tokens": n_targets,
-            "tokens_per_s": tokens / elapsed,
-            "target_tokens_per_s": n_targets / elapsed,
-            "step_time_s": elapsed,
-            "skipped": not applied,
-            "empty": empty,
-            "data": digest.hexdigest()[:12],
-        }
+        grad_norm = self.engine.get_global_grad_norm() if applied else None
+        record = StepRecord(
+            step=step,
+            loss=totals[0] / n_targets if totals else None,
+            aux_loss=totals[1] / n_real if totals and self.aux_coef is not None else None,
+            lr=lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            target_tokens=n_targets,
+            tokens_per_s=tokens / elapsed,
+            target_tokens_per_s=n_targets / elapsed,
+            step_time_s=elapsed,
+            skipped=not applied,
+            empty=empty,
+            data=digest.hexdigest()[:12],
+        )
         self.state.history.append(record)
         if applied:
             self.attempt_records.append(record)
         return record
 
-    def _global_target_tokens(self, batches: list[dict[str, Any]]) -> int:
-        """Target tokens of this step on all ranks: the loss's denominator, known before any
-        forward pass (labels only)."""
+    def _accumulate(
+        self,
+        batches: list[tuple[dict[str, np.ndarray], LossRows]],
+        step: int,
+        n_targets: int,
+        n_real: int,
+    ) -> list[float] | None:
+        """Forward and backward every micro-batch, then read the step's sums of all ranks once:
+        [cross-entropy over target tokens, router loss over real tokens]. Returns None when a
+        sum is non-finite (on any rank): the step's gradients are dropped, nothing is applied.
+        """
         import torch
-        import torch.distributed as dist
 
-        local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        counts = torch.tensor([float(local)], dtype=torch.float64)
-        dist.all_reduce(counts)
-        return int(counts.item())
+        from pipeline.train.zero import discard_step_gradients
 
-    def _accumulate(self, batches: list[dict[str, Any]], step: int, n_targets: int) -> float | None:
-        """Forward and backward every micro-batch; returns the summed token loss of all ranks,
-        or None when a loss was non-finite on any rank (the step's gradients are dropped)."""
-        import torch
-        import torch.distributed as dist
-
-        engine, world = self.engine, self.world
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for m, batch in enumerate(batches):
-            token_loss = self._forward_loss_sum(batch)
+        engine, world, coef = self.engine, self.world, self.aux_coef
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for m, (batch, rows) in enumerate(batches):
+            ce, aux = engine(**self._device_inputs(batch, rows))
             if faults.should_poison_loss(self.faults, self.rank, step, m):
-                token_loss = token_loss * float("nan")
-            finite = torch.tensor([float(torch.isfinite(token_loss).item())])
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1.0:
-                _discard_gradients(engine, m)
-                return None
+                ce = ce * float("nan")
             # DeepSpeed averages gradients over ranks: multiply by world so the result is the
             # gradient of (sum of token losses) / (target tokens in the whole step).
-            engine.backward(token_loss * (world / n_targets), scale_wrt_gas=False)
-            engine.step()
-            loss_sum += token_loss.detach().double().cpu()
-        dist.all_reduce(loss_sum)
-        return float(loss_sum.item())
+            objective = ce * (world / n_targets)
+            if coef is not None:
+                objective = objective + aux * (coef * world / max(n_real, 1))
+            engine.backward(objective, scale_wrt_gas=False)
+            sums += torch.stack([ce.detach(), aux.detach()]).double()
+            if m < len(batches) - 1:
+                engine.step()  # accumulates; the optimizer runs at the last micro-batch only
+        totals = step_totals(sums)
+        if not all(math.isfinite(v) for v in totals):
+            discard_step_gradients(engine, len(batches) - 1)
+            return None
+        engine.step()
+        return totals
 
     def _note_first_reads(self, step: int, blocks: int) -> None:
         """Record (and log) what the first step of this attempt read: the cost of resuming."""
@@ -410,55 +417,68 @@ class TrainingRecipe:
                 self.order.permutations_built,
             )
 
-    def _batch(self, index: np.ndarray) -> dict[str, Any]:
+    def _host_batch(self, index: np.ndarray) -> tuple[dict[str, np.ndarray], LossRows]:
+        """A micro-batch's blocks as host arrays, and the rows its loss reads."""
+        rows = np.sort(index)
+        batch = {key: getattr(self.blocks, key)[rows] for key in ("input_ids", "position_ids")}
+        labels = self.blocks.labels[rows]
+        pad = self.model.config.pad_token_id
+        return batch, loss_rows(
+            labels, batch["input_ids"], pad, self.config.compute.loss_chunk_tokens
+        )
+
+    def _device_inputs(self, batch: dict[str, np.ndarray], rows: LossRows) -> dict[str, Any]:
+        """The objective's keyword arguments, copied to the device without waiting for it."""
         import torch
 
-        return {
-            key: torch.as_tensor(getattr(self.blocks, key)[np.sort(index)], dtype=torch.long)
-            for key in ("input_ids", "position_ids", "labels")
-        }
-
-    def _forward_loss_sum(self, batch: dict[str, Any]) -> Any:
         from pipeline.train.attention import packed_model_inputs
 
-        ids = batch["input_ids"].to(self.device)
-        inputs = packed_model_inputs(ids, batch["position_ids"].to(self.device), self.attention)
-        logits = self.engine(**inputs).logits.reshape(ids.shape[0], ids.shape[1], -1)
-        return token_loss_sum(logits, batch["labels"].to(self.device))
+        def on_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(array, dtype=dtype).to(self.device, non_blocking=True)
 
-    def _guard(self, record: dict[str, Any]) -> None:
+        ids = on_device(batch["input_ids"], torch.long)
+        positions = on_device(batch["position_ids"], torch.long)
+        return {
+            "rows": rows,
+            "index": on_device(rows.index, torch.long),
+            "targets": on_device(rows.targets, torch.long),
+            "real_tokens": on_device(rows.real_tokens, torch.float32),
+            **packed_model_inputs(ids, positions, self.attention),
+        }
+
+    def _guard(self, record: StepRecord) -> None:
         """Count skipped steps; abort on too many in a row or on a sustained loss spike."""
         train, state = self.train_cfg, self.state
-        if record["empty"]:
+        if record.empty:
             state.skipped_steps += 1
-            log.warning("step %d skipped: its blocks hold no target tokens", record["step"])
+            log.warning("step %d skipped: its blocks hold no target tokens", record.step)
             return
-        if record["skipped"]:
+        if record.skipped:
             state.skipped_steps += 1
             state.bad_in_a_row += 1
-            log.warning("step %d skipped: non-finite loss or gradients", record["step"])
+            log.warning("step %d skipped: non-finite loss or gradients", record.step)
             if state.bad_in_a_row > train.max_bad_steps:
-                first = record["step"] - state.bad_in_a_row + 1
+                first = record.step - state.bad_in_a_row + 1
                 raise TrainingAborted(
                     f"{self.spec.section}: {state.bad_in_a_row} steps in a row with a non-finite "
-                    f"loss (steps {first}-{record['step']}), more than "
+                    f"loss (steps {first}-{record.step}), more than "
                     f"{self.spec.section}.max_bad_steps={train.max_bad_steps}; "
-                    f"aborted at step {record['step']}. {self._last_good()}"
+                    f"aborted at step {record.step}. {self._last_good()}"
                 )
             return
         state.bad_in_a_row = 0
-        if train.spike_factor is None:
+        if train.spike_factor is None or record.loss is None:
             return
-        earlier = [h["loss"] for h in state.history[:-1] if h["loss"] is not None]
-        if is_loss_spike(earlier, record["loss"], train.spike_factor, train.spike_steps):
+        earlier = [h.loss for h in state.history[:-1] if h.loss is not None]
+        if is_loss_spike(earlier, record.loss, train.spike_factor, train.spike_steps):
             state.spike_in_a_row += 1
         else:
             state.spike_in_a_row = 0
         if state.spike_in_a_row >= train.spike_steps:
             raise TrainingAborted(
                 f"{self.spec.section}: loss above {train.spike_factor}x its running mean for "
-                f"{state.spike_in_a_row} steps (to step {record['step']}, loss "
-                f"{record['loss']:.4f}); aborted. {self._last_good()}"
+                f"{state.spike_in_a_row} steps (to step {record.step}, loss "
+                f"{record.loss:.4f}); aborted. {self._last_good()}"
             )
 
     def _last_good(self) -> str:
@@ -467,37 +487,37 @@ class TrainingRecipe:
             return "No checkpoint was written yet."
         return f"Last good checkpoint: {storage.join(self.checkpoint_root, tag_for(latest))}."
 
-    def _log_step(self, record: dict[str, Any]) -> None:
+    def _log_step(self, record: StepRecord) -> None:
         from pipeline.train.throughput import mfu, peak_memory_gib
 
-        util = mfu(
-            record["tokens_per_s"] / self.world, self.flops_per_token, self.config.compute.pool
-        )
+        util = mfu(record.tokens_per_s / self.world, self.flops_per_token, self.config.compute.pool)
         memory = peak_memory_gib(self.device.type)
-        loss = "skipped" if record["loss"] is None else f"{record['loss']:.4f}"
+        loss = "skipped" if record.loss is None else f"{record.loss:.4f}"
+        aux = "" if record.aux_loss is None else f" aux_loss {record.aux_loss:.4f}"
         log.info(
-            "step %d/%d loss %s lr %.3e grad_norm %s tokens/s %.0f target tokens/s %.0f "
+            "step %d/%d loss %s%s lr %.3e grad_norm %s tokens/s %.0f target tokens/s %.0f "
             "mfu %s peak memory %.2f GiB skipped steps %d",
-            record["step"],
+            record.step,
             self.train_cfg.max_steps,
             loss,
-            record["lr"],
-            "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}",
-            record["tokens_per_s"],
-            record["target_tokens_per_s"],
+            aux,
+            record.lr,
+            "-" if record.grad_norm is None else f"{record.grad_norm:.3f}",
+            record.tokens_per_s,
+            record.target_tokens_per_s,
             "n/a (cpu)" if util is None else f"{100 * util:.1f}%",
             memory,
             self.state.skipped_steps,
         )
         numeric = {
             k: float(v)
-            for k, v in record.items()
+            for k, v in asdict(record).items()
             if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
         }
         numeric |= {"peak_memory_gib": memory, "skipped_steps": float(self.state.skipped_steps)}
         if util is not None:
             numeric["mfu"] = util
-        self._log_mlflow(numeric, step=record["step"])
+        self._log_mlflow(numeric, step=record.step)
 
     def _log_mlflow(self, metrics: dict[str, float], step: int) -> None:
         if self.rank == 0 and self.spec.mlflow_run_id:
@@ -508,40 +528,34 @@ class TrainingRecipe:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        import torch
-
         step = self.state.step
         self._check_weights_finite(f"checkpoint at step {step}")
-        rng = {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        }
         loop_state = {
             "step": step,
             "max_steps": self.train_cfg.max_steps,
             "world_size": self.world,
             "section": self.spec.section,
             "state": asdict(self.state),
+            # What a resume may see changed without leaving the trajectory (trajectory.py).
+            "operational": trajectory.operational_settings(self.config, self.spec.section),
         }
-        waited = self.checkpoints.save(self.engine, step, loop_state, rng, self.faults)
+        waited = self.checkpoints.save(self.engine, step, loop_state, rng_snapshot(), self.faults)
         self.checkpoint_steps.append(step)
         if self.rank == 0:
             log.info("checkpoint step %d written (the loop waited %.2f s)", step, waited)
             self._log_mlflow({"checkpoint_step": float(step), "checkpoint_save_s": waited}, step)
 
     def _check_weights_finite(self, what: str) -> None:
-        """Refuse to persist non-finite weights (ZeRO-3: each rank checks its own partition)."""
+        """Refuse to persist non-finite weights (ZeRO-3: each rank checks its own partition).
+        Counted on the device, read once for all ranks."""
         import torch
-        import torch.distributed as dist
 
-        bad = torch.zeros(1)
+        bad = torch.zeros(1, dtype=torch.float64, device=self.device)
         for param in self.engine.module.parameters():
             local = getattr(param, "ds_tensor", param)
-            if local.numel() and not bool(torch.isfinite(local.detach()).all()):
-                bad += 1
-        dist.all_reduce(bad)
-        if bad.item() > 0:
+            if local.numel():
+                bad += (~torch.isfinite(local.detach())).any().to(bad.device, torch.float64)
+        if step_totals(bad)[0] > 0:
             raise TrainingAborted(
                 f"{self.spec.section}: non-finite weights at step {self.state.step}; "
                 f"refusing to write the {what}. {self._last_good()}"
@@ -553,7 +567,14 @@ class TrainingRecipe:
         """Wait for checkpoint uploads, export the model, write the metrics (rank 0)."""
         self.checkpoints.wait()
         self._check_weights_finite("model export")
-        save_model(self.engine, self.spec, self.config, self.rank)
+        save_model(
+            self.engine,
+            output_uri=self.spec.output_uri,
+            tokenizer_uri=self.spec.tokenizer_uri,
+            chat_format=self.config.data.chat_format,
+            zero3=self.config.compute.zero_stage == 3,
+            rank=self.rank,
+        )
         del self._hf_ds
         if self.rank == 0:
             storage.write_json(
@@ -565,65 +586,20 @@ class TrainingRecipe:
         applied steps of this attempt, its first (warm-up) step left out."""
         from pipeline.train.throughput import mfu, peak_memory_gib
 
-        history = self.state.history
-        losses = [h["loss"] for h in history if h["loss"] is not None]
-        timed = self.attempt_records[1:] or self.attempt_records
-        step_time = float(np.mean([r["step_time_s"] for r in timed])) if timed else 0.0
-        tokens_per_s = float(np.mean([r["tokens_per_s"] for r in timed])) if timed else 0.0
-        return {
-            "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
-            "min_loss": min(losses) if losses else None,
-            "steps": len(history),
-            "skipped_steps": self.state.skipped_steps,
-            "grad_norm": history[-1]["grad_norm"] if history else None,
-            "tokens_seen": self.state.tokens,
-            "target_tokens_seen": self.state.target_tokens,
-            "step_time_s": step_time,
-            "tokens_per_s": tokens_per_s,
-            "target_tokens_per_s": float(np.mean([r["target_tokens_per_s"] for r in timed]))
-            if timed
-            else 0.0,
-            "mfu": mfu(tokens_per_s / self.world, self.flops_per_token, self.config.compute.pool),
+        metrics = summarize(self.state, self.attempt_records)
+        per_device = metrics["tokens_per_s"] / self.world
+        return metrics | {
+            "mfu": mfu(per_device, self.flops_per_token, self.config.compute.pool),
+            "flops_per_token": self.flops_per_token,
             "peak_memory_gib": peak_memory_gib(self.device.type),
             "parameters": self.n_params,
             "attention": self.attention,
+            "cross_entropy": self.cross_entropy,
             "resumed_from_step": self.resumed_from,
             "checkpoint_steps": self.checkpoint_steps,
             "checkpoint_uri": self.checkpoint_root,
             "first_step_reads": self.first_step_reads,
-            "loss_history": [None if h["loss"] is None else round(h["loss"], 6) for h in history],
-            "lr_history": [h["lr"] for h in history],
-            "data_order": [h["data"] for h in history],
         }
-
-
-def _flops_per_token(n_params: int, model_cfg: Any, seq_len: int) -> float:
-    from pipeline.train.throughput import flops_per_token
-
-    return flops_per_token(n_params, model_cfg.num_hidden_layers, model_cfg.hidden_size, seq_len)
-
-
-def _discard_gradients(engine: Any, accumulated: int) -> None:
-    """Drop the gradients accumulated so far in a step that turned out non-finite.
-
-    The micro-batches before the bad one already ran backward (``accumulated`` of them): their
-    gradients sit in DeepSpeed's buffers and its micro-step counter has moved. Both go back to
-    the start of the step, so the next step is a clean optimizer step.
-    """
-    if accumulated == 0:
-        return
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "_overflow_clean_up"):  # ZeRO-3: grads, offload buffers, counters
-        optimizer._overflow_clean_up(getattr(optimizer, "loss_scale", 1.0))
-    else:
-        optimizer.zero_grad(set_to_none=True)
-        if getattr(optimizer, "cpu_offload", False):
-            optimizer.reset_cpu_buffers()
-        elif hasattr(optimizer, "averaged_gradients"):
-            optimizer.averaged_gradients = {}
-    engine.zero_grad()
-    engine.micro_steps -= accumulated
 
 
 def spec_dict(spec: LoopSpec) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import ComputeConfig
+from pipeline.train.collectives import process_group_backend
 from pipeline.train.loop import ABORT_FILE, TRAIN_METRICS_FILE, LoopSpec, spec_dict, train_worker
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def fit(spec: LoopSpec, compute: ComputeConfig, name: str) -> dict[str, Any]:
             use_gpu=compute.pool != "cpu",
             resources_per_worker=worker_resources(compute),
         ),
-        torch_config=TorchConfig(backend="gloo" if compute.pool == "cpu" else "nccl"),
+        torch_config=TorchConfig(backend=process_group_backend(use_gpu=compute.pool != "cpu")),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,

@@ -1,32 +1,46 @@
 """Model FLOPs utilisation and peak memory, as the training loop reports them.
 
-MFU = tokens/s per GPU × FLOPs per token / the GPU's peak dense bf16 rate, with
-
-    FLOPs per token = 6·N + 12·L·d·S
-
-(N parameters, L layers, d hidden size, S sequence length: the forward and backward matmuls of
-the weights plus the attention scores, as in the PaLM paper's appendix B). Activation
-recomputation is not counted: MFU measures useful work. Document masking makes the real
-attention work smaller than ``12·L·d·S``; the formula keeps it so that figures compare with
-published ones.
+MFU = tokens/s per GPU x model FLOPs per token / the GPU's peak dense bf16 rate. Both factors
+come from the planner, so the loop's MFU and ``pipeline plan``'s predicted MFU are one
+definition: FLOPs per token are ``pipeline.planning.flops.model_flops_per_token``
+(``6·N + 6·L·q·S``, N the matmul weights one token goes through: no input embedding, no norms,
+top-k of the experts; causal attention; no recomputation), and the peak is
+``pipeline.planning.hardware.POOLS``' ``peak_tflops["bf16"]``.
 """
 
 from __future__ import annotations
 
 import resource
 import sys
+from typing import Any
 
-PEAK_BF16_FLOPS = {"a100": 312e12, "h100": 989e12}
-"""Dense bf16 tensor-core peak per GPU of each pool (NVIDIA datasheets; H200 equals H100)."""
+from pipeline.planning import flops
+from pipeline.planning.architecture import from_hf_config
+from pipeline.planning.hardware import gpu_peak_flops
 
 
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+def model_flops_per_token(hf_config: Any, seq_len: int) -> float:
+    """The MFU numerator per token of a Hugging Face model, as the planner counts it.
+
+    Args:
+        hf_config: the model's ``PretrainedConfig`` (``model.config``; e.g. the LlamaConfig or
+            MixtralConfig of ``pipeline.train.model.build_llama``/``build_mixtral``).
+        seq_len: tokens per packed training block.
+
+    Returns:
+        FLOPs per trained token (forward and backward).
+
+    Raises:
+        ConfigError: the model type is not one of the Llama-shaped decoders the planner knows
+            (``architecture.SUPPORTED_MODEL_TYPES``) or the config lacks a dimension.
+    """
+    arch = from_hf_config(hf_config.to_dict(), f"{type(hf_config).__name__} of the trained model")
+    return flops.model_flops_per_token(arch, seq_len)
 
 
 def mfu(tokens_per_s_per_device: float, per_token_flops: float, pool: str) -> float | None:
     """Fraction of the pool's peak; None on CPU workers, which have no comparable peak."""
-    peak = PEAK_BF16_FLOPS.get(pool)
+    peak = gpu_peak_flops(pool)
     return None if peak is None else tokens_per_s_per_device * per_token_flops / peak
 
 

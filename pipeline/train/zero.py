@@ -26,13 +26,14 @@ def deepspeed_config(compute: ComputeConfig, train: TrainConfig, world_size: int
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": compute.pool != "cpu"}
     if compute.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": compute.pool != "cpu"}
-    return {
+    bf16 = compute.precision == "bf16"
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
         "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": compute.precision == "bf16"},
+        "bf16": {"enabled": bf16},
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -47,6 +48,33 @@ def deepspeed_config(compute: ComputeConfig, train: TrainConfig, world_size: int
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        # bf16 keeps 8 bits of mantissa: summing 8-32 micro-batches of gradients over 32 ranks
+        # in it loses the small ones. Accumulate and reduce in fp32 (as torchtitan does); the
+        # config validator refuses ZeRO-0 with bf16, which DeepSpeed can only run in bf16.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
+    return config
+
+
+def optimizer_param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on the matmul weights only, not on norms, biases
+    or the input embedding (a lookup table: decay would pull rare tokens' rows to zero).
+
+    Shapes are read as ZeRO-3 knows them (``ds_shape``) when the model is partitioned.
+    """
+    embedding = model.get_input_embeddings().weight
+    decay: list[Any] = []
+    no_decay: list[Any] = []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        shape = getattr(param, "ds_shape", param.shape)
+        (no_decay if len(shape) < 2 or param is embedding else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 # Messages of DeepSpeed's JIT op builds (FusedAdam on GPUs, CPUAdam for optimizer offload).
@@ -59,7 +87,9 @@ _BUILD_FAILURES = (
 )
 
 
-def initialize_engine(model: Any, ds_config: dict[str, Any], lr_scheduler: Any) -> Any:
+def initialize_engine(
+    model: Any, param_groups: list[dict[str, Any]], ds_config: dict[str, Any], lr_scheduler: Any
+) -> Any:
     """``deepspeed.initialize`` with the schedule; an optimizer op that fails to build is
     reported with its cause and the fix instead of a bare traceback.
 
@@ -71,7 +101,7 @@ def initialize_engine(model: Any, ds_config: dict[str, Any], lr_scheduler: Any) 
     try:
         engine, *_ = deepspeed.initialize(
             model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model_parameters=param_groups,
             config=ds_config,
             lr_scheduler=lr_scheduler,
             dist_init_required=False,
@@ -90,3 +120,38 @@ def initialize_engine(model: Any, ds_config: dict[str, Any], lr_scheduler: Any) 
             "prebuilds both ops so that workers never compile at start-up."
         ) from err
     return engine
+
+
+def discard_step_gradients(engine: Any, micro_steps_taken: int) -> None:
+    """Drop every gradient accumulated in an optimizer step that turned out non-finite.
+
+    All micro-batches of the step ran backward (the last one reduced its gradients across the
+    ranks at the accumulation boundary) but the optimizer step did not run. Each ZeRO optimizer
+    keeps the accumulated gradients in its own buffers, so each is cleared the way DeepSpeed
+    itself clears them after an fp16 overflow; then the engine's micro-step counter goes back
+    by the ``engine.step()`` calls the step made, so the next step starts clean.
+    """
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
+
+    optimizer = engine.optimizer
+    if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):  # grads, offload buffers, counters
+        optimizer._overflow_clean_up(getattr(optimizer, "loss_scale", 1.0))
+    elif isinstance(optimizer, DeepSpeedZeroOptimizer):  # ZeRO-1/2: as its overflow branch
+        optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+        optimizer._wait_for_offload_copies()
+        optimizer.zero_grad(set_to_none=True)
+        optimizer._release_preflattened_grad_buffers()
+        if optimizer.cpu_offload:
+            optimizer._offload_accumulated_param_ids = set()
+            optimizer.reset_cpu_buffers()
+        else:
+            for key in optimizer.averaged_gradients:
+                optimizer.averaged_gradients[key] = None
+                optimizer.all_grad_tensors[key] = None
+    elif isinstance(optimizer, BF16_Optimizer):  # ZeRO-1 bf16 with fp32 accumulation
+        optimizer.clear_hp_grads()
+        optimizer.clear_lp_grads(set_to_none=True)
+    engine.zero_grad()
+    engine.micro_steps -= micro_steps_taken

@@ -225,11 +225,34 @@ def test_cross_field_rules(tmp_path: Path, old: str, new: str, expected: str) ->
     assert expected in message
 
 
-def test_zero_stage_0_is_fine_without_offload(tmp_path: Path) -> None:
+def test_zero_stage_0_is_fine_without_offload_in_fp32_only(tmp_path: Path) -> None:
     text = BASE_YAML.replace("  zero_stage: 3\n", "  zero_stage: 0\n").replace(
         "  offload_optimizer: true\n", "  offload_optimizer: false\n"
     )
-    assert load_config(write(tmp_path, text)).compute.zero_stage == 0
+    fp32 = {"compute.precision": "fp32"}
+    assert load_config(write(tmp_path, text), fp32).compute.zero_stage == 0
+    bf16 = {"compute.precision": "bf16"}
+    with pytest.raises(ConfigError, match="accumulates and reduces gradients in bf16"):
+        load_config(write(tmp_path, text), bf16)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {"compute.cross_entropy": "fused", "compute.zero_stage": 3, "compute.pool": "h100"},
+            "reads the whole LM head weight, which ZeRO-3 partitions",
+        ),
+        ({"compute.cross_entropy": "fused", "compute.zero_stage": 2}, "liger-kernel's CUDA"),
+        ({"compute.compile_layers": True, "compute.zero_stage": 3}, "break the compiled graphs"),
+        ({"compute.checkpoint_every_n_layers": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_speed_levers_that_cannot_run_together_are_refused(
+    tmp_path: Path, overrides: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, BASE_YAML), overrides)
 
 
 # --- overrides ------------------------------------------------------------------------------

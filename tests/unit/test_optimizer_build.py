@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     from transformers import LlamaConfig, LlamaForCausalLM
     from pipeline.config import ComputeConfig, TrainConfig
     from pipeline.localstack import free_port
-    from pipeline.train.zero import deepspeed_config, initialize_engine
+    from pipeline.train.zero import deepspeed_config, initialize_engine, optimizer_param_groups
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
     compute = ComputeConfig(zero_stage=2, offload_optimizer=True, precision="fp32")
     config = deepspeed_config(compute, TrainConfig(max_steps=2, lr=1e-3), world_size=1)
     try:
-        initialize_engine(model, config, None)
+        initialize_engine(model, optimizer_param_groups(model, 0.0), config, None)
     except RuntimeError as err:
         print("REPORTED:", str(err).replace("\\n", " "))
     """

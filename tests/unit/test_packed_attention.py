@@ -1,9 +1,12 @@
 """Packed documents stay isolated on every attention kernel, at every micro-batch size.
 
 ``packed_model_inputs`` is what the training loop and ``score_sequences`` pass to the model. These
-tests run a tiny Llama on multi-row packed batches (several documents of uneven length per row,
-one split across rows, a padding segment) and pin every segment's logits to the same segment
-run alone, on sdpa and eager (train and eval), flex attention, and the flash-attention code path.
+tests run a tiny Llama (grouped-query: 4 heads, 2 key/value heads) on multi-row packed batches
+(several documents of uneven length per row, one split across rows, a padding segment) and pin
+every segment's logits to the same segment run alone, on document_sdpa (what ``compute.attention:
+sdpa`` loads), sdpa with a dense mask and eager (train and eval), flex attention, and the
+flash-attention code path. document_sdpa is also pinned to sdpa one document at a time with no
+mask built, to the dense path's gradients, and to plain sdpa for generation and the export.
 
 flash-attn does not run on CPU, so ``flash_kernels_on_cpu`` stands in a plain-torch reference
 for its two kernels (``flash_attn_func``, ``flash_attn_varlen_func``); transformers' own flash
@@ -13,9 +16,11 @@ positions, no mask) leaks at batch size > 1: the negative control pins it.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from itertools import pairwise
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,11 +30,14 @@ import torch.nn.functional as F
 
 from pipeline.data.chat import IGNORE_INDEX
 from pipeline.data.pack import PackedBlocks, pack_documents
+from pipeline.eval import generation
 from pipeline.eval.perplexity import score_sequences
 from pipeline.train.attention import (
+    DOCUMENT_SDPA,
     document_block_mask,
     document_starts,
     packed_model_inputs,
+    register_document_sdpa,
     select_attention,
 )
 
@@ -44,6 +52,12 @@ DOC_LENGTHS = (30, 11, 23, 7, 19)
 SEGMENTS_PER_ROW = (2, 4, 2)
 SCORED_TOKENS = 88  # 95 tokens (documents + EOS) minus the first token of each of 7 pieces
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="pins the CPU-only behaviour")
+
+
+@pytest.fixture(autouse=True)
+def _document_sdpa_registered() -> None:
+    """Models here are built with ``DOCUMENT_SDPA`` directly, not through select_attention."""
+    register_document_sdpa()
 
 
 @pytest.fixture
@@ -208,11 +222,11 @@ def flash_llama(
     return model
 
 
-# --- sdpa and eager --------------------------------------------------------------------------
+# --- document_sdpa, sdpa and eager ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("setup", ["eval", "train", "train_with_activation_checkpointing"], ids=str)
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", [DOCUMENT_SDPA, "sdpa", "eager"])
 def test_packed_rows_match_documents_run_alone(
     make_tiny_llama: Callable[..., PreTrainedModel],
     blocks: PackedBlocks,
@@ -229,7 +243,7 @@ def test_packed_rows_match_documents_run_alone(
     assert max(gaps) < ATOL
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", [DOCUMENT_SDPA, "sdpa", "eager"])
 def test_continuing_positions_let_the_second_document_see_the_first(
     make_tiny_llama: Callable[..., PreTrainedModel], blocks: PackedBlocks, attention: str
 ) -> None:
@@ -238,7 +252,9 @@ def test_continuing_positions_let_the_second_document_see_the_first(
     ids = torch.as_tensor(blocks.input_ids, dtype=torch.long)
     continuing = torch.arange(SEQ_LEN).expand_as(ids)
     with torch.no_grad():
-        logits = model(**packed_model_inputs(ids, continuing, attention)).logits
+        logits = model(**packed_model_inputs(ids, continuing, attention)).logits.reshape(
+            *ids.shape, -1
+        )
     gaps = _segment_gaps(model, blocks, logits)
     first_of_row = [0, 2, 6]
     assert max(gaps[i] for i in first_of_row) < ATOL  # causal: the row's head is unaffected
@@ -256,6 +272,151 @@ def test_sdpa_and_eager_masks_are_block_diagonal_causal() -> None:
     assert torch.equal(eager[reference], torch.zeros(int(reference.sum())))
     assert bool((eager[~reference] == torch.finfo(torch.float32).min).all())
     assert int(reference.sum()) == (6 + 3 + 6) + (15 + 6)  # n(n+1)/2 per document
+
+
+# --- document_sdpa: one sdpa call per document, no mask -------------------------------------
+
+
+def test_document_sdpa_inputs_are_one_row_with_offsets_and_no_square_mask() -> None:
+    pos = _positions([[3, 2, 3], [5, 3]])
+    ids = torch.arange(16).reshape(2, 8)
+    inputs = packed_model_inputs(ids, pos, DOCUMENT_SDPA)
+    assert torch.equal(inputs["input_ids"], torch.arange(16)[None])
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2]]
+    assert inputs["cu_seq_lens_q"].tolist() == [0, 3, 5, 8, 13, 16]
+    assert inputs["cu_seq_lens_k"] is inputs["cu_seq_lens_q"]
+    assert inputs["cu_seq_lens_q"].device.type == "cpu"  # read in Python by every layer
+    assert inputs["max_length_q"] == inputs["max_length_k"] == 5
+    # A padding mask saying "no padding", [1, B*S]: nothing of size S x S goes in.
+    mask = inputs["attention_mask"]
+    assert mask.dtype == torch.bool and mask.shape == (1, 16) and bool(mask.all())
+    assert inputs["use_cache"] is False and "labels" not in inputs
+
+
+def _spy_on_attention(monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple], list[object]]:
+    """Record every sdpa call (query length, key length, mask, is_causal) and every mask the
+    Llama model builds."""
+    from transformers.models.llama import modeling_llama
+
+    calls: list[tuple] = []
+    masks: list[object] = []
+    sdpa, build_mask = F.scaled_dot_product_attention, modeling_llama.create_causal_mask
+
+    def recording_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> object:
+        calls.append((q.shape[-2], k.shape[-2], kw.get("attn_mask"), kw.get("is_causal")))
+        return sdpa(q, k, v, **kw)
+
+    def recording_mask(*args: object, **kwargs: object) -> object:
+        masks.append(build_mask(*args, **kwargs))
+        return masks[-1]
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    monkeypatch.setattr(modeling_llama, "create_causal_mask", recording_mask)
+    return calls, masks
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_document_sdpa_runs_causal_sdpa_once_per_document_and_builds_no_mask(
+    make_tiny_llama: Callable[..., PreTrainedModel],
+    blocks: PackedBlocks,
+    monkeypatch: pytest.MonkeyPatch,
+    training: bool,
+) -> None:
+    """Work per block is the sum of its segments' squared lengths, not S x S."""
+    model = make_tiny_llama(DOCUMENT_SDPA).train(training)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
+    calls, masks = _spy_on_attention(monkeypatch)
+    ids, pos, _ = _tensors(blocks)
+    with torch.set_grad_enabled(training):
+        model(**packed_model_inputs(ids, pos, DOCUMENT_SDPA))
+    lengths = [end - start for _, start, end in _segments(blocks)]
+    assert lengths == [31, 9, 3, 24, 8, 5, 15, 25]  # 8 segments, the padding tail included
+    assert masks == [None]
+    assert calls == [(n, n, None, True) for n in lengths] * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
+def test_document_sdpa_gradients_equal_the_dense_mask_path(
+    make_tiny_llama: Callable[..., PreTrainedModel], blocks: PackedBlocks, checkpointing: bool
+) -> None:
+    """Same weights, same summed token loss: every parameter's gradient agrees with the
+    block-diagonal mask on plain sdpa (whose logits the tests above pin to documents alone)."""
+    ids, pos, labels = _tensors(blocks)
+    grads, losses = {}, {}
+    for attention in ("sdpa", DOCUMENT_SDPA):
+        model = make_tiny_llama(attention).train()
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        logits = model(**packed_model_inputs(ids, pos, attention)).logits.reshape(*ids.shape, -1)
+        target = labels[:, 1:].reshape(-1)
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            target,
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        loss.backward()
+        losses[attention] = loss.item()
+        grads[attention] = {name: p.grad for name, p in model.named_parameters()}
+    assert losses[DOCUMENT_SDPA] == pytest.approx(losses["sdpa"], rel=1e-6)
+    assert grads["sdpa"].keys() == grads[DOCUMENT_SDPA].keys()
+    for name, dense in grads["sdpa"].items():
+        assert dense.abs().max() > 0, name
+        torch.testing.assert_close(grads[DOCUMENT_SDPA][name], dense, rtol=1e-4, atol=1e-5)
+
+
+def test_a_block_of_one_document_per_row_is_plain_causal_attention(
+    make_tiny_llama: Callable[..., PreTrainedModel], blocks: PackedBlocks
+) -> None:
+    """Rows that are each one document (positions 0..S-1): the logits of the unpacked batch."""
+    model = make_tiny_llama(DOCUMENT_SDPA)
+    ids = torch.as_tensor(blocks.input_ids, dtype=torch.long)
+    whole_rows = torch.arange(SEQ_LEN).expand_as(ids)
+    inputs = packed_model_inputs(ids, whole_rows, DOCUMENT_SDPA)
+    assert inputs["cu_seq_lens_q"].tolist() == [0, SEQ_LEN, 2 * SEQ_LEN, 3 * SEQ_LEN]
+    with torch.no_grad():
+        packed = model(**inputs).logits.reshape(*ids.shape, -1)
+        unpacked = model(input_ids=ids, use_cache=False).logits
+    assert (packed - unpacked).abs().max().item() < ATOL
+
+
+def test_document_sdpa_generates_like_sdpa_and_exports_without_its_name(
+    make_tiny_llama: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerBase,
+    tmp_path: Path,
+) -> None:
+    """Left-padded batches with a KV cache take transformers' sdpa path; the saved config.json
+    names no kernel, so the export loads anywhere on the default one."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = ["<|im_start|>user\nWhere is my order?<|im_end|>\n<|im_start|>assistant\n", "Hi"]
+    stops = [tokenizer.eos_token_id]
+    answers = {}
+    for attention in ("sdpa", DOCUMENT_SDPA):
+        model = make_tiny_llama(attention, seed=3)
+        answers[attention] = generation.generate_batch(model, tokenizer, prompts, stops, 12, 100)
+    assert answers[DOCUMENT_SDPA] == answers["sdpa"]
+    assert all(len(a) > 0 for a in answers["sdpa"])
+
+    model.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not any("attn_implementation" in key for key in saved)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert reloaded.config._attn_implementation == "sdpa"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=ATOL)
+
+
+def test_document_sdpa_refuses_offsets_that_do_not_cover_the_row(
+    make_tiny_llama: Callable[..., PreTrainedModel],
+) -> None:
+    model = make_tiny_llama(DOCUMENT_SDPA)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    offsets = torch.tensor([0, 3, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="offsets ending at 6"):
+        model(input_ids=ids, cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, use_cache=False)
 
 
 # --- the flash-attention path ---------------------------------------------------------------
@@ -318,7 +479,7 @@ def test_flash_inputs_match_documents_run_alone_on_the_flash_code_path(
     assert max(gaps) < ATOL
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", [DOCUMENT_SDPA, "sdpa", "eager"])
 def test_flattened_batch_gives_the_row_path_loss(
     make_tiny_llama: Callable[..., PreTrainedModel], blocks: PackedBlocks, attention: str
 ) -> None:
@@ -370,7 +531,7 @@ def test_flex_block_mask_rows_match_documents_run_alone(
 # --- evaluation -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "flash_attention_2"])
+@pytest.mark.parametrize("attention", [DOCUMENT_SDPA, "sdpa", "eager", "flash_attention_2"])
 def test_score_sequences_scores_padded_rows_like_documents_alone(
     make_tiny_llama: Callable[..., PreTrainedModel],
     flash_kernels_on_cpu: None,
@@ -408,10 +569,17 @@ def test_score_sequences_scores_padded_rows_like_documents_alone(
 
 
 @NO_CUDA
-def test_auto_is_sdpa_on_a_cpu_machine_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_is_document_sdpa_on_a_cpu_machine_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     with caplog.at_level(logging.INFO, logger="pipeline.train.attention"):
-        assert select_attention("auto") == "sdpa"
-    assert "attention backend: sdpa (requested auto)" in caplog.messages
+        assert select_attention("auto") == DOCUMENT_SDPA
+    assert "attention backend: document_sdpa (requested auto)" in caplog.messages
+
+
+def test_sdpa_resolves_to_document_sdpa_and_the_others_pass_through() -> None:
+    assert select_attention("sdpa") == DOCUMENT_SDPA == "document_sdpa"
+    assert select_attention("eager") == "eager"
 
 
 @NO_CUDA

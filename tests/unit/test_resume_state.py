@@ -88,10 +88,57 @@ def test_fault_specs_parse_and_bad_ones_name_the_item() -> None:
 
 
 def test_a_loss_spike_is_measured_against_the_running_mean() -> None:
-    from pipeline.train.loop import is_loss_spike
+    from pipeline.train.records import is_loss_spike
 
     steady = [2.0] * 150 + [1.0] * 100  # only the last 100 count: mean 1.0
     assert is_loss_spike(steady, 2.1, factor=2.0, min_history=5)
     assert not is_loss_spike(steady, 1.9, factor=2.0, min_history=5)
     # Too little history (the first steps after initialisation) never trips it.
     assert not is_loss_spike([1.0] * 4, 10.0, factor=2.0, min_history=5)
+
+
+def test_rng_states_round_trip_without_unpickling(tmp_path: Path) -> None:
+    """The RNG file holds tensors and numbers only: ``weights_only`` loads it, and every
+    generator the loop draws from continues exactly where it was saved."""
+    import random
+
+    import torch
+
+    from pipeline.train.checkpoint import restore_rng, rng_snapshot
+
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    np.random.standard_normal()  # a cached Gaussian is part of numpy's state
+    torch.save(rng_snapshot(), tmp_path / "rank0_rng.pt")
+    expected = (torch.rand(3), np.random.standard_normal(3), random.random())
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    restore_rng(tmp_path / "rank0_rng.pt")
+    got = (torch.rand(3), np.random.standard_normal(3), random.random())
+    assert torch.equal(got[0], expected[0])
+    assert np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2]
+
+
+class _Payload:
+    """What an attacker who can write the checkpoint prefix would plant: code run on load."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("payload ran",))
+
+
+def test_an_rng_file_with_a_pickled_object_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pickle
+
+    import torch
+
+    from pipeline.train.checkpoint import restore_rng
+
+    torch.save({"torch": torch.get_rng_state(), "evil": _Payload()}, tmp_path / "rank0_rng.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        restore_rng(tmp_path / "rank0_rng.pt")
+    assert "payload ran" not in capsys.readouterr().out

@@ -166,8 +166,8 @@ def test_cpu_offload_uses_deepspeed_cpu_adam_without_pinned_memory() -> None:
 
 
 @pytest.mark.skipif(attention.flash_attention_available(), reason="this machine has flash-attn")
-def test_auto_is_sdpa_on_this_machine() -> None:
-    assert select_attention("auto") == "sdpa"
+def test_auto_is_sdpa_per_document_on_this_machine() -> None:
+    assert select_attention("auto") == attention.DOCUMENT_SDPA
 
 
 @pytest.mark.skipif(attention.flash_attention_available(), reason="this machine has flash-attn")
@@ -181,9 +181,11 @@ def test_auto_picks_flash_attention_when_available(monkeypatch: pytest.MonkeyPat
     assert select_attention("auto") == "flash_attention_2"
     assert select_attention("flash_attention_2") == "flash_attention_2"
     monkeypatch.setattr(attention, "flash_attention_available", lambda: False)
-    assert select_attention("auto") == "sdpa"
+    assert select_attention("auto") == attention.DOCUMENT_SDPA
 
 
-@pytest.mark.parametrize("requested", ["sdpa", "eager"])
-def test_explicit_kernels_pass_through(requested: str) -> None:
-    assert select_attention(requested) == requested
+@pytest.mark.parametrize(
+    ("requested", "loaded"), [("sdpa", attention.DOCUMENT_SDPA), ("eager", "eager")]
+)
+def test_explicit_kernels_pass_through(requested: str, loaded: str) -> None:
+    assert select_attention(requested) == loaded
