@@ -54,7 +54,7 @@ class Shape:
 GPU_SHAPE = Shape(2048, 16, 32, 8, 32000, 8192, 4096, 4, "bf16", 1)
 SMALL_SHAPE = Shape(64, 2, 4, 2, 512, 172, 128, 3, "fp32", 4)
 # The resume row needs the loop's collectives and checkpoint round trip, not the 1.1B's 15 GB
-# checkpoints: the same vocabulary, sequence and head layout on 2 narrow layers (37M).
+# checkpoints: the same vocabulary, sequence and head layout on 2 narrow layers (38M).
 GPU_RESUME_SHAPE = Shape(512, 2, 8, 2, 32000, 1408, 4096, 2, "bf16", 1)
 
 

@@ -319,7 +319,8 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         fits = "met" if peak <= TARGET_PEAK_GIB else "MISSED"
         lines.append(f"target best peak <= {TARGET_PEAK_GIB:.0f} GiB: {peak:.1f} GiB, {fits}")
     on_gpu, offload = by_key.get("z3-ckpt"), by_key.get("z3-ckpt-offload")
-    if on_gpu is None or offload is None:
+    if on_gpu is None or offload is None or on_gpu["allocated_before_gib"] is None:
+        # Without CUDA the peak is the process's RSS, which never goes down: not comparable.
         lines.append(f"target offload saves >= {TARGET_OFFLOAD_SAVING:.0%} GPU memory: n/a")
     else:
         before, after = on_gpu["peak_memory_gib"], offload["peak_memory_gib"]

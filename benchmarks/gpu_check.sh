@@ -9,13 +9,17 @@
 # TORCH_CUDA_ARCH_LIST to the device (DeepSpeed's op builds cannot parse torch's own "9.0a"),
 # then runs benchmarks/gpu_check.py under a hard time limit.
 #
-# Environment: GPU_CHECK_PYTHON (python3), GPU_CHECK_WHEELS (.whl), GPU_CHECK_TIMEOUT_S (530:
+# Environment: GPU_CHECK_PYTHON (python3; .venv/bin/python with --small), GPU_CHECK_WHEELS (.whl), GPU_CHECK_TIMEOUT_S (530:
 # gpu_check.py's --budget-s of 450 s, the rows running then, and the report; a run stopped by
 # the limit keeps the JSON of the rows it finished).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The GPU machine's python3 holds its torch; the CPU check (--small) runs in this repo's venv.
 PY=${GPU_CHECK_PYTHON:-python3}
+if [ -z "${GPU_CHECK_PYTHON:-}" ] && [[ " $* " == *" --small "* ]] && [ -x .venv/bin/python ]; then
+	PY=.venv/bin/python
+fi
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
 LIGER_KERNEL=liger-kernel==0.8.5 # not in requirements/: the CPU venv cannot run it
 # What the GPU machine's image holds (its torch is 2.11 + CUDA 13, Python 3.12): the resolver
