@@ -58,9 +58,9 @@ SMALL_SHAPE = Shape(64, 2, 4, 2, 512, 172, 128, 3, "fp32", 4)
 GPU_RESUME_SHAPE = Shape(512, 2, 8, 2, 32000, 1408, 4096, 2, "bf16", 1)
 
 
-def model_config(shape: Shape) -> ModelConfig:
-    """The demo config's ``model`` section resized to ``shape``."""
-    overrides = {
+def shape_overrides(shape: Shape) -> dict[str, Any]:
+    """The config overrides that size the demo config's model and blocks to ``shape``."""
+    return {
         "data.seq_len": shape.seq_len,
         "model.vocab_size": shape.vocab,
         "model.hidden_size": shape.hidden,
@@ -69,7 +69,11 @@ def model_config(shape: Shape) -> ModelConfig:
         "model.num_heads": shape.heads,
         "model.num_kv_heads": shape.kv_heads,
     }
-    return load_config(DEMO_CONFIG, overrides).model
+
+
+def model_config(shape: Shape) -> ModelConfig:
+    """The demo config's ``model`` section resized to ``shape``."""
+    return load_config(DEMO_CONFIG, shape_overrides(shape)).model
 
 
 def write_tokenizer(vocab: int, out: Path) -> Any:

@@ -176,13 +176,7 @@ def bench_config(run: Run, shape: bi.Shape, settings: dict[str, Any]) -> Pipelin
     """The demo config resized to ``shape``, set to ``settings``, for one worker."""
     cuda, name = run.facts["cuda"], run.facts["name"]
     overrides: dict[str, Any] = {
-        "data.seq_len": shape.seq_len,
-        "model.vocab_size": shape.vocab,
-        "model.hidden_size": shape.hidden,
-        "model.intermediate_size": shape.intermediate,
-        "model.num_layers": shape.layers,
-        "model.num_heads": shape.heads,
-        "model.num_kv_heads": shape.kv_heads,
+        **bi.shape_overrides(shape),
         "cpt.max_steps": shape.steps,
         "cpt.grad_accum_steps": 1,
         "cpt.warmup_steps": 0,

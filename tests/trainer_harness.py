@@ -14,22 +14,20 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from pipeline import storage
-from pipeline.config import REPO_ROOT, ModelConfig, PipelineConfig, load_config
+from pipeline.config import REPO_ROOT, PipelineConfig, load_config
 from pipeline.data.pack import FLAG_START, FLAG_TRAIN
 from pipeline.data.shards import MANIFEST_FILE, ShardWriter, token_dtype
 from pipeline.localstack import free_port
 from pipeline.train.checkpoint import LATEST_POINTER, tag_for
 from pipeline.train.loop import TRAIN_METRICS_FILE, LoopSpec, spec_dict, train_worker
+from tests.tiny_presets import tiny_model_config
 
 SEQ = 64
-TINY = ModelConfig(
-    name="tiny", hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2
-)
 
 
 @contextmanager
@@ -58,7 +56,9 @@ def single_rank_group() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def write_inputs(root: Path, architecture: str = "llama", n_blocks: int = 32) -> dict[str, str]:
+def write_inputs(
+    root: Path, architecture: Literal["llama", "mixtral"] = "llama", n_blocks: int = 32
+) -> dict[str, str]:
     """A BPE tokenizer, a tiny model and a ``cpt_train`` split of two documents per block."""
     from pipeline.data.tokenizer import train_bpe_tokenizer
     from pipeline.train.model import build_model
@@ -69,8 +69,9 @@ def write_inputs(root: Path, architecture: str = "llama", n_blocks: int = 32) ->
     ]
     tok = train_bpe_tokenizer(texts, vocab_size=300)
     tok.save_pretrained(str(root / "tokenizer"))
-    model_cfg = TINY.model_copy(update={"architecture": architecture, "num_experts": 4})
-    build_model(model_cfg, tok, SEQ, seed=0).save_pretrained(str(root / "model"))
+    build_model(tiny_model_config(architecture), tok, SEQ, seed=0).save_pretrained(
+        str(root / "model")
+    )
     # Demo documents back to back, EOS between them, cut into blocks: text a model can learn.
     stream: list[int] = []
     for text in texts:
@@ -108,14 +109,14 @@ def tiny_config(**overrides: Any) -> PipelineConfig:
     return load_config(REPO_ROOT / "configs" / "demo.yaml", base | overrides)
 
 
-def train(
+def loop_spec(
     inputs: dict[str, str],
     out: Path,
     config: PipelineConfig,
     checkpoints: Path | str | None = None,
-) -> dict[str, Any]:
-    """One ``train_worker`` call on the current group; returns its train_metrics.json."""
-    spec = LoopSpec(
+) -> LoopSpec:
+    """What the CPT stage hands its workers, for ``inputs``, writing under ``out``."""
+    return LoopSpec(
         config=config.model_dump(mode="json"),
         section="cpt",
         model_uri=inputs["model"],
@@ -126,7 +127,16 @@ def train(
         checkpoint_uri=str(checkpoints or out / "checkpoints"),
         mlflow_run_id="",
     )
-    train_worker(spec_dict(spec))
+
+
+def train(
+    inputs: dict[str, str],
+    out: Path,
+    config: PipelineConfig,
+    checkpoints: Path | str | None = None,
+) -> dict[str, Any]:
+    """One ``train_worker`` call on the current group; returns its train_metrics.json."""
+    train_worker(spec_dict(loop_spec(inputs, out, config, checkpoints)))
     metrics: dict[str, Any] = json.loads((out / "model" / TRAIN_METRICS_FILE).read_text())
     return metrics
 

@@ -51,13 +51,3 @@ def step_totals(sums: torch.Tensor) -> list[float]:
 
     dist.all_reduce(sums)
     return [float(v) for v in sums.double().tolist()]
-
-
-def any_rank_true(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` is true on some rank (a tensor on ``device``: NCCL needs CUDA ones)."""
-    import torch
-    import torch.distributed as dist
-
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)

@@ -20,6 +20,7 @@ import pytest
 from pipeline.train.loop import lr_lambda
 from tests.trainer_harness import (
     exported_weights,
+    loop_spec,
     single_rank_group,
     stopped_after,
     tiny_config,
@@ -212,21 +213,9 @@ def test_micro_times_accumulation_splits_agree_in_bf16(
 
 def set_up(inputs: dict[str, str], out: Path, config: Any) -> Any:
     """A ``TrainingRecipe`` after ``setup()``: the engine as DeepSpeed built it, untrained."""
-    from pipeline.train.loop import LoopSpec, TrainingRecipe
+    from pipeline.train.loop import TrainingRecipe
 
-    recipe = TrainingRecipe(
-        LoopSpec(
-            config=config.model_dump(mode="json"),
-            section="cpt",
-            model_uri=inputs["model"],
-            tokenizer_uri=inputs["tokenizer"],
-            data_uri=inputs["data"],
-            split="cpt_train",
-            output_uri=str(out / "probe"),
-            checkpoint_uri=str(out / "probe-checkpoints"),
-            mlflow_run_id="",
-        )
-    )
+    recipe = TrainingRecipe(loop_spec(inputs, out / "probe", config))
     recipe.setup()
     return recipe
 

@@ -15,22 +15,24 @@ from pipeline.train.objective import loss_rows, make_objective, resolve_cross_en
 SEQ, BATCH, VOCAB = 24, 3, 64
 
 
+# The decoder both tiny models share (width 32, 2 layers, 4 heads, 2 KV heads).
+TINY_DECODER = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "pad_token_id": 0,
+    "use_cache": False,
+}
+
+
 def _llama(seed: int = 0) -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        use_cache=False,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**TINY_DECODER, intermediate_size=64))
 
 
 def _mixtral(coef: float, seed: int = 0) -> Any:
@@ -39,17 +41,11 @@ def _mixtral(coef: float, seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     config = MixtralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
+        **TINY_DECODER,
         intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         num_local_experts=4,
         num_experts_per_tok=2,
         router_aux_loss_coef=coef,
-        pad_token_id=0,
-        use_cache=False,
     )
     return MixtralForCausalLM(config)
 
