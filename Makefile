@@ -19,13 +19,18 @@ export RAY_USAGE_STATS_ENABLED := 0
 install: $(STAMP)
 
 # torch first: deepspeed is an sdist that builds against the installed torch, without build
-# isolation (an isolated build would fetch an unpinned, multi-GB CUDA torch).
+# isolation (an isolated build would fetch an unpinned, multi-GB CUDA torch). Last, DeepSpeed's
+# CPU Adam (optimizer offload) op, which it JIT-builds on first use (a minute or more on two
+# cores): built once here so that the first training job and its timeouts do not pay for it,
+# in the trainer's environment (CPU accelerator, this venv's ninja first on PATH).
 $(STAMP): requirements/cpu.txt requirements/dev.txt requirements/constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check pip==25.3 setuptools==84.2.1 wheel
 	$(PIP) torch==2.13.0
 	$(PIP) --no-build-isolation -r requirements/dev.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	DS_ACCELERATOR=cpu PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -c \
+		"from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" > /dev/null
 	touch $@
 
 $(AIRFLOW_HOME)/airflow.db: | $(STAMP)

@@ -21,7 +21,9 @@ if [ -z "${GPU_CHECK_PYTHON:-}" ] && [[ " $* " == *" --small "* ]] && [ -x .venv
 	PY=.venv/bin/python
 fi
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
-LIGER_KERNEL=liger-kernel==0.8.5 # not in requirements/: the CPU venv cannot run it
+# The GPU image's pin (CUDA only, so not in requirements/: the CPU venv cannot run it).
+LIGER_KERNEL=$(grep -m1 "^liger-kernel==" docker/requirements-gpu.txt) ||
+	{ echo "gpu_check.sh: liger-kernel is not pinned in docker/requirements-gpu.txt" >&2 && exit 1; }
 # What the GPU machine's image holds (its torch is 2.11 + CUDA 13, Python 3.12): the resolver
 # treats these as installed, so .whl/ carries everything else the packages below need.
 DEVICE_HAS=(torch==2.11.0 triton==3.6.0 numpy==2.5.2)

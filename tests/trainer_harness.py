@@ -51,7 +51,15 @@ def single_rank_group() -> Iterator[None]:
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        # Through DeepSpeed once it has wrapped the group: it caches the world group and its
+        # ZeRO groups, which a later test's engine would otherwise find destroyed.
+        import deepspeed.comm as ds_comm
+        from deepspeed.comm import comm as ds_backend
+
+        if ds_backend.cdb is not None and ds_backend.cdb.is_initialized():
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved)
 

@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.cli import run_dag
 from pipeline.localstack import RayHead
+from pipeline.train.attention import DOCUMENT_SDPA
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -76,7 +77,8 @@ def test_losses_fall_in_cpt_and_sft(first_run: dict[str, Any]) -> None:
     assert cpt["first_loss"] > 6.0
     assert cpt["final_loss"] < 0.7 * cpt["first_loss"]
     assert sft["final_loss"] < 0.8 * sft["first_loss"]
-    assert cpt["attention"] == "sdpa"
+    # demo.yaml asks for sdpa: per-document masks over packed rows, no cross-document attention.
+    assert cpt["attention"] == DOCUMENT_SDPA
 
 
 def test_every_stage_run_finished_under_one_parent(

@@ -10,30 +10,18 @@ import pytest
 
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.data.tokenizer import training_tokenizer
-from pipeline.localstack import free_port
 from tests.tiny_presets import llama2_style_tokenizer, save_base_model
+from tests.trainer_harness import single_rank_group
 
 
 @pytest.fixture
-def single_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A one-process gloo group, torn down afterwards so later tests see none."""
-    for key, value in {
-        "DS_ACCELERATOR": "cpu",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-    }.items():
-        monkeypatch.setenv(key, value)
+def single_rank() -> Iterator[None]:
+    """A one-process gloo group wrapped by DeepSpeed, torn down so later tests see none."""
     import deepspeed
-    import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    try:
+    with single_rank_group():
+        deepspeed.init_distributed(dist_backend="gloo")
         yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_mixtral_under_zero3_has_leaf_moe_blocks_and_grown_embeddings(
