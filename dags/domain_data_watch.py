@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import datetime
 import os
-from pathlib import Path
 from typing import Any
 
 from airflow.sdk import DAG, Asset, DeltaTriggerTimetable, get_current_context, task
 
-from pipeline.config import load_config
+from pipeline.config import default_config_path, load_config
 from pipeline.data_watch import data_asset_uri
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = os.environ.get("PIPELINE_CONFIG", str(REPO_ROOT / "configs" / "demo.yaml"))
+DEFAULT_CONFIG = default_config_path()
 WATCH_MINUTES = float(os.environ.get("PIPELINE_DATA_WATCH_MINUTES", "15"))
 
 config = load_config(DEFAULT_CONFIG)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shlex
-from pathlib import Path
 from typing import Any
 
 import pendulum
@@ -28,15 +27,14 @@ from airflow.sdk import (
     task,
 )
 
-from pipeline.config import OrchestrationConfig, load_config
+from pipeline.config import OrchestrationConfig, default_config_path, load_config
 from pipeline.data_watch import data_asset_uri
 from pipeline.form import CONFIG_PARAM, form_fields
 from pipeline.runs import STAGES
 from ray_jobs.notifiers import PipelineRunNotifier
 from ray_jobs.operators import RayJobOperator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = os.environ.get("PIPELINE_CONFIG", str(REPO_ROOT / "configs" / "demo.yaml"))
+DEFAULT_CONFIG = default_config_path()
 POLL_INTERVAL = float(os.environ.get("PIPELINE_RAY_POLL_INTERVAL", "10"))
 WEEKLY_CRON = "0 3 * * 1"
 """Mondays 03:00 UTC."""

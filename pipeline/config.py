@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -603,6 +604,14 @@ class PipelineConfig(_Section):
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The project's root: where ``configs/`` is, in a checkout and in the images (``/opt/project``,
+an editable install). The DAGs folder may be elsewhere (``/opt/airflow/dags``, a git-sync)."""
+
+
+def default_config_path() -> str:
+    """The config the DAGs parse and a trigger starts from: ``PIPELINE_CONFIG``, else
+    ``configs/demo.yaml`` of the installed project."""
+    return os.environ.get("PIPELINE_CONFIG") or str(REPO_ROOT / "configs" / "demo.yaml")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:

@@ -33,6 +33,9 @@ _QUERY_SECRET = re.compile(
     re.IGNORECASE,
 )
 _REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+# ``https://${USER}:${TOKEN}@host``: userinfo made of references only (pip expands them on the
+# node from its environment), which is what the refusal of a literal credential asks for.
+_REFERENCE_USERINFO = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}(:\$\{[A-Za-z_][A-Za-z0-9_]*\})?$")
 
 
 def is_secret_key(name: str) -> bool:
@@ -58,8 +61,25 @@ def redact_text(text: str) -> str:
 
     Applied to any string: URIs embedded in a log line are redacted where they stand.
     """
-    text = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
-    return _QUERY_SECRET.sub(lambda m: f"{m['key']}{REDACTED}", text)
+    return _QUERY_SECRET.sub(_query_value, _URI_USERINFO.sub(_userinfo, text))
+
+
+def uri_credentials(text: str) -> bool:
+    """True when ``text`` holds a literal credential in a URI (``user:pw@``, ``?token=...``);
+    ``${NAME}`` references in their place are not credentials."""
+    return redact_text(text) != text
+
+
+def _userinfo(match: re.Match[str]) -> str:
+    if _REFERENCE_USERINFO.match(match["userinfo"]):
+        return match[0]
+    return f"{match['scheme']}{REDACTED}@"
+
+
+def _query_value(match: re.Match[str]) -> str:
+    if is_reference(match["value"]):
+        return match[0]
+    return f"{match['key']}{REDACTED}"
 
 
 def redact(value: Any, key: str = "") -> Any:
@@ -85,14 +105,19 @@ def redact(value: Any, key: str = "") -> Any:
     return value
 
 
-def literal_secrets(mapping: dict[str, Any], prefix: str) -> list[str]:
-    """Dotted names of secret-looking keys in ``mapping`` that hold a literal value (not a
-    ``${NAME}`` reference); used to refuse secrets written into a config file."""
-    found = []
-    for name, value in mapping.items():
-        dotted = f"{prefix}.{name}"
-        if isinstance(value, dict):
-            found += literal_secrets(value, dotted)
-        elif is_secret_key(str(name)) and isinstance(value, str) and not is_reference(value):
-            found.append(dotted)
-    return found
+def literal_secrets(value: Any, prefix: str) -> list[str]:
+    """Dotted names (``a.b``, ``a.pip[0]``) under ``value`` that hold a literal secret: a
+    secret-looking key with a value that is not a ``${NAME}`` reference, or a string with
+    credentials in a URI; used to refuse secrets written into a config file."""
+    if isinstance(value, dict):
+        found = []
+        for name, item in value.items():
+            dotted = f"{prefix}.{name}"
+            if is_secret_key(str(name)) and isinstance(item, str) and not is_reference(item):
+                found.append(dotted)
+            else:
+                found += literal_secrets(item, dotted)
+        return found
+    if isinstance(value, list | tuple):
+        return [f for i, item in enumerate(value) for f in literal_secrets(item, f"{prefix}[{i}]")]
+    return [prefix] if isinstance(value, str) and uri_credentials(value) else []

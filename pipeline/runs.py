@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from pipeline import storage
 from pipeline.config import ConfigError, PipelineConfig, load_config
-from pipeline.redact import literal_secrets, redact
+from pipeline.redact import is_secret_key, literal_secrets, redact
 from pipeline.stages.common import code_version, write_resolved_config
 
 STAGES = ("prepare_data", "continued_pretraining", "instruction_finetuning", "evaluate", "promote")
@@ -31,6 +31,10 @@ _INPUT_FIELDS = (
     "data.eval_sets",
     "eval.general_corpus",
 )
+
+
+RUN_FILE = "run.json"
+"""What the first task resolved (its XCom), in the run's folder of the artifact store."""
 
 
 def run_key(dag_id: str, run_id: str) -> str:
@@ -132,21 +136,29 @@ def check_remote_safe(config: PipelineConfig, source: str) -> None:
 
 
 def check_no_literal_secrets(config: PipelineConfig, source: str) -> None:
-    """Refuse tokens written into ``orchestration.runtime_env.env_vars``.
+    """Refuse tokens written into ``orchestration.runtime_env``: a secret-named env var, or
+    credentials in a URI (a ``pip`` index, a ``working_dir``).
 
     The resolved config is written next to the artifacts, logged to MLflow and its job options
-    travel through XCom; a ``${NAME}`` reference instead is expanded by Ray on the node, from
-    the node's environment (a Kubernetes Secret on KubeRay).
+    travel through XCom, which shows them redacted; what Ray receives must be the real value,
+    so the only safe form is a ``${NAME}`` reference, expanded on the node from the node's
+    environment (a Kubernetes Secret on KubeRay): Ray expands ``env_vars``, pip expands the
+    ``pip`` entries.
     """
     found = literal_secrets(config.orchestration.runtime_env, "orchestration.runtime_env")
-    if found:
-        names = ", ".join(found)
-        example = found[0].rsplit(".", 1)[-1]
-        raise ConfigError(
-            f"{source}: {names} holds a literal secret, which would be stored with the run's "
-            f"config and passed through Airflow; write {example}: ${{{example}}} instead and "
-            "give the Ray nodes that environment variable (e.g. from a Kubernetes Secret)"
-        )
+    if not found:
+        return
+    names = ", ".join(found)
+    last = found[0].rsplit(".", 1)[-1]
+    if "[" in last or not is_secret_key(last):
+        fix = "write the credentials as ${NAME} references (https://${USER}:${TOKEN}@host/...)"
+    else:
+        fix = f"write {last}: ${{{last}}} instead"
+    raise ConfigError(
+        f"{source}: {names} holds a literal secret, which would be stored with the run's "
+        f"config and passed through Airflow; {fix} and give the Ray nodes those environment "
+        "variables (e.g. from a Kubernetes Secret)"
+    )
 
 
 def inputs_fingerprint(config: PipelineConfig, inputs: dict[str, list[str]], code: str) -> str:
@@ -234,12 +246,39 @@ def resolve_run(
         "code_version": code,
         "inputs_fingerprint": inputs_fingerprint(config, inputs, code),
         "mlflow_run_url": parent_run_url(config, key),
-        "jobs": job_options(config),
     }
     if chosen is not None:
         resolved["plan"] = chosen
-    redacted: dict[str, Any] = redact(resolved)
-    return redacted
+    shown: dict[str, Any] = redact(resolved)
+    # The job options are what Ray receives, so they are the config's own values, never a
+    # redacted copy (``https://***@`` would fail the job's pip install): they hold no literal
+    # secret, which check_no_literal_secrets made sure of above.
+    shown["jobs"] = job_options(config)
+    # Also beside the run's artifacts: the run notifier reads it there, where XCom cannot be
+    # read (a DAG callback under dag.test(), or in the DAG processor).
+    storage.write_json(storage.join(config.storage.artifact_root, key, RUN_FILE), shown)
+    return shown
+
+
+def run_outcome(artifact_root: str, key: str) -> dict[str, Any]:
+    """What a finished run decided, read from its artifacts (for notifications).
+
+    Returns:
+        ``mlflow_run_url`` (the parent run; "" when unknown) and ``decision``: ``promoted``
+        (with ``model``, e.g. ``domain-llm v3``), ``refused`` (with ``reason`` naming the
+        failed gates) or ``none`` (promote never committed).
+    """
+    run_file = storage.join(artifact_root, key, RUN_FILE)
+    resolved = storage.read_json(run_file) if storage.exists(run_file) else {}
+    outcome: dict[str, Any] = {"mlflow_run_url": resolved.get("mlflow_run_url") or ""}
+    promote = storage.committed_result(storage.stage_uri(artifact_root, key, "promote"))
+    if promote is None:
+        return {**outcome, "decision": "none"}
+    outputs = promote.get("outputs", {})
+    model = f"{outputs.get('registered_model', '?')} v{outputs.get('model_version', '?')}"
+    if promote.get("skip_reason"):
+        return {**outcome, "decision": "refused", "model": model, "reason": promote["skip_reason"]}
+    return {**outcome, "decision": "promoted", "model": model}
 
 
 def parent_run_url(config: PipelineConfig, key: str) -> str:

@@ -1,5 +1,6 @@
-"""DAG-run notifications: which stage failed (or that the run succeeded), with the Ray job and
-MLflow run links, in the log always and to a chat webhook or e-mail when one is configured.
+"""DAG-run notifications: what the run decided (promoted, or refused with the failed gates) or
+which stage it failed at, with the Ray job and MLflow run links, in the log always and to a chat
+webhook or e-mail when one is configured.
 
 ``PIPELINE_NOTIFY_CONN`` names an Airflow connection: an ``smtp`` connection sends e-mail (to
 the addresses in its extra ``{"to": "a@x, b@y"}``) through the SMTP provider; any other type is
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseNotifier
 
+from pipeline.config import default_config_path
 from ray_jobs.links import MLFLOW_RUN_URL_KEY, RAY_DASHBOARD_URL_KEY
 
 if TYPE_CHECKING:
@@ -27,7 +29,7 @@ NOTIFY_CONN_ENV = "PIPELINE_NOTIFY_CONN"
 RESOLVE_TASK = "resolve_config"
 
 
-def _pull(ti: Any, task_id: str, key: str = "return_value") -> Any:
+def _pull(ti: Any, task_id: str, key: str) -> Any:
     # Links only enrich the message: an XCom that cannot be read must not cost the message.
     try:
         return ti.xcom_pull(task_ids=task_id, key=key)
@@ -36,23 +38,57 @@ def _pull(ti: Any, task_id: str, key: str = "return_value") -> Any:
         return None
 
 
+def run_outcome_of(context: Context) -> dict[str, Any] | None:
+    """The run's decision and parent run link, read from its artifacts (``runs.run_outcome``),
+    which a DAG callback can read under ``dag.test()`` and in the DAG processor alike; its
+    artifact root comes from the run's own config (file + form fields, as the first task
+    resolved them). None when that config cannot be read: the run failed validating it."""
+    from pipeline.config import load_config
+    from pipeline.form import allowed_config_dirs, trigger_overrides
+    from pipeline.runs import run_key, run_outcome
+
+    dag = context["dag"]
+    dag_run = context.get("dag_run")
+    conf = dict(getattr(dag_run, "conf", None) or {})
+    try:
+        params = {**dag.params.dump(), **conf}
+        config_path, overrides = trigger_overrides(
+            params, conf, allowed_config_dirs(default_config_path())
+        )
+        root = load_config(config_path, overrides).storage.artifact_root
+        return run_outcome(root, run_key(dag.dag_id, str(context.get("run_id"))))
+    except Exception as err:  # a bad config or an unreadable store: the message goes anyway
+        log.warning("could not read the run's outcome: %s", err)
+        return None
+
+
 def run_message(context: Context, succeeded: bool) -> str:
-    """One paragraph naming the DAG run, the failed stage and the links a person needs."""
+    """One paragraph naming the DAG run, what it decided (promoted, refused with the failed
+    gates) or the stage it failed at, and the links a person needs."""
     from pipeline.redact import redact_text
 
     dag_id = context["dag"].dag_id
     run_id = context.get("run_id", "?")
     ti = context.get("ti")
-    resolved = _pull(ti, RESOLVE_TASK) if ti is not None else None
-    parent_url = (resolved or {}).get(MLFLOW_RUN_URL_KEY) or ""
+    stage = ti.task_id if ti is not None else "unknown"
+    # A run that failed resolving its config has no outcome to read (and no links).
+    outcome = (run_outcome_of(context) if succeeded or stage != RESOLVE_TASK else None) or {}
+    parent_url = outcome.get("mlflow_run_url") or ""
     if succeeded:
-        lines = [f"{dag_id} run {run_id} succeeded."]
+        decision = outcome.get("decision")
+        if decision == "promoted":
+            lines = [f"{dag_id} run {run_id} succeeded: {outcome['model']} promoted to champion."]
+        elif decision == "refused":
+            lines = [
+                f"{dag_id} run {run_id} did not promote {outcome['model']}: {outcome['reason']}."
+            ]
+        else:
+            lines = [f"{dag_id} run {run_id} succeeded."]
         if parent_url:
             lines.append(f"MLflow parent run: {parent_url}")
         return redact_text("\n".join(lines))
-    stage = ti.task_id if ti is not None else "unknown"
     lines = [f"{dag_id} run {run_id} failed at stage {stage}: {context.get('reason') or '-'}"]
-    if ti is not None:
+    if ti is not None and stage != RESOLVE_TASK:
         ray_url = _pull(ti, stage, RAY_DASHBOARD_URL_KEY)
         run_url = _pull(ti, stage, MLFLOW_RUN_URL_KEY) or parent_url
         if ray_url:

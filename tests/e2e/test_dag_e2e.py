@@ -9,6 +9,8 @@ as the challenger without moving the champion alias.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import yaml
 from pipeline.cli import run_dag
 from pipeline.localstack import RayHead
 from pipeline.train.attention import DOCUMENT_SDPA
+from tests.chat_webhook import ChatWebhook, chat_webhook
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -57,12 +60,36 @@ def _stage_results(raw: dict[str, Any], run_key: str) -> dict[str, dict[str, Any
 
 
 @pytest.fixture(scope="module")
+def notified() -> Iterator[ChatWebhook]:
+    """Run notifications go to a local chat webhook for this module's runs."""
+    names = ("PIPELINE_NOTIFY_CONN", "AIRFLOW_CONN_PIPELINE_NOTIFY")
+    saved = {name: os.environ.get(name) for name in names}
+    with chat_webhook() as hook:
+        os.environ.update({names[0]: "pipeline_notify", names[1]: hook.url})
+        try:
+            yield hook
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
 def first_run(
-    airflow_db: Path, ray_head: RayHead, demo_config: tuple[Path, dict[str, Any]]
+    airflow_db: Path,
+    ray_head: RayHead,
+    demo_config: tuple[Path, dict[str, Any]],
+    notified: ChatWebhook,
 ) -> dict[str, Any]:
     path, raw = demo_config
     dag_run = run_dag({"config": str(path)}, ray_head)
     assert str(dag_run.state).endswith("success"), dag_run.state
+    # The run's notification says what it decided.
+    assert [m["text"] for m in notified.received] == [
+        f"domain_llm_retraining run {dag_run.run_id} succeeded: domain-llm v1 promoted to champion."
+    ]
     from pipeline.runs import run_key
 
     return _stage_results(raw, run_key(dag_run.dag_id, dag_run.run_id))
@@ -138,6 +165,7 @@ def test_second_run_compares_with_champion_and_keeps_it(
     airflow_db: Path,
     ray_head: RayHead,
     demo_config: tuple[Path, dict[str, Any]],
+    notified: ChatWebhook,
 ) -> None:
     """A shorter run (4 CPT and 3 SFT steps) must lose to the champion: registered as the
     challenger, not promoted, and the promote task ends skipped with the reason."""
@@ -160,6 +188,12 @@ def test_second_run_compares_with_champion_and_keeps_it(
         first_report["scores"]["candidate"]["domain"]["bits_per_byte"], rel=1e-5
     )
     assert results["promote"]["skip_reason"].startswith("promotion refused: failed gates: ")
+    # Announced as what it is: not promoted, naming the failed gates (not "succeeded").
+    assert notified.received[-1]["text"] == (
+        f"domain_llm_retraining run {dag_run.run_id} did not promote domain-llm v2: "
+        f"{results['promote']['skip_reason']}."
+    )
+    assert "domain_bpb" in notified.received[-1]["text"]
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
     assert states["promote"].endswith("skipped"), states
 

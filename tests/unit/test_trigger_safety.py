@@ -7,9 +7,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +16,8 @@ import yaml
 
 from pipeline.config import REPO_ROOT, ConfigError, load_config
 from pipeline.form import FORM_FIELDS, allowed_config_dirs, trigger_overrides
-from pipeline.localstack import free_port
 from pipeline.runs import check_remote_safe, is_local_host, resolve_run
+from tests.chat_webhook import ChatWebhook, chat_webhook
 
 DEMO = REPO_ROOT / "configs" / "demo.yaml"
 SECRET = "hf_hunter2secret"
@@ -129,6 +127,24 @@ def test_redact_hides_credentials_and_secret_keys_but_not_look_alikes() -> None:
     }
 
 
+def test_references_in_place_of_credentials_are_kept_and_literals_found_anywhere() -> None:
+    from pipeline.redact import literal_secrets, redact_text
+
+    index = "--index-url https://${PIP_USER}:${PIP_TOKEN}@pypi.example.com/simple?key=${PIP_KEY}"
+    assert redact_text(index) == index
+    assert redact_text("https://${A}:pw@h/x") == "https://***@h/x"
+    runtime_env = {
+        "pip": ["torch", "--extra-index-url https://bob:pw@pypi.example.com/simple", index],
+        "working_dir": "https://h.example.com/code.zip?X-Amz-Signature=abc",
+        "env_vars": {"PIP_INDEX_URL": "https://bob:pw@h/simple", "HF_TOKEN": "${HF_TOKEN}"},
+    }
+    assert literal_secrets(runtime_env, "env") == [
+        "env.pip[1]",
+        "env.working_dir",
+        "env.env_vars.PIP_INDEX_URL",
+    ]
+
+
 def _secret_config(tmp_path: Path, tracking_uri: str, token: str) -> Path:
     raw = yaml.safe_load(DEMO.read_text())
     raw["data"]["domain_corpus"] = str(REPO_ROOT / "configs" / "demo_data" / "domain.jsonl")
@@ -158,6 +174,23 @@ def test_secrets_never_reach_xcom_or_mlflow_params(tmp_path: Path, mlflow_server
     resolved = resolve_run(str(ref_config), {}, "secret-run")
     assert resolved["jobs"]["prepare_data"]["runtime_env"]["env_vars"]["HF_TOKEN"] == "${HF_TOKEN}"
     assert PASSWORD not in json.dumps(resolved)
+    # Credentials in a runtime_env URI: refused naming the entry; as references, the job
+    # options are the config's own runtime_env (a redacted one would break the job's pip).
+    literal_pip = ["--index-url https://bob:hunter2@pypi.example.com/simple", "rouge-score"]
+    raw = yaml.safe_load(ref_config.read_text())
+    raw["orchestration"]["runtime_env"]["pip"] = literal_pip
+    ref_config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        resolve_run(str(ref_config), {}, "secret-run")
+    assert "orchestration.runtime_env.pip[0] holds a literal secret" in str(err.value)
+    assert "https://${USER}:${TOKEN}@host" in str(err.value) and "hunter2" not in str(err.value)
+    raw["orchestration"]["runtime_env"]["pip"][0] = (
+        "--index-url https://${PIP_USER}:${PIP_TOKEN}@pypi.example.com/simple"
+    )
+    ref_config.write_text(yaml.safe_dump(raw))
+    resolved = resolve_run(str(ref_config), {}, "secret-run")
+    for options in resolved["jobs"].values():
+        assert options["runtime_env"] == raw["orchestration"]["runtime_env"]
     # Stage params: even a literal token that got into a config is redacted.
     config = load_config(_secret_config(tmp_path, authed, SECRET))
     with tracking.stage_run(config, "secret-run", "prepare_data") as run_id:
@@ -172,37 +205,19 @@ def test_secrets_never_reach_xcom_or_mlflow_params(tmp_path: Path, mlflow_server
 # --- the DAG: a rejected conf fails the first task and notifies -------------------------------
 
 
-class _Webhook(BaseHTTPRequestHandler):
-    received: list[dict[str, Any]] = []  # noqa: RUF012 - shared with the test on purpose
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Webhook.received.append({"path": self.path, **json.loads(body)})
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        return
-
-
 @pytest.fixture
-def webhook() -> Iterator[str]:
-    """A real local HTTP server standing in for a Slack incoming webhook."""
-    server = HTTPServer(("127.0.0.1", free_port()), _Webhook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _Webhook.received.clear()
-    yield f"http://127.0.0.1:{server.server_port}/services/T0/B0"
-    server.shutdown()
+def webhook() -> Iterator[ChatWebhook]:
+    with chat_webhook() as hook:
+        yield hook
 
 
 def test_conf_outside_the_allowlist_fails_the_run_and_notifies(
-    airflow_db: Path, webhook: str, monkeypatch: pytest.MonkeyPatch
+    airflow_db: Path, webhook: ChatWebhook, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from airflow.dag_processing.dagbag import DagBag
 
     monkeypatch.setenv("PIPELINE_NOTIFY_CONN", "pipeline_notify")
-    monkeypatch.setenv("AIRFLOW_CONN_PIPELINE_NOTIFY", webhook)
+    monkeypatch.setenv("AIRFLOW_CONN_PIPELINE_NOTIFY", webhook.url)
     monkeypatch.setenv("AIRFLOW_CONN_RAY_DEFAULT", "http://127.0.0.1:1")
     bag = DagBag(dag_folder=str(REPO_ROOT / "dags" / "domain_llm_retraining.py"))
     dag = bag.get_dag("domain_llm_retraining")
@@ -211,10 +226,49 @@ def test_conf_outside_the_allowlist_fails_the_run_and_notifies(
     assert str(dag_run.state).endswith("failed")
     assert states["resolve_config"].endswith("failed")
     assert states["prepare_data"].endswith("upstream_failed")
-    (message,) = _Webhook.received
+    (message,) = webhook.received
     assert message["path"] == "/services/T0/B0"
     assert message["text"].startswith(
         f"domain_llm_retraining run {dag_run.run_id} failed at stage resolve_config"
+    )
+
+
+def test_the_run_notification_says_what_the_run_decided(
+    airflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read from the run's artifacts (a DAG callback cannot read XCom under dag.test())."""
+    from types import SimpleNamespace
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    from pipeline import storage
+    from pipeline.runs import RUN_FILE, run_key
+    from ray_jobs.notifiers import run_message
+
+    config = _secret_config(tmp_path, "sqlite:///x.db", "${HF_TOKEN}")
+    monkeypatch.setenv("PIPELINE_CONFIG_DIRS", str(tmp_path))
+    dag = DagBag(dag_folder=str(REPO_ROOT / "dags" / "domain_llm_retraining.py")).get_dag(
+        "domain_llm_retraining"
+    )
+    run_dir = tmp_path / "artifacts" / run_key(dag.dag_id, "manual__1")
+    context: Any = {
+        "dag": dag,
+        "run_id": "manual__1",
+        "dag_run": SimpleNamespace(conf={"config": str(config)}),
+    }
+    assert run_message(context, True) == f"{dag.dag_id} run manual__1 succeeded."
+
+    storage.write_json(str(run_dir / RUN_FILE), {"mlflow_run_url": "https://mlflow/#/r/1"})
+    refused = "promotion refused: failed gates: domain_bpb, instructions_rouge_l"
+    result = {"outputs": {"registered_model": "domain-llm", "model_version": "7"}}
+    storage.commit(str(run_dir / "promote"), {**result, "skip_reason": refused})
+    assert run_message(context, True) == (
+        f"{dag.dag_id} run manual__1 did not promote domain-llm v7: {refused}.\n"
+        "MLflow parent run: https://mlflow/#/r/1"
+    )
+    storage.commit(str(run_dir / "promote"), {**result, "skip_reason": None})
+    assert run_message(context, True).startswith(
+        f"{dag.dag_id} run manual__1 succeeded: domain-llm v7 promoted to champion.\n"
     )
 
 
@@ -223,6 +277,7 @@ def test_conf_outside_the_allowlist_fails_the_run_and_notifies(
 ASSET_FLOW = """
 import json, sys
 from pathlib import Path
+from typing import Any
 from airflow.dag_processing.dagbag import DagBag
 from airflow.jobs.job import Job
 from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
