@@ -34,6 +34,8 @@ with DAG(
     ),
     catchup=False,
     max_active_runs=1,
+    # A listing that fails (S3 throttling, a network blip) is tried again before the next look.
+    default_args={"retries": 2, "retry_delay": datetime.timedelta(minutes=1)},
     tags=["llm", "data"],
     doc_md=__doc__,
 ) as dag:
@@ -56,4 +58,12 @@ with DAG(
         get_current_context()["outlet_events"][domain_data].extra = summary
         return summary
 
-    detect_new_data()
+    @task
+    def record_listing(summary: dict[str, Any]) -> None:
+        """Runs only once detect_new_data succeeded, i.e. once its Asset event is committed:
+        only then is the new listing the last one seen (a crash before re-announces it)."""
+        from pipeline.data_watch import commit_listing
+
+        commit_listing(config.storage.artifact_root, domain_data.uri, summary["listing_digest"])
+
+    record_listing(detect_new_data())

@@ -482,6 +482,11 @@ class ComputeConfig(_Section):
     (``FailureConfig.max_failures``); each restart resumes from the newest complete
     checkpoint."""
 
+    placement_timeout_minutes: float = Field(30.0, gt=0)
+    """How long a stage waits for the cluster to place all its workers (a GPU node pool
+    scaling up takes minutes) before it fails naming the missing resources and the pool.
+    Without it, a job asking for GPUs no node has waits, RUNNING, until the stage deadline."""
+
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> ComputeConfig:
         if self.offload_optimizer and self.zero_stage == 0:
@@ -528,8 +533,21 @@ class TrackingConfig(_Section):
     """Model registry name the promote stage registers versions under."""
 
     ui_url: str | None = "http://127.0.0.1:5000"
-    """Base URL of the MLflow UI, for the Airflow task links (``make mlflow-ui`` serves the
-    default store there). ``None`` hides the links."""
+    """Base URL of the MLflow UI a person's browser opens, for the Airflow task links and the
+    notifications (``make mlflow-ui`` serves the default store there). ``None`` hides the links.
+    Required with an MLflow server (an http(s) ``tracking_uri``): the address the pipeline
+    reaches it at (``http://mlflow.mlops.svc:5000``) seldom opens outside the cluster."""
+
+    @model_validator(mode="after")
+    def _server_needs_ui_url(self) -> TrackingConfig:
+        server = self.tracking_uri.startswith(("http://", "https://"))
+        if server and "ui_url" not in self.model_fields_set:
+            raise ValueError(
+                "ui_url is required when tracking_uri is an MLflow server: set the address a "
+                "browser opens (e.g. https://mlflow.example.com; the tracking_uri itself when "
+                "people can open it), or null for no links"
+            )
+        return self
 
 
 class StorageConfig(_Section):

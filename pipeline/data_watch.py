@@ -115,8 +115,19 @@ def state_uri(artifact_root: str, asset_uri: str) -> str:
     return storage.join(artifact_root, "_data_watch", f"{name}.json")
 
 
+def pending_uri(artifact_root: str, asset_uri: str, digest: str) -> str:
+    """Where a listing waits until the Asset event announcing it is committed."""
+    return state_uri(artifact_root, asset_uri).removesuffix(".json") + f".pending-{digest}.json"
+
+
 def check_for_new_data(artifact_root: str, asset_uri: str) -> tuple[DataChange, bool]:
-    """List the data location, compare with the last listing and store the new one.
+    """List the data location and compare with the last listing.
+
+    The first listing (the baseline) and a listing that only lost files are stored at once:
+    no event announces them. A listing with new or changed files is stored as pending only;
+    ``commit_listing`` makes it the last seen one once the Asset event is committed, so a
+    crash in between announces the same files again on the next check (a retraining run too
+    many, never one too few).
 
     Returns:
         ``(change, first)``: ``first`` is True when there was no stored listing yet; that run
@@ -127,6 +138,22 @@ def check_for_new_data(artifact_root: str, asset_uri: str) -> tuple[DataChange, 
     before: dict[str, str] = {} if first else storage.read_json(state)["files"]
     after = list_files(location_of(asset_uri))
     change = compare(before, after)
-    if first or change.fresh or change.removed:
-        storage.write_json(state, {"asset_uri": asset_uri, "files": after})
+    listing = {"asset_uri": asset_uri, "files": after}
+    if first or (change.removed and not change.fresh):
+        storage.write_json(state, listing)
+    elif change.fresh:
+        storage.write_json(pending_uri(artifact_root, asset_uri, change.digest), listing)
     return change, first
+
+
+def commit_listing(artifact_root: str, asset_uri: str, digest: str) -> None:
+    """Make the pending listing ``digest`` the last seen one (after its event was committed).
+
+    Raises:
+        FileNotFoundError: no pending listing ``digest`` (names the file).
+    """
+    pending = pending_uri(artifact_root, asset_uri, digest)
+    if not storage.exists(pending):
+        raise FileNotFoundError(f"no pending data listing {pending} to commit")
+    storage.write_json(state_uri(artifact_root, asset_uri), storage.read_json(pending))
+    storage.remove(pending)

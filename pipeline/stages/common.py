@@ -92,8 +92,18 @@ def code_version() -> str:
     return f"{pipeline.__version__}+src.{digest.hexdigest()[:10]}"
 
 
+CODE_VERSION_MISMATCH = "code version mismatch:"
+"""How a stage's error starts when the run's code changed under it; the Ray operator
+(plugins/ray_jobs/operators.py) fails the task without retries on seeing it."""
+
+
 def check_code_version(expected: str | None) -> None:
     """Exit with status 2 when the installed code is not the code the run was resolved with.
+
+    The policy: one DAG run, one code version. ``resolve_config`` fixes it for the run and
+    every stage checks it, so a run's models and metrics come from one version of the code
+    even when images are redeployed under it; a new version applies to runs resolved after
+    the deploy, or to this one once ``resolve_config`` is cleared (the message says so).
 
     Args:
         expected: ``--code-version`` from the entrypoint (Airflow's ``code_version()``); None
@@ -103,10 +113,14 @@ def check_code_version(expected: str | None) -> None:
     if expected is None or expected == installed:
         return
     print(
-        f"code version mismatch: Airflow resolved this run with pipeline {expected}, but this "
-        f"Ray job runs pipeline {installed}. The Ray workers' image (or the job's runtime_env, "
-        "orchestration.runtime_env) must hold the same pipeline code as the Airflow deployment; "
-        "rebuild or redeploy one of them.",
+        f"{CODE_VERSION_MISMATCH} this run was resolved with pipeline {expected}, but this Ray "
+        f"job runs pipeline {installed} (its image or runtime_env changed since). A run keeps "
+        "one code version, so retrying cannot help. To finish this run on the new code, clear "
+        "its resolve_config task with Downstream in the Airflow UI: the run is resolved again "
+        "and its stages run on the new code. If no deploy was meant, make the Ray workers' "
+        "image (or orchestration.runtime_env) hold the Airflow deployment's pipeline code; pin "
+        "both images by digest or by a tag that changes with the code, so a deploy never "
+        "changes a running run's code.",
         file=sys.stderr,
     )
     raise SystemExit(2)

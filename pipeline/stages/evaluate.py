@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import storage, tracking
 from pipeline.config import PipelineConfig
+from pipeline.placement import reserve
 from pipeline.stages.common import StageContext, StageOutput, stage_main
 
 if TYPE_CHECKING:
@@ -102,7 +103,16 @@ def score_all(
 
     if not ray.is_initialized():
         ray.init()
-    task = ray.remote(score_share).options(**eval_task_resources(cfg))
+    options = eval_task_resources(cfg)
+    # Queued tasks would wait for a missing GPU node until the stage deadline: at least one
+    # evaluation worker must fit within the placement timeout.
+    one = {"CPU": float(options["num_cpus"])}
+    if "num_gpus" in options:
+        one |= {"GPU": float(options["num_gpus"]), **options["resources"]}
+    reserve(
+        [one], cfg.compute.placement_timeout_minutes, f"an evaluation worker ({cfg.compute.pool})"
+    )
+    task = ray.remote(score_share).options(**options)
     config_dict = cfg.model_dump(mode="json")
     heldout_ref, general_ref = ray.put(heldout), ray.put(general)
     parts = cfg.eval.num_workers

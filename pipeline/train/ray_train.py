@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import ComputeConfig
+from pipeline.placement import reserve
 from pipeline.train.collectives import process_group_backend
 from pipeline.train.loop import ABORT_FILE, TRAIN_METRICS_FILE, LoopSpec, spec_dict, train_worker
 
@@ -39,6 +40,13 @@ def fit(spec: LoopSpec, compute: ComputeConfig, name: str) -> dict[str, Any]:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
+    # Ray Train would retry starting a worker group that does not fit for as long as the job
+    # lives: fail within the placement timeout instead, naming what the cluster lacks.
+    reserve(
+        [worker_resources(compute)] * compute.num_workers,
+        compute.placement_timeout_minutes,
+        f"{compute.num_workers} {compute.pool} training workers",
+    )
     # Ray Train keeps only its run bookkeeping there (the loop writes its own checkpoints), so
     # an S3 artifact root leaves it on Ray's local default rather than reaching S3 through
     # another client.

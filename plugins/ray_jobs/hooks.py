@@ -89,6 +89,8 @@ class RayApiTarget:
 
     base_url: str
     token: RayAuthToken | None
+    public_url: str = ""
+    """The dashboard's address for links (``public_dashboard_url``); "" is ``base_url``."""
 
     @property
     def headers(self) -> dict[str, str]:
@@ -137,21 +139,47 @@ def resolve_auth_token(password: str | None, extra: dict[str, Any]) -> RayAuthTo
 
 
 def dashboard_base_url(conn: Connection) -> str:
-    """Base URL of the dashboard from a connection's host, port and schema.
+    """Base URL of the dashboard (where the Jobs API is) from a connection.
 
-    ``host`` may be a bare name (``127.0.0.1``) or a full URL (``https://ray.example.com/ray``);
-    the scheme is then the connection's ``schema``, else its type when that is http/https.
+    ``host`` may be a full URL (``https://ray.example.com/ray``) or a bare name. A URI
+    connection (``AIRFLOW_CONN_RAY_DEFAULT=https://ray.example.com/ray``) arrives as type
+    ``https``, host and schema ``ray``: the type is then the scheme and the schema the path
+    prefix (a dashboard behind an ingress). A connection of another type may name the scheme
+    in its schema (``http``/``https``); any other schema is a path prefix; plain http by default.
     """
     host = (conn.host or "").strip().rstrip("/")
     if not host:
         raise RayJobsError(f"connection {conn.conn_id!r} has no host; expected e.g. 127.0.0.1:8265")
+    schema = (conn.schema or "").strip("/")
+    prefix = ""
     if "://" not in host:
-        scheme = conn.schema or (conn.conn_type if conn.conn_type in ("http", "https") else "http")
+        if conn.conn_type in ("http", "https"):
+            scheme, prefix = conn.conn_type, schema
+        elif schema.lower() in ("http", "https"):
+            scheme = schema.lower()
+        else:
+            scheme, prefix = "http", schema
         host = f"{scheme}://{host}"
     url = httpx.URL(host)
+    if url.scheme not in ("http", "https"):
+        raise RayJobsError(
+            f"connection {conn.conn_id!r}: the Ray dashboard is reached over http or https, not "
+            f"{url.scheme!r}; e.g. AIRFLOW_CONN_{conn.conn_id.upper()}=https://ray.example.com/ray"
+        )
     if conn.port and url.port is None:
         url = url.copy_with(port=conn.port)
+    if prefix:
+        url = url.copy_with(path="/" + prefix)
     return str(url).rstrip("/")
+
+
+def public_dashboard_url(extra: dict[str, Any], base_url: str) -> str:
+    """Where a person opens the dashboard: the connection extra ``public_url`` (the ingress a
+    browser reaches), else the API's own address (in-cluster names open only in the cluster)."""
+    public = str(extra.get("public_url") or "").strip().rstrip("/")
+    if public and not public.startswith(("http://", "https://")):
+        raise RayJobsError(f"connection extra public_url must be an http(s) URL, got {public!r}")
+    return public or base_url
 
 
 @dataclass
@@ -248,15 +276,18 @@ class RayJobsHook(BaseHook):
             self._budget_s = float(
                 extra.get("transient_error_budget_s", DEFAULT_TRANSIENT_ERROR_BUDGET_S)
             )
-        return RayApiTarget(dashboard_base_url(conn), token_of(conn.password, extra))
+        base_url = dashboard_base_url(conn)
+        return RayApiTarget(
+            base_url, token_of(conn.password, extra), public_dashboard_url(extra, base_url)
+        )
 
     def dashboard_job_url(self, submission_id: str) -> str:
         """Link to the job's page in the Ray dashboard."""
-        return job_page_url(self._get_target().base_url, submission_id)
+        return job_page_url(self._get_target().public_url, submission_id)
 
     async def adashboard_job_url(self, submission_id: str) -> str:
         """Async twin of :meth:`dashboard_job_url` for the triggerer."""
-        return job_page_url((await self._aget_target()).base_url, submission_id)
+        return job_page_url((await self._aget_target()).public_url, submission_id)
 
     async def abase_url(self) -> str:
         """The dashboard's base URL, for messages about the head itself."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from ray_jobs.hooks import RayJobsError, RayJobsHook
 from ray_jobs.links import (
@@ -33,6 +33,10 @@ from ray_jobs.submission import (
     submitted_at,
 )
 from ray_jobs.triggers import RayJobTrigger, first_event, job_event_payload
+
+CODE_VERSION_MISMATCH = "code version mismatch:"
+"""How a stage's error starts when the run's code changed under it (pipeline.stages.common
+prints it; the plugin does not import the pipeline package)."""
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -227,7 +231,11 @@ class RayJobOperator(BaseOperator):
             )
             return self._submit_and_watch(context, self._hook(options), options, plan)
         if event["status"] != "SUCCEEDED":
-            raise AirflowException(self._failure_report(event))
+            report = self._failure_report(event)
+            if CODE_VERSION_MISMATCH in report:
+                # The same image would run again: no retry; the report says the way on.
+                raise AirflowFailException(report)
+            raise AirflowException(report)
         if not event.get("result_uri"):
             return {"submission_id": event["submission_id"], "status": event["status"]}
         result = _read_stage_result(event["result_uri"], event["submission_id"])

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow.sdk.exceptions import AirflowException, TaskDeferred
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 from airflow.triggers.base import TriggerEvent
 
 from pipeline.localstack import RayHead, free_port
@@ -295,3 +295,35 @@ def test_operator_polling_synchronously_reports_failure_with_log_tail(hook: RayJ
     assert f"Ray job {sid} ended FAILED" in message
     assert "Last 60 lines of the job log:" in message
     assert message.rstrip().endswith("about to fail")
+
+
+def test_a_run_whose_code_changed_under_it_fails_at_once_naming_both_versions(
+    hook: RayJobsHook, tmp_path: Path
+) -> None:
+    """The image was redeployed mid-run: the stage exits 2 and the task fails without retries,
+    saying which versions differ and how to go on (the policy of check_code_version)."""
+    from pipeline.stages.common import CODE_VERSION_MISMATCH as STAGE_MARKER
+    from pipeline.stages.common import code_version
+    from ray_jobs.operators import CODE_VERSION_MISMATCH
+
+    assert STAGE_MARKER == CODE_VERSION_MISMATCH  # the plugin does not import the pipeline
+    entry = (
+        f"{shlex.quote(sys.executable)} -m pipeline.stages.evaluate --config {tmp_path}/none.yaml"
+        " --run-key k --code-version 0.1.0+src.0000000000"
+    )
+    ti = FakeTaskInstance(run_id=_unique("run"))
+    operator = RayJobOperator(
+        task_id="stage", entrypoint=entry, ray_conn_id="ray_test", poll_interval=0.2
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute({"ti": ti})  # type: ignore[typeddict-item]
+    [event] = collect(deferred.value.trigger)  # type: ignore[arg-type]
+    assert event.payload["status"] == "FAILED"
+    with pytest.raises(AirflowFailException) as failed:
+        operator.execute_complete({"ti": ti}, event.payload)  # type: ignore[typeddict-item]
+    message = str(failed.value)
+    assert (
+        f"this run was resolved with pipeline 0.1.0+src.0000000000, but this Ray job runs "
+        f"pipeline {code_version()}"
+    ) in message
+    assert "clear its resolve_config task with Downstream" in message

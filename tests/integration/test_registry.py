@@ -32,6 +32,7 @@ def config(mlflow_server: str) -> PipelineConfig:
         REPO_ROOT / "configs" / "demo.yaml",
         {
             "tracking.tracking_uri": mlflow_server,
+            "tracking.ui_url": mlflow_server,
             "tracking.experiment": "it-registry",
             "tracking.registered_model": NAME,
         },

@@ -22,9 +22,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _config(root: Path, domain: Path | None = None) -> str:
+def _config(root: Path, domain: Path | None = None, **more: Any) -> str:
     """Resolved demo config with a private artifact root and MLflow store; returns its URI."""
     overrides: dict[str, Any] = {
+        **more,
         "storage.artifact_root": str(root / "artifacts"),
         "tracking.tracking_uri": f"sqlite:///{root}/mlflow.db",
         "tracking.artifact_location": str(root / "mlruns"),
@@ -94,3 +95,33 @@ def test_bad_data_fails_the_job_naming_file_and_line(hook: RayJobsHook, tmp_path
     assert not (tmp_path / "artifacts" / "it-run" / "prepare_data" / "_SUCCESS").exists()
     raw = yaml.safe_load(Path(config_uri).read_text())
     assert raw["data"]["domain_corpus"] == str(bad)
+
+
+def test_training_workers_no_node_can_host_fail_within_the_placement_timeout(
+    hook: RayJobsHook, tmp_path: Path
+) -> None:
+    """Two h100 workers on a head without GPUs: the job fails in seconds, not at the 72 h stage
+    deadline, naming what is short and the setting."""
+    overrides = {"compute.pool": "h100", "compute.placement_timeout_minutes": 0.1}
+    config_uri = _config(tmp_path)
+    prepare = f"python -m pipeline.stages.prepare_data --config {config_uri} --run-key it-run"
+    assert _run_job(hook, prepare, "it-place-data")["status"] == "SUCCEEDED"
+    gpu_config = _config(tmp_path, **overrides)
+    data = tmp_path / "artifacts" / "it-run" / "prepare_data"
+    train = (
+        f"python -m pipeline.stages.continued_pretraining --config {gpu_config} "
+        f"--run-key it-run --input {data}"
+    )
+    started = time.monotonic()
+    job = _run_job(hook, train, "it-place-train")
+    waited = time.monotonic() - started
+    assert job["status"] == "FAILED"
+    logs = hook.get_job_logs("it-place-train")
+    assert (
+        "could not place 2 h100 training workers within compute.placement_timeout_minutes=0.1"
+        in logs
+    )
+    assert "GPU: 2 needed, 0 in the cluster (0 free)" in logs
+    assert "pool_h100: 2 needed, 0 in the cluster (0 free)" in logs
+    assert waited < 90  # 6 s of waiting plus the job's start and the stage's setup
+    assert not (tmp_path / "artifacts" / "it-run" / "continued_pretraining" / "_SUCCESS").exists()

@@ -12,7 +12,8 @@ from pipeline.config import REPO_ROOT, ConfigError, PipelineConfig, load_config
 
 CONFIGS = REPO_ROOT / "configs"
 DEMO = CONFIGS / "demo.yaml"
-PRESETS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "demo.yaml")
+# The GPU presets: every config but the two that run the tiny model on CPU workers.
+PRESETS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in ("demo.yaml", "compose.yaml"))
 
 # A small config whose line numbers the tests rely on: keep it exactly as is.
 BASE_YAML = """\
@@ -223,6 +224,18 @@ def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
 def test_cross_field_rules(tmp_path: Path, old: str, new: str, expected: str) -> None:
     message = error_of(write(tmp_path, BASE_YAML.replace(old + "\n", new + "\n")))
     assert expected in message
+
+
+def test_an_mlflow_server_needs_the_address_a_browser_opens() -> None:
+    server = {"tracking.tracking_uri": "http://mlflow.mlops.svc:5000"}
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO_ROOT / "configs" / "demo.yaml", server)
+    assert "tracking: Value error, ui_url is required when tracking_uri is an MLflow server" in (
+        str(err.value)
+    )
+    public = {**server, "tracking.ui_url": "https://mlflow.example.com"}
+    config = load_config(REPO_ROOT / "configs" / "demo.yaml", public)
+    assert config.tracking.ui_url == "https://mlflow.example.com"
 
 
 def test_zero_stage_0_is_fine_without_offload_in_fp32_only(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from airflow.sdk import Connection
@@ -266,6 +267,8 @@ def test_configured_token_file_that_is_missing_or_empty_is_an_error(
         (Connection(conn_id="r", conn_type="ray", host="head", port=8265), "http://head:8265"),
         (Connection(conn_id="r", conn_type="ray", host="head", schema="https"), "https://head"),
         (Connection(conn_id="r", conn_type="https", host="ray.example.com"), "https://ray.example.com"),
+        (Connection(conn_id="r", conn_type="https", host="ray.example.com", schema="ray"), "https://ray.example.com/ray"),
+        (Connection(conn_id="r", conn_type="ray", host="head", schema="dash/board"), "http://head/dash/board"),
         (Connection(conn_id="r", conn_type="http", host="https://ray.example.com/ray/"), "https://ray.example.com/ray"),
         (Connection(conn_id="r", conn_type="http", host="http://head", port=8266), "http://head:8266"),
         (Connection(conn_id="r", conn_type="http", host="http://head:8265", port=9999), "http://head:8265"),
@@ -286,6 +289,24 @@ def test_hook_reads_connection_from_env_uri(
     target = hook._get_target()
     assert target.headers == {"Authorization": "Bearer secret-token-123"}
     assert "secret-token-123" not in repr(target)
+
+
+def test_a_dashboard_behind_an_ingress_prefix_keeps_scheme_and_path_and_links_go_public(
+    clean_token_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    public = "https://ray.example.com/clusters/prod"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RAY_INGRESS",
+        f"https://ray-ingress.internal/ray?public_url={quote(public, safe='')}",  # URI-encoded
+    )
+    hook = RayJobsHook("ray_ingress")
+    assert hook._get_target().base_url == "https://ray-ingress.internal/ray"
+    assert hook.dashboard_job_url("job-1") == f"{public}/#/jobs/job-1"
+    # Without public_url, links are the API's address; a non-http scheme fails at once.
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_PLAIN", "http://ray-head:8265")
+    assert RayJobsHook("ray_plain").dashboard_job_url("j") == "http://ray-head:8265/#/jobs/j"
+    with pytest.raises(RayJobsError, match="over http or https, not 'ray'"):
+        dashboard_base_url(Connection(conn_id="r", conn_type="http", host="ray://head:10001"))
 
 
 # -- links and plugin --------------------------------------------------------------------------

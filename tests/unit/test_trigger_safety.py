@@ -93,6 +93,7 @@ def test_a_remote_cluster_refuses_local_storage_and_says_what_to_set(tmp_path: P
         {
             "storage.artifact_root": "s3://bucket/runs",
             "tracking.tracking_uri": "https://mlflow.example.com",
+            "tracking.ui_url": "https://mlflow.example.com",
             "data.domain_corpus": "s3://bucket/data/domain/",
             "data.instructions": "s3://bucket/data/chats.jsonl",
         },
@@ -290,14 +291,17 @@ data = Path(sys.argv[1])
 bag = DagBag(dag_folder=sys.argv[2])
 watch = bag.get_dag("domain_data_watch")
 asset_uri = watch.tasks[0].outlets[0].uri
-states = [str(watch.test().get_task_instances()[0].state)]  # first look: the baseline
+def look():
+    return {ti.task_id: str(ti.state) for ti in watch.test().get_task_instances()}
+states = [look()]  # first look: the baseline
 with create_session() as session:
     session.query(DagModel).filter(DagModel.dag_id == "domain_llm_retraining").update(
         {"is_paused": False}
     )
-states.append(str(watch.test().get_task_instances()[0].state))  # nothing new
+states.append(look())  # nothing new
 (data / "fresh.jsonl").write_text('{"text": "new domain text"}\\n')
-states.append(str(watch.test().get_task_instances()[0].state))  # new file: emits
+states.append(look())  # new file: emits, then records the listing
+states.append(look())  # recorded: nothing new
 runner = SchedulerJobRunner(job=Job(), num_runs=1)
 with create_session() as session:
     query, triggered = DagModel.dags_needing_dagruns(session)
@@ -348,11 +352,11 @@ def test_new_data_file_emits_the_asset_and_queues_a_retraining_run(
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["asset_uri"] == data.as_uri()
-    assert [s.rsplit(".", 1)[-1].lower() for s in result["states"]] == [
-        "skipped",
-        "skipped",
-        "success",
+    looks = [
+        {task: s.rsplit(".", 1)[-1].lower() for task, s in r.items()} for r in result["states"]
     ]
+    assert [r["detect_new_data"] for r in looks] == ["skipped", "skipped", "success", "skipped"]
+    assert [r["record_listing"] for r in looks] == ["skipped", "skipped", "success", "skipped"]
     (extra,) = result["extras"]
     assert extra["added"] == [str(data / "fresh.jsonl")]
     assert (extra["files"], extra["changed_count"]) == (2, 0)
