@@ -110,7 +110,8 @@ class DataConfig(_Section):
     boilerplate (signatures, disclaimers, templated answers) that would drop most of it."""
 
     num_workers: int | None = Field(None, ge=1)
-    """Processes that read, clean and tokenize in parallel. ``None``: one per CPU core."""
+    """Processes that read, clean and tokenize in parallel. ``None``: one per CPU the stage's
+    process may use (its affinity and cgroup quota: a pod's CPUs, not its node's)."""
 
     chunk_bytes: int = Field(64 * 2**20, ge=2**16)
     """Input bytes one worker handles at a time; with ``num_workers`` it bounds the memory."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,9 +38,16 @@ RUN_FILE = "run.json"
 """What the first task resolved (its XCom), in the run's folder of the artifact store."""
 
 
+DEPLOYMENT_ENV = "PIPELINE_DEPLOYMENT"
+"""Names the Airflow deployment when several share one Ray cluster and artifact root (their
+scheduled runs have the same ids): it leads the run key and the Ray job keys."""
+
+
 def run_key(dag_id: str, run_id: str) -> str:
-    """Folder-safe, unique per DAG run: ``<dag_id>__<run_id>`` with unsafe characters replaced."""
-    return f"{_UNSAFE.sub('-', dag_id)}__{_UNSAFE.sub('-', run_id)}".strip("-")
+    """Folder-safe, unique per DAG run: ``[<deployment>__]<dag_id>__<run_id>`` with unsafe
+    characters replaced (``PIPELINE_DEPLOYMENT`` names the deployment, when set)."""
+    parts = [os.environ.get(DEPLOYMENT_ENV, ""), dag_id, run_id]
+    return "__".join(_UNSAFE.sub("-", part) for part in parts if part).strip("-")
 
 
 def is_local_host(host: str | None) -> bool:

@@ -72,7 +72,10 @@ def _pip_requirements(command: str, workdir: str) -> tuple[list[str], list[str]]
     """Requirements and editable folders of each ``pip install`` in a RUN command."""
     requirements, editable = [], []
     for part in re.split(r"&&|;", command):
-        words = shlex.split(part)
+        try:
+            words = shlex.split(part)
+        except ValueError:  # quotes split by the && above: a shell construct, not pip's args
+            continue
         if "pip" not in words or "install" not in words:
             continue
         args = words[words.index("install") + 1 :]
@@ -102,8 +105,13 @@ def lay_out_image(
     """Replay ``dockerfile``'s COPY, WORKDIR, ENV and ``pip install`` under ``root``."""
     layout = ImageLayout(root=root)
     workdir = "/"
-    for name, args in _instructions(dockerfile):
-        if name == "FROM":
+    build_args: dict[str, str] = {}
+    for name, raw in _instructions(dockerfile):
+        args = re.sub(r"\$\{(\w+)\}", lambda m: build_args.get(m[1], m[0]), raw)
+        if name == "ARG":
+            key, _, default = args.partition("=")
+            build_args[key] = default
+        elif name == "FROM":
             layout.base_image = args.split()[0]
         elif name == "WORKDIR":
             workdir = os.path.normpath(os.path.join(workdir, args))

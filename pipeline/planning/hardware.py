@@ -1,7 +1,9 @@
 """What one host of each Ray worker pool has, with the config's overrides applied.
 
 ``POOLS`` is the project's one table of GPU figures: the planner, the training loop's MFU
-(``pipeline.train.throughput``) and the GPU benchmarks read the peak FLOP/s from it.
+(``pipeline.train.throughput``) and the GPU benchmarks read the peak FLOP/s from it. Its host
+figures (vCPUs, RAM, local NVMe, what the kubelet keeps) are what the KubeRay worker groups of
+``docker/kuberay/raycluster.yaml`` are sized against (tests/unit/test_kuberay_manifest.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,23 @@ class Pool:
     """Device memory bandwidth (bounds the GPU optimizer step), GB/s."""
     runtime_reserved_gib: float
     """Memory the CUDA context, cuBLAS workspaces and NCCL take outside PyTorch's allocator."""
+    host_cpus: int
+    """vCPUs of one host (0 on the cpu pool: the demo's one machine is no Kubernetes node)."""
+    local_disk_gb: float
+    """Local NVMe of one host, decimal GB: where the kubelet keeps emptyDir volumes when its
+    root directory is on the NVMe RAID (docker/kuberay/README.md)."""
+    kubelet_reserved_cpus: float
+    """CPUs of one host that pods cannot request: kube-reserved and system-reserved (GKE's
+    formula: 6% of the first core ... 0.25% of every core above 4) plus the DaemonSets (GPU
+    operator, CNI, kube-proxy, log and metric agents)."""
+    kubelet_reserved_memory_gib: float
+    """RAM of one host that pods cannot request: kube-reserved and system-reserved (GKE's
+    formula: 25% of the first 4 GiB, 20% of the next 4, 10% of the next 8, 6% of the next
+    112, 2% above 128 GiB), the 100 MiB hard-eviction threshold, and 16 GiB for DaemonSets
+    and the memory the kernel and GPU driver keep below the nominal figure."""
+    kubelet_reserved_disk_gb: float
+    """Local disk of one host that pods cannot request: the kubelet's hard-eviction threshold
+    (``nodefs.available<10%``) plus 100 GB for container images."""
     num_nodes: int = 1
 
     @property
@@ -65,6 +84,13 @@ POOLS: dict[str, Pool] = {
         pcie_gbyte_s=20.0,
         hbm_gbyte_s=2000.0,
         runtime_reserved_gib=1.5,
+        # vCPUs and NVMe of 4-GPU A100 hosts vary by vendor (48 to 96 vCPUs); these are the
+        # project's hosts: set yours before trusting the KubeRay manifest test.
+        host_cpus=64,
+        local_disk_gb=1500.0,
+        kubelet_reserved_cpus=2.0,
+        kubelet_reserved_memory_gib=34.0,  # GKE's formula: 18.0 GiB for 558.8 GiB, + 16
+        kubelet_reserved_disk_gb=250.0,  # 10% of 1500 GB + 100 GB of images
     ),
     # H100 SXM hosts: 8 GPUs, 1872 GB RAM, NVLink 4 (~360 GB/s bus bandwidth), 8 x 400 Gbit/s
     # to the next host, PCIe Gen5 x16.
@@ -80,6 +106,12 @@ POOLS: dict[str, Pool] = {
         pcie_gbyte_s=40.0,
         hbm_gbyte_s=3350.0,
         runtime_reserved_gib=1.5,
+        # As GCP's a3-highgpu-8g (whose 1872 GB this is): 208 vCPUs, 16 x 375 GB local SSD.
+        host_cpus=208,
+        local_disk_gb=6000.0,
+        kubelet_reserved_cpus=2.0,
+        kubelet_reserved_memory_gib=58.0,  # GKE's formula: 41.7 GiB for 1743.4 GiB, + 16
+        kubelet_reserved_disk_gb=700.0,  # 10% of 6000 GB + 100 GB of images
     ),
     # CPU workers (the demo): one host; "device" figures describe one worker's cores, and
     # gloo collectives run through shared memory. peak_tflops is per worker core (AVX2 FMA).
@@ -95,6 +127,11 @@ POOLS: dict[str, Pool] = {
         pcie_gbyte_s=10.0,
         hbm_gbyte_s=20.0,
         runtime_reserved_gib=0.0,
+        host_cpus=0,
+        local_disk_gb=0.0,
+        kubelet_reserved_cpus=0.0,
+        kubelet_reserved_memory_gib=0.0,
+        kubelet_reserved_disk_gb=0.0,
     ),
 }
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import storage
 from pipeline.config import PipelineConfig
+from pipeline.cpus import usable_cpus
 from pipeline.data import chat, chunks, ingest, report, select, sources
 from pipeline.data.assemble import assemble
 from pipeline.stages.common import StageContext, StageOutput, stage_main
@@ -134,7 +135,6 @@ def run_workers(jobs: list[chunks.ChunkJob], workers: int) -> dict[int, chunks.C
 
 def prepare(cfg: PipelineConfig, output_uri: str) -> dict[str, Any]:
     """Run the whole preparation; returns the manifest (also written under ``data/``)."""
-    import os
 
     d = cfg.data
     started = time.monotonic()
@@ -155,7 +155,8 @@ def prepare(cfg: PipelineConfig, output_uri: str) -> dict[str, Any]:
         )  # fmt: skip
         jobs = plan_jobs(cfg, settings)
         every = [job for corpus_jobs in jobs.values() for job in corpus_jobs]
-        workers = d.num_workers or os.cpu_count() or 1
+        # The pod's CPUs (affinity, cgroup quota), not the node's that os.cpu_count() reports.
+        workers = d.num_workers or usable_cpus()
         results = run_workers(every, workers)
 
         data_uri = storage.join(output_uri, "data")

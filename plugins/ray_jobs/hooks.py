@@ -490,7 +490,9 @@ class RayJobsHook(BaseHook):
         path = f"/api/jobs/{_quoted(submission_id)}/logs"
         response = await self._arequest("GET", path, retry=retry)
         self._raise_if_404(response)
-        logs: str = response.json().get("logs", "")
+        # Decoding a long log takes long enough to stall the triggerer's other triggers.
+        body: dict[str, Any] = await asyncio.to_thread(response.json)
+        logs: str = body.get("logs", "")
         return logs
 
     def _job_or_none(self, response: httpx.Response) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import time
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 JOB_KEY_METADATA_FIELD = "airflow_job_key"
 SUBMIT_NONCE_METADATA_FIELD = "airflow_submit_nonce"
+DEPLOYMENT_ENV = "PIPELINE_DEPLOYMENT"
+"""Names this Airflow deployment where several share one Ray cluster and artifact root
+(``pipeline.runs.run_key`` reads it too)."""
 MAX_JOB_KEY_LENGTH = 96
 """Room is left for the ``-t<try>-<suffix>`` tail; Ray names driver log files after the id."""
 _NOT_ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -50,9 +54,12 @@ def base_submission_id(
         At most ``MAX_JOB_KEY_LENGTH`` characters; the same inputs always give the same key.
     """
     index = -1 if map_index is None else map_index
-    parts = [dag_id, run_id, task_id] + ([f"m{index}"] if index >= 0 else [])
+    # Two Airflow deployments (staging, production) on one Ray cluster name their scheduled
+    # runs alike: their deployment name keeps them from adopting each other's jobs.
+    deployment = [name] if (name := os.environ.get(DEPLOYMENT_ENV, "")) else []
+    parts = [*deployment, dag_id, run_id, task_id] + ([f"m{index}"] if index >= 0 else [])
     readable = "__".join(_NOT_ID_SAFE.sub("-", part).strip("-") for part in parts)
-    exact: list[Any] = [dag_id, run_id, task_id, index]
+    exact: list[Any] = [*deployment, dag_id, run_id, task_id, index]
     inputs = ""
     if inputs_fingerprint:
         exact.append(inputs_fingerprint)

@@ -76,6 +76,19 @@ class LogChunk:
     """Characters of the log consumed so far; the next fetch starts there."""
 
 
+LOG_FETCH_MAX_INTERVAL_S = 300.0
+LOG_CHARS_PER_INTERVAL = 1_000_000
+"""Past this many characters, each more million stretches the log fetch interval once more."""
+
+
+def log_fetch_interval(interval_s: float, log_chars: int) -> float:
+    """Seconds until the next job log fetch: ``interval_s`` for a log under a million
+    characters, that many times as long per million (the whole log comes each time), at most
+    ``LOG_FETCH_MAX_INTERVAL_S`` (a 50 MB log then costs one download every 5 minutes)."""
+    scale = max(1.0, log_chars / LOG_CHARS_PER_INTERVAL)
+    return max(interval_s, min(interval_s * scale, LOG_FETCH_MAX_INTERVAL_S))
+
+
 def new_log_lines(logs: str, offset: int, *, max_lines: int, final: bool) -> LogChunk:
     """The complete lines of ``logs`` after character ``offset``, at most the last ``max_lines``.
 
@@ -260,6 +273,8 @@ class RayJobTrigger(BaseTrigger):
         except RayJobsError as err:
             self.log.info("%s log not readable now: %s", LOG_PREFIX, err)
             return
+        # Ray's REST API serves the whole log each time: a long one is fetched less often.
+        self._next_log_fetch = time.monotonic() + log_fetch_interval(self.log_interval_s, len(logs))
         chunk = new_log_lines(
             logs, self._log_offset, max_lines=MAX_LOG_LINES_PER_FETCH, final=final
         )
@@ -273,9 +288,44 @@ class RayJobTrigger(BaseTrigger):
         for line in chunk.lines:
             self.log.info("%s %s", LOG_PREFIX, line)
 
+    async def task_still_deferred(self) -> bool | None:
+        """Whether this trigger's task instance is still DEFERRED, from the Airflow API; None
+        when that cannot be asked (no task instance, no supervisor, the API failing)."""
+        ti = getattr(self, "task_instance", None)
+        if ti is None:
+            return None
+        try:
+            from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+            states = await asyncio.to_thread(
+                RuntimeTaskInstance.get_task_states,
+                dag_id=ti.dag_id,
+                task_ids=[ti.task_id],
+                run_ids=[ti.run_id],
+                map_index=ti.map_index,
+            )
+        except Exception as err:  # any comms or API error: the caller decides without it
+            self.log.warning("could not read the state of %s: %s", ti.task_id, err)
+            return None
+        state = (states.get(ti.run_id) or {}).get(ti.task_id)
+        return str(getattr(state, "value", state)) == "deferred"
+
     async def on_kill(self) -> None:
         """Stop the Ray job when a user marks the deferred task failed/succeeded or clears it
-        (Airflow >= 3.3), and wait for STOPPED so a new try never adopts a dying job."""
+        (Airflow >= 3.3), and wait for STOPPED so a new try never adopts a dying job.
+
+        Airflow 3.3 cancels a trigger the same way when it was reassigned to another triggerer
+        (this one missed heartbeats): the task is then still DEFERRED and the other triggerer
+        watches the job, so it is left running. When the state cannot be read, the job stops
+        (a user's kill must not leave GPUs busy).
+        """
+        if await self.task_still_deferred():
+            self.log.info(
+                "Ray job %s keeps running: its task is still deferred (this trigger moved to "
+                "another triggerer)",
+                self.submission_id,
+            )
+            return
         hook = RayJobsHook(
             self.ray_conn_id,
             transient_error_budget_s=min(

@@ -144,6 +144,53 @@ def test_trigger_on_kill_returns_once_the_job_is_stopped(hook: RayJobsHook) -> N
     assert job is not None and job["status"] == "STOPPED"
 
 
+class _TaskStates:
+    """Stands in for the triggerer's supervisor: answers GetTaskStates with one state."""
+
+    def __init__(self, run_id: str, task_id: str, state: str) -> None:
+        self.states = {run_id: {task_id: state}}
+        self.asked: list[Any] = []
+
+    def send(self, msg: Any) -> Any:
+        from airflow.sdk.execution_time.comms import TaskStatesResult
+
+        self.asked.append(type(msg).__name__)
+        return TaskStatesResult(task_states=self.states)
+
+
+def test_a_trigger_moved_to_another_triggerer_leaves_the_job_running(
+    hook: RayJobsHook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Airflow cancels a reassigned trigger like a user's kill; the task is still deferred
+    then, and the job must keep running for the triggerer that took it over."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.execution_time import task_runner
+
+    run_id = _run_id()
+    sid = submit_new_job(
+        hook, job_key=base_submission_id(DAG_ID, run_id, "stage", -1),
+        try_number=1, entrypoint=SLEEPER, metadata={},
+    )  # fmt: skip
+    _wait_status(hook, sid, {"RUNNING"})
+    trigger = RayJobTrigger(submission_id=sid, ray_conn_id="ray_life", stop_wait_s=20)
+    trigger.task_instance = SimpleNamespace(  # type: ignore[assignment]
+        dag_id=DAG_ID, task_id="stage", run_id=run_id, map_index=-1
+    )
+    supervisor = _TaskStates(run_id, "stage", "deferred")
+    monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", supervisor, raising=False)
+    asyncio.run(trigger.on_kill())
+    assert supervisor.asked == ["GetTaskStates"]
+    job = hook.get_job(sid)
+    assert job is not None and job["status"] == "RUNNING"
+
+    # The user marked it failed: the task is no longer deferred, and the job stops.
+    supervisor.states = {run_id: {"stage": "failed"}}
+    asyncio.run(trigger.on_kill())
+    job = hook.get_job(sid)
+    assert job is not None and job["status"] == "STOPPED"
+
+
 def test_operator_on_kill_stops_the_job_it_waits_for_in_the_worker(hook: RayJobsHook) -> None:
     operator = RayJobOperator(
         task_id="stage", entrypoint=SLEEPER, ray_conn_id="ray_life", deferrable=False,

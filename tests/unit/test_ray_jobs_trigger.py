@@ -33,7 +33,7 @@ from ray_jobs.submission import (
     base_submission_id,
     choose_plan,
 )
-from ray_jobs.triggers import RayJobTrigger, new_log_lines
+from ray_jobs.triggers import RayJobTrigger, log_fetch_interval, new_log_lines
 
 RUN_ID = "manual__2026-01-05T10:00:00+00:00"
 
@@ -89,6 +89,30 @@ def test_base_submission_id_separates_what_sanitizing_would_merge() -> None:
     assert base_submission_id("d", "r", "t", 3).split("-")[0] == "d__r__t__m3"
 
 
+def test_two_deployments_sharing_a_cluster_never_share_a_run_or_job_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipeline.runs import DEPLOYMENT_ENV, run_key
+    from ray_jobs.submission import DEPLOYMENT_ENV as PLUGIN_DEPLOYMENT_ENV
+
+    assert DEPLOYMENT_ENV == PLUGIN_DEPLOYMENT_ENV == "PIPELINE_DEPLOYMENT"
+    scheduled = "scheduled__2026-12-07T03:00:00+00:00"  # both deployments' Monday run
+    keys = {}
+    for deployment in ("staging", "prod"):
+        monkeypatch.setenv(DEPLOYMENT_ENV, deployment)
+        keys[deployment] = (
+            run_key("domain_llm_retraining", scheduled),
+            base_submission_id("domain_llm_retraining", scheduled, "evaluate", -1),
+        )
+    assert keys["prod"][0] == "prod__domain_llm_retraining__scheduled__2026-12-07T03-00-00-00-00"
+    assert keys["staging"][1].startswith("staging__domain_llm_retraining__scheduled__")
+    assert keys["prod"][0] != keys["staging"][0] and keys["prod"][1] != keys["staging"][1]
+    monkeypatch.delenv(DEPLOYMENT_ENV)  # unset: the keys runs had before the setting existed
+    assert run_key("domain_llm_retraining", scheduled) == (
+        "domain_llm_retraining__scheduled__2026-12-07T03-00-00-00-00"
+    )
+
+
 def test_base_submission_id_is_bounded_for_long_ids() -> None:
     long = base_submission_id("d" * 200, RUN_ID, "t" * 250, 12)
     other = base_submission_id("d" * 200, RUN_ID, "t" * 249 + "x", 12)
@@ -142,6 +166,13 @@ def test_job_options_parse_the_templated_json_of_the_resolved_config() -> None:
 
 
 # -- log streaming and retry schedule ----------------------------------------------------------
+
+
+def test_a_long_job_log_is_fetched_less_often() -> None:
+    assert log_fetch_interval(15.0, 200_000) == 15.0
+    assert log_fetch_interval(15.0, 4_000_000) == 60.0  # four times the text, a quarter the rate
+    assert log_fetch_interval(15.0, 500_000_000) == 300.0
+    assert log_fetch_interval(600.0, 10) == 600.0  # never sooner than asked
 
 
 def test_new_log_lines_keeps_an_offset_holds_partial_lines_and_rate_limits() -> None:
