@@ -8,6 +8,7 @@ the operator either defers to or, with ``deferrable=False``, runs in its own pro
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,6 +35,10 @@ from ray_jobs.submission import (
 )
 from ray_jobs.triggers import RayJobTrigger, first_event, job_event_payload
 
+log = logging.getLogger(__name__)
+
+SUBMISSION_ID_STATE_KEY = "ray_submission_id"
+"""The task's last Ray submission id in its ``task_state_store`` (read by its next try)."""
 CODE_VERSION_MISMATCH = "code version mismatch:"
 """How a stage's error starts when the run's code changed under it (pipeline.stages.common
 prints it; the plugin does not import the pipeline package)."""
@@ -111,7 +116,8 @@ class RayJobOperator(BaseOperator):
         ti.xcom_push(key=MLFLOW_RUN_URL_KEY, value=self.mlflow_run_url or "")
         ti.xcom_push(key=REPORT_URL_KEY, value="")
         hook = self._hook(options)
-        plan = plan_submission(hook, self._job_key(context), options)
+        known = _state_get(context, SUBMISSION_ID_STATE_KEY)
+        plan = plan_submission(hook, self._job_key(context), options, known)
         if plan.action == "submit" or plan.job is None:
             return self._submit_and_watch(context, hook, options, plan)
         submission_id: str = plan.job["submission_id"]
@@ -166,6 +172,7 @@ class RayJobOperator(BaseOperator):
             },
             options=options,
         )
+        _state_set(context, SUBMISSION_ID_STATE_KEY, submission_id)
         return self._watch(context, options, submission_id, started, None)
 
     def _watch(
@@ -286,6 +293,30 @@ class RayJobOperator(BaseOperator):
             self.log.warning("could not stop Ray job %s: %s", submission_id, err)
             return
         self.log.info("Ray job %s stopped on task kill: %s", submission_id, job and job["status"])
+
+
+def _state_get(context: Context, key: str) -> str | None:
+    """``key`` from the task instance's state store (kept across its tries); None when there
+    is no store (``dag.test()`` before Airflow 3.3, a bare context) or it cannot be read."""
+    store: Any = context.get("task_state_store")
+    if store is None:
+        return None
+    try:
+        value = store.get(key)
+    except Exception as err:  # an unreadable store costs a job listing, not the task
+        log.warning("could not read %s from the task state store: %s", key, err)
+        return None
+    return str(value) if value else None
+
+
+def _state_set(context: Context, key: str, value: str) -> None:
+    store: Any = context.get("task_state_store")
+    if store is None:
+        return
+    try:
+        store.set(key, value)
+    except Exception as err:  # the next try then lists the cluster's jobs instead
+        log.warning("could not write %s to the task state store: %s", key, err)
 
 
 def _read_stage_result(result_uri: str, submission_id: str) -> dict[str, Any]:

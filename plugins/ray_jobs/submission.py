@@ -159,10 +159,31 @@ def submitted_at(job: dict[str, Any]) -> float:
     return start_ms / 1000 if start_ms else time.time()
 
 
+def _candidates(
+    hook: RayJobsHook, job_key: str, known_submission_id: str | None
+) -> list[dict[str, Any]]:
+    """The jobs to decide from: the task's last submission alone when it settles the matter
+    (still active, or succeeded: no try submits after either), else every job the cluster
+    lists (a try may have submitted after it and died before recording that)."""
+    if known_submission_id:
+        job = hook.get_job(known_submission_id)
+        decisive = job is not None and _job_key_of(job) == job_key
+        if decisive and job is not None and job["status"] in (*ACTIVE_STATUSES, "SUCCEEDED"):
+            return [job]
+    return hook.list_jobs()
+
+
 def plan_submission(
-    hook: RayJobsHook, job_key: str, options: JobOptions | None = None
+    hook: RayJobsHook,
+    job_key: str,
+    options: JobOptions | None = None,
+    known_submission_id: str | None = None,
 ) -> SubmissionPlan:
     """Look up the jobs already submitted under ``job_key`` and decide what to do.
+
+    ``known_submission_id`` (the task's last submission, from its state store) spares the
+    listing of every job the cluster ever ran, which grows with the cluster's age, on the
+    usual retry.
 
     An active job already past its deadline is not adopted: it is stopped (its own trigger
     may have died before it could) and, once Ray reports it terminal, replaced.
@@ -171,7 +192,7 @@ def plan_submission(
         RayJobStillRunningError: that job was not terminal within ``options.stop_wait_s``.
     """
     options = options or JobOptions()
-    plan = choose_plan(hook.list_jobs(), job_key)
+    plan = choose_plan(_candidates(hook, job_key, known_submission_id), job_key)
     deadline = options.deadline_from(submitted_at(plan.job)) if plan.job else None
     if plan.action == "attach" and plan.job and deadline is not None and time.time() >= deadline:
         sid = plan.job["submission_id"]

@@ -327,3 +327,46 @@ def test_a_run_whose_code_changed_under_it_fails_at_once_naming_both_versions(
         f"pipeline {code_version()}"
     ) in message
     assert "clear its resolve_config task with Downstream" in message
+
+
+class _StateStore:
+    """Stands in for Airflow's ``task_state_store`` (kept across a task instance's tries)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+
+def test_the_next_try_starts_from_the_recorded_submission_and_lists_only_when_it_must(
+    hook: RayJobsHook,
+) -> None:
+    py = shlex.quote(sys.executable)
+    sleeper = f"{py} -u -c \"import time; print('step 1'); time.sleep(60)\""
+    ti = FakeTaskInstance(run_id=_unique("run"))
+    store = _StateStore()
+    operator = RayJobOperator(task_id="stage", entrypoint=sleeper, ray_conn_id="ray_test")
+    with pytest.raises(TaskDeferred) as first:
+        operator.execute({"ti": ti, "task_state_store": store})  # type: ignore[typeddict-item]
+    recorded = store.values["ray_submission_id"]
+    assert first.value.trigger.submission_id == recorded  # type: ignore[attr-defined]
+    key = base_submission_id(ti.dag_id, ti.run_id, ti.task_id, ti.map_index)
+    newer = None
+    try:
+        # The recorded job is running: decisive on its own.
+        plan = plan_submission(hook, key, known_submission_id=recorded)
+        assert (plan.action, plan.job and plan.job["submission_id"]) == ("attach", recorded)
+        # It stopped, and a later try submitted again but died before recording it: the
+        # recorded job is not decisive, and the listing finds the newer one.
+        hook.stop_and_wait(recorded, 30)
+        newer = submit_new_job(hook, job_key=key, try_number=2, entrypoint=sleeper, metadata={})
+        plan = plan_submission(hook, key, known_submission_id=recorded)
+        assert (plan.action, plan.job and plan.job["submission_id"]) == ("attach", newer)
+    finally:
+        for sid in (recorded, newer):
+            if sid:
+                hook.stop_job(sid)
