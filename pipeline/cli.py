@@ -292,6 +292,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if str(dag_run.state) in ("success", "DagRunState.SUCCESS") else 1
 
 
+def image_tag() -> str:
+    """The images' tag for this checkout: the code version (``0.1.0+src.<hash>``) with ``+``
+    spelled ``-`` (not allowed in a tag). It changes with the code, so a tag never names two
+    builds, and a run's stages never meet code it was not resolved with by a re-pushed tag."""
+    from pipeline.stages.common import code_version
+
+    return code_version().replace("+", "-")
+
+
+def cmd_image_tag(args: argparse.Namespace) -> int:
+    print(image_tag())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -332,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data = sub.add_parser("demo-data", help="regenerate the demo corpus and instruction set")
     demo_data.add_argument("--out", default=str(REPO_ROOT / "configs" / "demo_data"))
     demo_data.set_defaults(func=cmd_demo_data)
+
+    tag = sub.add_parser(
+        "image-tag", help="print the tag both images of this checkout are built and pushed as"
+    )
+    tag.set_defaults(func=cmd_image_tag)
 
     demo = sub.add_parser("demo", help="run the whole DAG once with dag.test() on a local Ray head")
     demo.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"))

@@ -61,3 +61,17 @@ def test_the_optional_gpu_kernels_are_pinned() -> None:
     (gpu,) = re.findall(r"^gpu = \[(.*)\]$", pyproject, re.M)
     for spec in re.findall(r'"([^"]+)"', gpu):
         assert "==" in spec, spec
+
+
+def test_the_image_tag_is_the_code_version_spelled_for_a_registry() -> None:
+    import subprocess
+    import sys
+
+    from pipeline.stages.common import code_version
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "image-tag"], capture_output=True, text=True
+    )
+    tag = out.stdout.strip()
+    assert out.returncode == 0 and tag == code_version().replace("+", "-")
+    assert re.fullmatch(r"\d+\.\d+\.\d+-src\.[0-9a-f]{10}", tag)  # a valid Docker tag
