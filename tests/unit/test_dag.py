@@ -1,4 +1,5 @@
-"""The DAG file parses like Airflow parses it, cheaply, with the expected wiring and form."""
+"""The DAG file parses like Airflow parses it, without the heavy stack, with the expected
+wiring and form (its parse time is benchmarks/dag_parse.py's)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["prepare_data", "continued_pretraining", "instruction_finetuning", "evaluate", "promote"]
 
 PARSE = """
-import json, sys, time
+import json, sys
 import airflow.sdk, airflow.providers.standard.decorators.python  # the DAG processor pre-imports
 from airflow.dag_processing.dagbag import DagBag
-started = time.process_time()  # CPU time: other processes on the machine do not count
 bag = DagBag(dag_folder=sys.argv[1])
-seconds = time.process_time() - started
 dag = bag.get_dag("domain_llm_retraining")
 heavy = [m for m in ("torch", "ray", "deepspeed", "transformers", "mlflow", "datasets") if m in sys.modules]
 print(json.dumps({
     "errors": {k: str(v) for k, v in bag.import_errors.items()},
-    "seconds": seconds,
     "tasks": dag.task_ids,
     "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
     "entrypoints": {t.task_id: getattr(t, "entrypoint", None) for t in dag.tasks},
@@ -59,7 +57,6 @@ def test_dag_parses_fast_without_heavy_imports_and_wires_the_stages(
 ) -> None:
     assert parsed["errors"] == {}
     assert parsed["heavy"] == []
-    assert parsed["seconds"] < 0.3
     assert parsed["tasks"] == ["resolve_config", *STAGES]
     chain = ["resolve_config", *STAGES]
     for upstream, task in itertools.pairwise(chain):
