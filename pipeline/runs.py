@@ -44,10 +44,17 @@ scheduled runs have the same ids): it leads the run key and the Ray job keys."""
 
 
 def run_key(dag_id: str, run_id: str) -> str:
-    """Folder-safe, unique per DAG run: ``[<deployment>__]<dag_id>__<run_id>`` with unsafe
-    characters replaced (``PIPELINE_DEPLOYMENT`` names the deployment, when set)."""
+    """Folder-safe, unique per DAG run: ``[<deployment>__]<dag_id>__<run_id>-<digest>``, unsafe
+    characters replaced (``PIPELINE_DEPLOYMENT`` names the deployment, when set).
+
+    The digest is of the exact names: replacing characters alone maps run ids such as
+    ``...T03:00:00+00:00`` and ``...T03-00-00-00-00`` to one folder, one MLflow parent run and
+    one registry lookup.
+    """
     parts = [os.environ.get(DEPLOYMENT_ENV, ""), dag_id, run_id]
-    return "__".join(_UNSAFE.sub("-", part) for part in parts if part).strip("-")
+    readable = "__".join(_UNSAFE.sub("-", part) for part in parts if part).strip("-")
+    digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8]
+    return f"{readable}-{digest}"
 
 
 def is_local_host(host: str | None) -> bool:

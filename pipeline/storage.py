@@ -125,6 +125,26 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
         client.upload_file(str(path), bucket, join(prefix, path.relative_to(local_dir).as_posix()))
 
 
+def inside_parts(rel: str, source: str) -> list[str]:
+    """The path segments of ``rel``, a key below a downloaded prefix, refusing any that would
+    leave the target folder (``..``, an absolute path from ``//``, ``.``, a backslash).
+
+    Object keys are untrusted: whoever can write the bucket could otherwise plant
+    ``models/m1/../../../../etc/cron.d/x`` and have every node that downloads the model write it.
+
+    Raises:
+        ValueError: naming ``source`` (the object) and the segment.
+    """
+    parts = rel.split("/")
+    for part in parts:
+        if part in ("", ".", "..") or "\\" in part or "\0" in part:
+            raise ValueError(
+                f"{source}: object key segment {part!r} would write outside the download "
+                "folder; refusing the download (rename or delete that object)"
+            )
+    return parts
+
+
 def download_dir(uri: str, local_dir: str | Path) -> Path:
     """Make the files under ``uri`` available locally; local URIs are used in place."""
     if not is_s3(uri):
@@ -142,7 +162,7 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
             if obj["Key"].endswith("/"):
                 continue  # a "folder" marker made by S3 consoles, not a file
             rel = obj["Key"][len(prefix.rstrip("/")) + 1 :]
-            target = local_dir / rel
+            target = local_dir.joinpath(*inside_parts(rel, f"s3://{bucket}/{obj['Key']}"))
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, obj["Key"], str(target))
     if not found:

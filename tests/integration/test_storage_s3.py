@@ -145,3 +145,21 @@ def test_local_staging_uploads_on_success_only(bucket: str) -> None:
         (folder / "half.bin").write_bytes(b"x")
         raise RuntimeError("training died")
     assert not storage.exists(f"{failed}/half.bin")
+
+
+@pytest.mark.parametrize(
+    "key", ["{model}/../../../../{outside}", "{model}//{outside}", "{model}/./x.txt"]
+)
+def test_object_keys_never_write_outside_the_download_folder(
+    bucket: str, tmp_path: Path, key: str
+) -> None:
+    outside = tmp_path / "outside.txt"
+    model = f"models/{tmp_path.name}"  # the parametrized cases share the bucket
+    client = boto3.client("s3")
+    client.put_object(Bucket=bucket, Key=f"{model}/config.json", Body=b"{}")
+    planted = key.format(model=model, outside=str(outside).lstrip("/"))
+    client.put_object(Bucket=bucket, Key=planted, Body=b"planted")
+    with pytest.raises(ValueError, match="would write outside the download folder") as err:
+        storage.download_dir(f"s3://{bucket}/{model}", tmp_path / "download")
+    assert f"s3://{bucket}/{planted}" in str(err.value)
+    assert not outside.exists() and not (tmp_path / "x.txt").exists()

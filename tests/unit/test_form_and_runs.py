@@ -114,7 +114,8 @@ def test_form_fields_without_a_config_file_show_the_schema_defaults(tmp_path: Pa
 
 def test_run_key_sanitizes_an_airflow_run_id() -> None:
     key = run_key("domain_llm", "manual__2026-11-29T19:31:21.148200+00:00")
-    assert key == "domain_llm__manual__2026-11-29T19-31-21.148200-00-00"
+    # Readable, then a digest of the exact names (pinned: a change moves every run's folder).
+    assert key == "domain_llm__manual__2026-11-29T19-31-21.148200-00-00-adae05dd"
     assert "/" not in key and ":" not in key and "+" not in key
     assert re.fullmatch(r"[A-Za-z0-9_.-]+", key)
 
@@ -127,8 +128,8 @@ def test_run_key_is_deterministic_and_distinguishes_runs() -> None:
 
 
 def test_run_key_replaces_runs_of_unsafe_characters_once() -> None:
-    assert run_key("my dag", "a/b::c  d") == "my-dag__a-b-c-d"
-    assert run_key("dag", "+x+") == "dag__-x"  # only the key's outer dashes are stripped
+    assert run_key("my dag", "a/b::c  d") == "my-dag__a-b-c-d-74461cee"
+    assert run_key("dag", "+x+") == "dag__-x-41cd4804"  # only the outer dashes are stripped
 
 
 # --- check_inputs ------------------------------------------------------------------------

@@ -104,13 +104,19 @@ def test_two_deployments_sharing_a_cluster_never_share_a_run_or_job_key(
             run_key("domain_llm_retraining", scheduled),
             base_submission_id("domain_llm_retraining", scheduled, "evaluate", -1),
         )
-    assert keys["prod"][0] == "prod__domain_llm_retraining__scheduled__2026-12-07T03-00-00-00-00"
+    assert keys["prod"][0].startswith(
+        "prod__domain_llm_retraining__scheduled__2026-12-07T03-00-00-00-00-"
+    )
     assert keys["staging"][1].startswith("staging__domain_llm_retraining__scheduled__")
     assert keys["prod"][0] != keys["staging"][0] and keys["prod"][1] != keys["staging"][1]
-    monkeypatch.delenv(DEPLOYMENT_ENV)  # unset: the keys runs had before the setting existed
-    assert run_key("domain_llm_retraining", scheduled) == (
-        "domain_llm_retraining__scheduled__2026-12-07T03-00-00-00-00"
+    monkeypatch.delenv(DEPLOYMENT_ENV)
+    key = run_key("domain_llm_retraining", scheduled)
+    assert re.fullmatch(
+        r"domain_llm_retraining__scheduled__2026-12-07T03-00-00-00-00-[0-9a-f]{8}", key
     )
+    # Run ids that differ only in characters a folder name cannot hold stay apart.
+    alike = ["scheduled__2026-12-07T03-00-00-00-00", "scheduled__2026-12-07T03:00:00~00:00"]
+    assert len({key, *(run_key("domain_llm_retraining", r) for r in alike)}) == 3
 
 
 def test_base_submission_id_is_bounded_for_long_ids() -> None:
