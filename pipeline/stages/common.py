@@ -200,6 +200,9 @@ def stage_main(
     if done is not None:
         changed = sorted(k for k, v in identity.items() if done.get(k) != v)
         log.info("%s result at %s is stale (%s changed); running again", stage, output_uri, changed)
+        # Withdrawn before anything is rewritten: a crash part-way must not leave the old
+        # marker standing over a half-new folder (a later attempt would take it as committed).
+        storage.remove(storage.join(output_uri, storage.SUCCESS_MARKER))
     previous: dict[str, Any] = upstream.get("outputs", {})
     started = time.time()
     with tracking.stage_run(config, args.run_key, stage) as run_id:
