@@ -139,6 +139,23 @@ def register_model(ctx: StageContext, tags: dict[str, str]) -> tuple[str, bool]:
     return str(version.version), False
 
 
+def champion_moved(
+    config: TrackingConfig, evaluated_against: str | None, candidate: str
+) -> str | None:
+    """Why the candidate may not take the champion alias although it passed: the champion is
+    neither the version it was evaluated against nor the candidate itself (a newer run promoted
+    meanwhile, and this is a retry of an older run's promote). None when it may."""
+    current = tracking.champion_version(config)
+    now = str(current.version) if current is not None else None
+    if now in (evaluated_against, candidate):
+        return None
+    was = f"v{evaluated_against}" if evaluated_against else "none"
+    return (
+        f"the champion moved since this candidate was evaluated (was {was}, now v{now}); "
+        "evaluate it against the new champion (clear this run's evaluate task) to promote it"
+    )
+
+
 def move_aliases(config: TrackingConfig, version: str, passed: bool) -> list[str]:
     """Point ``challenger`` (always) and ``champion`` (when ``passed``) at ``version`` of the
     registered model; returns summary lines."""
@@ -162,6 +179,14 @@ def run(ctx: StageContext) -> StageOutput:
     passed = bool(report["passed"])
     failed = [g["name"] for g in report.get("gates", []) if not g["passed"]]
     version, reused = register_model(ctx, lineage_tags(ctx, report))
+    # Compare-and-set: the gates compared with one champion; only over that one may it win
+    # (or be confirmed, on a retry of the promote that already moved the alias to it).
+    moved = (
+        champion_moved(cfg.tracking, report.get("champion_version"), version) if passed else None
+    )
+    if moved:
+        passed = False
+        log.warning("not promoting: %s", moved)
     summary = [
         f"{name} version {version} "
         + ("found (registered by an earlier attempt of this run)" if reused else "registered")
@@ -170,7 +195,8 @@ def run(ctx: StageContext) -> StageOutput:
     decision = "promoted" if passed else "rejected"
     # A report may fail without naming a gate (hand-edited, or an older format): say so.
     refused = ", ".join(failed) or "none named in the report"
-    summary.append(f"decision: {decision}" + ("" if passed else f" (failed gates: {refused})"))
+    why = moved or f"failed gates: {refused}"
+    summary.append(f"decision: {decision}" + ("" if passed else f" ({why})"))
     for line in summary:
         log.info(line)
     metrics: dict[str, Any] = {"promoted": int(passed), "model_version": int(version)}
@@ -186,7 +212,7 @@ def run(ctx: StageContext) -> StageOutput:
         outputs={"registered_model": name, "model_version": version},
         metrics=metrics,
         summary=summary,
-        skip_reason=None if passed else f"promotion refused: failed gates: {refused}",
+        skip_reason=None if passed else f"promotion refused: {why}",
     )
 
 

@@ -229,3 +229,35 @@ def test_damaged_candidate_is_not_promoted(
     # Position bias only ("A" in both orders): every pair is a tie, never a win.
     judged = scores["candidate"]["judge"]
     assert [e["win"] for e in judged["examples"]] == [0.5] * 4 and judged["win_rate"] == 0.5
+
+
+def test_an_old_runs_promote_retried_after_a_newer_promotion_keeps_the_new_champion(
+    prepared: dict[str, Any], first: dict[str, Any], second: dict[str, Any]
+) -> None:
+    """run-good was evaluated against no champion; a newer run then took the alias (v2 here).
+    Its promote, retried, must not move the alias back over a model it was never compared
+    with."""
+    from mlflow import MlflowClient
+
+    from pipeline import storage
+
+    uri = prepared["cfg"].tracking.tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.set_registered_model_alias("eval-test", "champion", "2")  # the newer run's promotion
+    try:
+        promote_dir = first["promote"]["output_uri"]
+        storage.remove(storage.join(promote_dir, storage.SUCCESS_MARKER))  # it died before commit
+        config_uri = write_resolved_config(prepared["cfg"], "run-good")
+        args = ["--config", config_uri, "--run-key", "run-good"]
+        retried = stage_main(
+            "promote", promote.run, [*args, "--input", first["evaluate"]["output_uri"]]
+        )
+        assert retried["outputs"]["model_version"] == "1"  # its version, found again
+        assert retried["skip_reason"] == (
+            "promotion refused: the champion moved since this candidate was evaluated (was none, "
+            "now v2); evaluate it against the new champion (clear this run's evaluate task) to "
+            "promote it"
+        )
+        assert str(client.get_model_version_by_alias("eval-test", "champion").version) == "2"
+    finally:
+        client.set_registered_model_alias("eval-test", "champion", "1")
