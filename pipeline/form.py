@@ -193,4 +193,61 @@ def trigger_overrides(
             f"({', '.join(map(str, config_dirs))}); put the file there or add its folder to "
             "PIPELINE_CONFIG_DIRS on the Airflow workers"
         )
-    return str(config_path), {field: params.get(field) for field in FORM_FIELDS}
+    overrides = {field: params.get(field) for field in FORM_FIELDS}
+    check_data_overrides(config_path, overrides)
+    return str(config_path), overrides
+
+
+DATA_FIELDS = ("data.domain_corpus", "data.instructions")
+DATA_PREFIXES_ENV = "PIPELINE_DATA_PREFIXES"
+"""More places a trigger may name data in (comma-separated folders or ``s3://`` prefixes: a
+colon is part of a URI), besides the folders of the config file's own data."""
+
+
+def allowed_data_prefixes(config_path: Path) -> list[str]:
+    """Where a triggered run may read data from: the folder (or ``s3://`` prefix) of each data
+    location in the config file, and each entry of ``PIPELINE_DATA_PREFIXES``."""
+    from pipeline.config import load_config
+
+    data = load_config(config_path).data
+    entries = [e for spec in (data.domain_corpus, data.instructions) for e in _entries(spec)]
+    prefixes = [e.rsplit("/", 1)[0] if "://" in e else str(Path(e).parent) for e in entries]
+    prefixes += [p.strip() for p in os.environ.get(DATA_PREFIXES_ENV, "").split(",") if p.strip()]
+    return list(dict.fromkeys(p.rstrip("/") for p in prefixes))
+
+
+def _entries(spec: str | list[str] | None) -> list[str]:
+    if spec is None:
+        return []
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
+def _inside(entry: str, prefix: str, base: Path) -> bool:
+    if "://" in entry or "://" in prefix:
+        rest = entry.partition("://")[2]
+        if any(part in ("..", ".") for part in rest.split("/")):
+            return False
+        return entry == prefix or entry.startswith(prefix + "/")
+    path = Path(entry) if Path(entry).is_absolute() else base / entry
+    return path.resolve().is_relative_to(Path(prefix).resolve())
+
+
+def check_data_overrides(config_path: Path, overrides: dict[str, Any]) -> None:
+    """Refuse a form's data input outside ``allowed_data_prefixes``: whatever a trigger names
+    is read on the workers, trained into the model and partly copied into the held-out split.
+
+    Raises:
+        ConfigError: naming the field, the entry and the allowed places.
+    """
+    asked = {f: _entries(overrides.get(f)) for f in DATA_FIELDS if overrides.get(f) is not None}
+    if not asked:
+        return
+    allowed = allowed_data_prefixes(config_path)
+    for field, entries in asked.items():
+        for entry in entries:
+            if not any(_inside(entry, prefix, config_path.parent) for prefix in allowed):
+                raise ConfigError(
+                    f"{field}: {entry} is outside the places a triggered run may read data "
+                    f"from ({', '.join(allowed)}); put the data there, or add its folder or "
+                    f"s3:// prefix to {DATA_PREFIXES_ENV} on the Airflow workers"
+                )

@@ -59,6 +59,38 @@ def test_the_config_file_must_be_under_an_allowed_folder(
     assert path == str(outside)
 
 
+@pytest.mark.parametrize(
+    ("field", "entry"),
+    [
+        ("data.domain_corpus", "/etc/passwd"),
+        ("data.instructions", "../../../../etc/shadow"),
+        ("data.domain_corpus", "demo_data/../../../pyproject.toml"),
+        ("data.domain_corpus", "s3://other-bucket/customers.jsonl"),
+        ("data.domain_corpus", "s3://datasets/demo/../../secrets/x.jsonl"),
+    ],
+)
+def test_a_trigger_reads_data_only_from_the_configured_places(
+    field: str, entry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = {"config": str(DEMO), **dict.fromkeys(FORM_FIELDS), field: entry}
+    with pytest.raises(ConfigError) as err:
+        trigger_overrides(params, {field: entry}, allowed_config_dirs(DEMO))
+    demo_data = REPO_ROOT / "configs" / "demo_data"
+    assert str(err.value).startswith(
+        f"{field}: {entry} is outside the places a triggered run may read data from "
+        f"({demo_data}); put the data there, or add its folder or s3:// prefix to "
+        "PIPELINE_DATA_PREFIXES"
+    )
+    # The config's own data folder, and what PIPELINE_DATA_PREFIXES adds, are fine.
+    inside = {**params, field: str(demo_data / "domain.jsonl")}
+    assert trigger_overrides(inside, {}, allowed_config_dirs(DEMO))[1][field].endswith(
+        "domain.jsonl"
+    )
+    monkeypatch.setenv("PIPELINE_DATA_PREFIXES", "s3://datasets/demo")
+    fresh = {**params, field: ["s3://datasets/demo/2026-12/corpus.jsonl"]}
+    assert trigger_overrides(fresh, {}, allowed_config_dirs(DEMO))[1][field] == (fresh[field])
+
+
 # --- remote clusters -------------------------------------------------------------------------
 
 
