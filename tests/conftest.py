@@ -9,15 +9,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pipeline.localstack import RayHead, free_port
+from pipeline.localstack import PostgresServer, RayHead, free_port
+from pipeline.localstack import mlflow_server as start_mlflow_server
+from pipeline.localstack import postgres_server as start_postgres_server
 from pipeline.localstack import ray_head as start_ray_head
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,41 +53,15 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``mlflow server`` over HTTP (SQLite backend, local artifact store); yields its URL."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    cmd = [
-        str(BIN / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    log = (root / "server.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError) as err:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"mlflow server did not start; see {root / 'server.log'}"
-                    ) from err
-                time.sleep(1)
+    with start_mlflow_server(root, f"sqlite:///{root}/mlflow.db", str(root / "artifacts")) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A private PostgreSQL server on a free port; each test creates the databases it needs."""
+    with start_postgres_server(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
