@@ -87,9 +87,11 @@ def first_run(
     dag_run = run_dag({"config": str(path)}, ray_head)
     assert str(dag_run.state).endswith("success"), dag_run.state
     # The run's notification says what it decided.
-    assert [m["text"] for m in notified.received] == [
+    (message,) = [m["text"].splitlines() for m in notified.received]
+    assert message[0] == (
         f"domain_llm_retraining run {dag_run.run_id} succeeded: domain-llm v1 promoted to champion."
-    ]
+    )
+    assert message[1].startswith("MLflow parent run: http://127.0.0.1:5000/#/experiments/")
     from pipeline.runs import run_key
 
     return _stage_results(raw, run_key(dag_run.dag_id, dag_run.run_id))
@@ -189,7 +191,7 @@ def test_second_run_compares_with_champion_and_keeps_it(
     )
     assert results["promote"]["skip_reason"].startswith("promotion refused: failed gates: ")
     # Announced as what it is: not promoted, naming the failed gates (not "succeeded").
-    assert notified.received[-1]["text"] == (
+    assert notified.received[-1]["text"].splitlines()[0] == (
         f"domain_llm_retraining run {dag_run.run_id} did not promote domain-llm v2: "
         f"{results['promote']['skip_reason']}."
     )
