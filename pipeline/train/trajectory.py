@@ -60,6 +60,7 @@ COMPUTE_OPERATIONAL = frozenset(
         "interconnect_gbit_s",
         "pcie_gbyte_s",
         "max_failures",
+        "placement_timeout_minutes",
     }
 )
 DATA_OPERATIONAL = frozenset({"num_workers", "chunk_bytes", "shard_blocks"})
