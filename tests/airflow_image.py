@@ -202,21 +202,6 @@ class _Refuse:
             raise ModuleNotFoundError(f"No module named {top!r} (not in the Airflow image)")
 
 
-@dataclass
-class _TaskInstance:
-    """The part of a task instance RayJobOperator uses."""
-
-    run_id: str
-    dag_id: str = "airflow_image_probe"
-    task_id: str = "probe"
-    map_index: int = -1
-    try_number: int = 1
-    xcoms: dict[str, Any] = field(default_factory=dict)
-
-    def xcom_push(self, key: str, value: Any) -> None:
-        self.xcoms[key] = value
-
-
 def _parse_dags(dags_folder: str) -> dict[str, Any]:
     from airflow.dag_processing.dagbag import DagBag
 
@@ -249,7 +234,10 @@ def _ray_job(spec: dict[str, Any]) -> dict[str, Any]:
         result_uri=spec["result_uri"],
         poll_interval=0.5,
     )
-    context: Any = {"ti": _TaskInstance(run_id=spec["run_id"])}
+    from task_instance import FakeTaskInstance  # tests/ is the probe script's sys.path[0]
+
+    ti = FakeTaskInstance(run_id=spec["run_id"], dag_id="airflow_image_probe", task_id="probe")
+    context: Any = {"ti": ti}
     try:
         operator.execute(context)
     except TaskDeferred as deferred:

@@ -27,7 +27,7 @@ from ray_jobs.hooks import RayJobsHook, RayJobStillRunningError
 from ray_jobs.operators import RayJobOperator
 from ray_jobs.submission import JobOptions, base_submission_id, plan_submission, submit_new_job
 from ray_jobs.triggers import MAX_LOG_LINES_PER_FETCH, RayJobTrigger, first_event
-from tests.integration.test_ray_jobs_hook import FakeTaskInstance
+from tests.task_instance import FakeTaskInstance
 
 DAG_ID = FakeTaskInstance.dag_id
 

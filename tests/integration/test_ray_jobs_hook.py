@@ -7,7 +7,6 @@ import shlex
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from ray_jobs.hooks import (
 from ray_jobs.operators import RayJobOperator
 from ray_jobs.submission import base_submission_id, plan_submission, submit_new_job
 from ray_jobs.triggers import RayJobTrigger
+from tests.task_instance import FakeTaskInstance
 
 pytestmark = pytest.mark.integration
 
@@ -220,21 +220,6 @@ def test_reattach_decision_follows_the_jobs_on_the_cluster(hook: RayJobsHook) ->
 
 
 # -- operator ----------------------------------------------------------------------------------
-
-
-@dataclass
-class FakeTaskInstance:
-    """The part of the runtime task instance the operator uses."""
-
-    run_id: str
-    dag_id: str = "ray_it"
-    task_id: str = "stage"
-    map_index: int = -1
-    try_number: int = 1
-    xcoms: dict[str, Any] = field(default_factory=dict)
-
-    def xcom_push(self, key: str, value: Any) -> None:
-        self.xcoms[key] = value
 
 
 def _writes_result(path: Path) -> str:
