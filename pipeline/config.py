@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,6 +27,24 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+_DEFAULT_PHONE_REGIONS = ["US", "GB", "DE", "FR", "IN", "JP", "BR", "AU"]
+
+
+def _unknown_phone_regions(regions: list[str]) -> list[str]:
+    """The entries of ``regions`` that phonenumbers does not know."""
+    if regions == _DEFAULT_PHONE_REGIONS:
+        # Known good (tests/unit/test_clean_pii.py): the Airflow image, which loads configs to
+        # plan, need not install phonenumbers for a config that keeps the default.
+        return []
+    import phonenumbers  # here, not at the top: configs load at DAG parse time
+
+    return [r for r in regions if r not in phonenumbers.SUPPORTED_REGIONS]
+
+
+PiiType = Literal["secret", "email", "iban", "national_id", "card", "ip", "phone"]
+"""The built-in PII types of ``pipeline.data.pii`` (``PII_TYPES``)."""
 
 
 class DataConfig(_Section):
@@ -82,8 +100,44 @@ class DataConfig(_Section):
     boundaries into pieces of at most ``max_doc_chars``, or dropped. Both are counted."""
 
     pii_patterns: dict[str, str] = Field(default_factory=dict)
-    """Extra PII patterns scrubbed after the built-in ones (e-mail, phone, payment card, IP):
+    """Extra PII patterns scrubbed after the built-in types (``pii_types``):
     ``{TYPE: regex}``; matches become ``<TYPE>`` and are counted per type."""
+
+    pii_types: list[PiiType] = Field(default_factory=lambda: list(get_args(PiiType)))
+    """Built-in PII types scrubbed (with ``scrub_pii``), all by default: ``secret`` (API keys,
+    tokens, private keys: detect-secrets' patterns and key-like high-entropy values),
+    ``email``, ``iban`` (checksum-validated), ``national_id`` (US SSN, Spanish DNI),
+    ``card`` (issuer prefix and Luhn), ``ip`` (IPv4/IPv6, not version numbers), ``phone``
+    (valid numbers for phonenumbers). A type left out is kept in the text."""
+
+    pii_placeholders: dict[str, str] = Field(default_factory=dict)
+    """Replacement text per type, e.g. ``{email: "[email]"}``; keys are ``pii_types`` names,
+    values non-empty. A type not listed becomes ``<TYPE>`` (``<EMAIL>``)."""
+
+    phone_regions: list[str] = Field(default_factory=lambda: list(_DEFAULT_PHONE_REGIONS))
+    """ISO 3166 regions (phonenumbers' codes) national-format phone numbers are parsed in, in
+    order; numbers written with ``+`` and a country code are found whatever the list."""
+
+    @model_validator(mode="after")
+    def _pii_settings_valid(self) -> DataConfig:
+        unknown = sorted(set(self.pii_placeholders) - set(self.pii_types))
+        if unknown:
+            raise ValueError(
+                f"pii_placeholders has keys {unknown} that are not in pii_types "
+                f"{self.pii_types}; use the type names, e.g. {{email: '[email]'}}"
+            )
+        empty = sorted(k for k, v in self.pii_placeholders.items() if not v.strip())
+        if empty:
+            raise ValueError(f"pii_placeholders for {empty} must be non-empty text")
+        if not self.phone_regions:
+            raise ValueError("phone_regions must list at least one region, e.g. [US]")
+        bad = _unknown_phone_regions(self.phone_regions)
+        if bad:
+            raise ValueError(
+                f"phone_regions {bad} are not regions phonenumbers knows; use ISO 3166 "
+                "alpha-2 codes in capitals, e.g. US, GB, DE"
+            )
+        return self
 
     near_dup_threshold: float | None = Field(0.8, gt=0.0, le=1.0)
     """Estimated Jaccard similarity (MinHash LSH over token 5-grams, candidates verified on
@@ -116,6 +170,11 @@ class DataConfig(_Section):
     chunk_bytes: int = Field(64 * 2**20, ge=2**16)
     """Input bytes one worker handles at a time; with ``num_workers`` it bounds the memory."""
 
+    max_record_bytes: int = Field(32 * 2**20, ge=2**10)
+    """Longest input record read: a longer JSONL line (or a larger text or JSON array file) is
+    quarantined as ``record_too_long`` with its file and line, streamed past without being held
+    in memory."""
+
     seq_len: int = Field(256, ge=16, le=131072)
     """Tokens per packed training block (CPT and SFT)."""
 
@@ -127,8 +186,9 @@ class DataConfig(_Section):
     """Documents shorter than this after cleaning are dropped."""
 
     scrub_pii: bool = True
-    """Replace e-mail addresses, phone numbers, payment card numbers (Luhn-checked) and IPv4/IPv6
-    addresses, plus ``pii_patterns``, with typed placeholders (``<EMAIL>``) before tokenizing."""
+    """Replace the PII of ``pii_types`` (secrets, e-mail addresses, IBANs, national ids, payment
+    cards, IPs, phone numbers), plus ``pii_patterns``, with typed placeholders (``<EMAIL>``,
+    ``pii_placeholders``) before tokenizing."""
 
     chat_format: Literal["chatml", "llama3", "tokenizer"] = "chatml"
     """How chat turns are rendered into tokens. ``chatml``: ``<|im_start|>``/``<|im_end|>``
@@ -299,17 +359,53 @@ class JudgeConfig(_Section):
     """System prompt the judge gets; it must ask for a one-letter verdict, A or B."""
 
     api_key_env: str | None = "JUDGE_API_KEY"
-    """Environment variable holding the API key (never logged, never a config value)."""
+    """Environment variable holding the API key, read where the judge runs: inside the
+    evaluate stage's Ray job, so set it on the Ray worker pods from a Kubernetes Secret
+    (``env: [{name: JUDGE_API_KEY, valueFrom: {secretKeyRef: ...}}]``). Never logged, never a
+    config value. ``None``: no key is sent (a local endpoint without authentication)."""
 
     airflow_conn_id: str | None = None
-    """Airflow connection whose password is the API key, used when ``api_key_env`` is unset
-    in the job's environment (the key is passed to the job as that variable)."""
+    """Not supported; setting it is a config error. The judge runs inside the Ray job, where
+    Airflow's connection store cannot be read, and handing the key over from the Airflow side
+    would put it in the job's ``runtime_env``, which the Ray dashboard's job API shows to anyone
+    who can open it. Use ``api_key_env`` set on the Ray workers from a secret."""
 
     max_examples: int = Field(16, ge=1)
     """Held-out chats judged pairwise (each twice, with the answers' positions swapped)."""
 
     timeout_s: float = Field(60.0, gt=0)
     """Per-request timeout."""
+
+    @model_validator(mode="after")
+    def _key_stays_secret(self) -> JudgeConfig:
+        """Refuse what would expose the API key: a key source the job cannot read, or an
+        endpoint that receives it in clear."""
+        import ipaddress
+        from urllib.parse import urlsplit
+
+        from pipeline.redact import redact_text
+
+        if self.airflow_conn_id is not None:
+            raise ValueError(
+                "eval.judge.airflow_conn_id is not supported: the judge runs inside the Ray job, "
+                "which cannot read Airflow connections; remove it and set eval.judge.api_key_env "
+                "(default JUDGE_API_KEY) on the Ray workers from a Kubernetes Secret"
+            )
+        url = urlsplit(self.endpoint)
+        host = url.hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a DNS name: only localhost is known to stay on this machine
+            loopback = False
+        if url.scheme != "https" and not (url.scheme == "http" and loopback):
+            # The API key travels as a header: over plain http anyone on the path reads it.
+            shown = redact_text(self.endpoint)
+            raise ValueError(
+                f"eval.judge.endpoint {shown!r} must be https:// (the API key is sent with every "
+                "request); plain http:// is allowed for a loopback host only (127.0.0.1, "
+                "localhost, ::1)"
+            )
+        return self
 
 
 class EvalConfig(_Section):

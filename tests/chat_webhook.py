@@ -19,6 +19,8 @@ class ChatWebhook:
     """``http://127.0.0.1:<port>/services/T0/B0``, as an incoming webhook's URL looks."""
     received: list[dict[str, Any]] = field(default_factory=list)
     """Each POST: its ``path`` and the JSON body's keys (``text``)."""
+    status: int = 200
+    """What the webhook answers; set 404 or 500 to play a revoked or failing webhook."""
 
 
 @contextmanager
@@ -29,7 +31,7 @@ def chat_webhook() -> Iterator[ChatWebhook]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             hook.received.append({"path": self.path, **json.loads(body)})
-            self.send_response(200)
+            self.send_response(hook.status)
             self.end_headers()
 
         def log_message(self, *args: Any) -> None:

@@ -7,7 +7,9 @@ serving time). With ``chat_format: tokenizer`` the tokenizer's own template rend
 
 A conversation is tokenized as one string, exactly as ``apply_chat_template`` would, so a
 SentencePiece tokenizer sees the same word boundaries in training as in serving; the labels come
-from character offsets, and a token belongs to the segment it starts in.
+from character offsets, and a token belongs to the segment it starts in. Only the template's own
+markers become special tokens: a ``<|im_start|>`` typed inside a message's content is encoded as
+plain text (special tokens split), so raw data cannot fake a turn.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+
+
+class ContentNotVerbatim(ValueError):
+    """A message's content holds a special-token string, and the chat template does not render
+    that content verbatim, so it cannot be encoded as plain text apart from the markers."""
+
+
 ChatFormat = Literal["chatml", "llama3", "tokenizer"]
 BuiltinFormat = Literal["chatml", "llama3"]
 
@@ -178,7 +187,14 @@ def tokenize_chat(
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels for one conversation; labels are IGNORE_INDEX on prompt tokens.
 
-    The ids are those of ``tok.apply_chat_template(messages)`` with the exported template.
+    The ids are those of ``tok.apply_chat_template(messages)`` with the exported template, except
+    that special-token strings inside a message's content stay text (see the module docstring).
+
+    Raises:
+        ContentNotVerbatim: a message's content holds a special-token string and the template
+            does not render that content verbatim (it cannot be told apart from the markers).
+        ValueError: ``chat_format: tokenizer`` and the template cannot be used (see
+            ``template_segments``).
     """
     segments = conversation_segments(messages, tok, fmt)
     spans, start = [], 0
@@ -186,17 +202,88 @@ def tokenize_chat(
         if trainable:
             spans.append((start, start + len(text)))
         start += len(text)
-    encoded = tok(
-        "".join(text for text, _ in segments),
-        add_special_tokens=False,
-        return_offsets_mapping=True,
-    )
-    ids: list[int] = encoded["input_ids"]
+    rendered = "".join(text for text, _ in segments)
+    ids, offsets = _encode(tok, rendered, [])
+    protected = _content_spans(messages, rendered, _special_strings(tok))
+    if protected:
+        # Keep the template's markers, split every special-token string inside content.
+        ids, offsets = _encode(tok, rendered, _markers(tok, ids, offsets, protected))
     labels = [
         token if any(lo <= begin < hi for lo, hi in spans) else IGNORE_INDEX
-        for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
+        for token, (begin, _) in zip(ids, offsets, strict=True)
     ]
     return ids, labels
+
+
+def _special_strings(tok: PreTrainedTokenizerBase) -> list[str]:
+    return [t.content for t in tok.added_tokens_decoder.values() if t.special]
+
+
+def _content_spans(
+    messages: list[dict[str, str]], rendered: str, specials: list[str]
+) -> list[tuple[int, int]]:
+    """Character spans of the contents holding a special-token string (none: the usual case)."""
+    found, cursor = [], 0
+    for i, message in enumerate(messages):
+        content = message["content"]
+        at = rendered.find(content, cursor)
+        if at >= 0:
+            cursor = at + len(content)
+        if not any(s in content for s in specials):
+            continue
+        if at < 0:
+            raise ContentNotVerbatim(
+                f"message {i} holds a special-token string and the chat template does not "
+                "render its content verbatim, so it cannot be encoded as plain text"
+            )
+        found.append((at, at + len(content)))
+    return found
+
+
+def _markers(
+    tok: PreTrainedTokenizerBase,
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    content: list[tuple[int, int]],
+) -> list[tuple[int, int, int]]:
+    """``(start, end, id)`` of the special tokens the template put outside ``content``."""
+    special = set(tok.all_special_ids) | {
+        i for i, t in tok.added_tokens_decoder.items() if t.special
+    }
+    return [
+        (begin, end, token)
+        for token, (begin, end) in zip(ids, offsets, strict=True)
+        if token in special and not any(lo <= begin < hi for lo, hi in content)
+    ]
+
+
+def _encode(
+    tok: PreTrainedTokenizerBase, text: str, markers: list[tuple[int, int, int]]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of ``text``. Without ``markers``, one call as serving makes;
+    with them, each marker is its special id and the text between markers is encoded with
+    special tokens split."""
+    if not markers:
+        encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    done = 0
+    for begin, end, token in [*markers, (len(text), len(text), -1)]:
+        if begin > done:
+            run = tok(
+                text[done:begin],
+                add_special_tokens=False,
+                split_special_tokens=True,
+                return_offsets_mapping=True,
+            )
+            ids += run["input_ids"]
+            offsets += [(done + lo, done + hi) for lo, hi in run["offset_mapping"]]
+        if token >= 0:
+            ids.append(token)
+            offsets.append((begin, end))
+        done = end
+    return ids, offsets
 
 
 def check_chat_tokens(tok: PreTrainedTokenizerBase, fmt: ChatFormat) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.data import chat, dedup, ingest, sources
 from pipeline.data.clean import split_long_document
-from pipeline.data.pii import PiiScrubber
+from pipeline.data.pii import DEFAULT_PHONE_REGIONS, PII_TYPES, PiiScrubber
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -41,6 +41,10 @@ class ChunkSettings:
     min_chars: int
     max_doc_chars: int
     long_doc_action: str
+    max_record_bytes: int = sources.MAX_RECORD_BYTES
+    pii_types: tuple[str, ...] = PII_TYPES
+    pii_placeholders: dict[str, str] = field(default_factory=dict)
+    phone_regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,17 @@ def _tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def encode_texts(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Token ids without special tokens, as ``tok(texts, add_special_tokens=False)`` gives."""
-    encodings = tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    """Token ids of raw texts, as ``tok(texts, add_special_tokens=False,
+    split_special_tokens=True)`` gives: no BOS/EOS added, and a special token's string inside
+    the text (``<|im_start|>``, ``<|end_of_text|>``) is encoded as plain text, never as the
+    control token (a document must not fake a turn or an end of text)."""
+    backend = tok.backend_tokenizer
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+    finally:
+        backend.encode_special_tokens = before  # the cached tokenizer also encodes chat turns
     return [e.ids for e in encodings]
 
 
@@ -114,12 +127,33 @@ class _Spill:
 
 
 def process_chunk(job: ChunkJob) -> ChunkResult:
-    """Read, validate, clean, scrub, tokenize and sign one unit; see the module docstring."""
+    """Read, validate, clean, scrub, tokenize and sign one unit; see the module docstring.
+
+    Bad records never raise (they are quarantined).
+
+    Raises:
+        RuntimeError: anything else failed; the message names the file and byte range, which
+            a worker's traceback alone does not.
+    """
+    try:
+        return _process_unit(job)
+    except Exception as err:
+        unit = job.unit
+        where = unit.uri if unit.end < 0 else f"{unit.uri} (bytes {unit.start}-{unit.end})"
+        raise RuntimeError(f"prepare_data failed on {where}: {type(err).__name__}: {err}") from err
+
+
+def _process_unit(job: ChunkJob) -> ChunkResult:
     settings = job.settings
     tok = _tokenizer(settings.tokenizer_dir)
-    scrubber = PiiScrubber(settings.pii_patterns)
-    lines, records = sources.read_unit(job.unit)
-    result = ChunkResult(job.index, lines, _unit_bytes(job.unit))
+    scrubber = PiiScrubber(
+        settings.pii_patterns,
+        types=settings.pii_types,
+        placeholders=settings.pii_placeholders,
+        phone_regions=settings.phone_regions,
+    )
+    records = sources.stream_unit(job.unit, settings.max_record_bytes)
+    result = ChunkResult(job.index, 0, _unit_bytes(job.unit))
     spill = _Spill(job)
     signatures: list[np.ndarray] = []
     exact: list[int] = []
@@ -144,14 +178,18 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
         for record in records:
             result.counts["read"] += 1
             parsed = _parse(record, job.kind, settings.fields)
+            if isinstance(parsed, list):
+                messages = _scrub_chat(parsed, scrubber) if settings.scrub_pii else parsed
+                try:
+                    ids, labels = chat.tokenize_chat(messages, tok, settings.chat_format)
+                except chat.ContentNotVerbatim as err:
+                    parsed = sources.BadRecord(record.line, "unencodable_chat", str(err))
             if isinstance(parsed, sources.BadRecord):
                 result.bad[parsed.reason] += 1
                 row = {"source": job.unit.uri, "line": parsed.line, "reason": parsed.reason}
                 quarantine.write(json.dumps({**row, "detail": parsed.detail}) + "\n")
                 continue
             if isinstance(parsed, list):
-                messages = _scrub_chat(parsed, scrubber) if settings.scrub_pii else parsed
-                ids, labels = chat.tokenize_chat(messages, tok, settings.chat_format)
                 mask = [label != chat.IGNORE_INDEX for label in labels]
                 keep(ids, mask, messages, json.dumps(messages, sort_keys=True))
                 continue
@@ -172,6 +210,7 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
             if len(pending) >= _BATCH:
                 flush_documents()
         flush_documents()
+    result.lines = records.lines  # known once the unit is read through
     result.lengths = spill.close()
     result.pii = scrubber.counts
     result.exact = np.array(exact, dtype=np.uint64)

@@ -7,6 +7,7 @@ reason code (counted in the manifest) and a detail for the quarantine file.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,8 @@ from pipeline.data.sources import DataError
 __all__ = ["ROLES", "DataError", "Fields", "Rejection", "chat_messages", "document_text"]
 
 ROLES = ("system", "user", "assistant")
+# JSON's \ud83d escapes decode to lone surrogates, which no UTF-8 tokenizer can take.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -33,15 +36,31 @@ class Fields:
 @dataclass(frozen=True)
 class Rejection:
     reason: str
-    """``not_an_object``, ``missing_field``, ``wrong_type``, ``unknown_role``,
-    ``no_assistant_turn``, ``empty_assistant`` or ``final_turn_not_assistant``."""
+    """``not_an_object``, ``missing_field``, ``wrong_type``, ``invalid_unicode``,
+    ``unknown_role``, ``no_assistant_turn``, ``empty_assistant`` or
+    ``final_turn_not_assistant``."""
     detail: str
 
 
+def _lone_surrogate(text: str, where: str) -> Rejection | None:
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    return Rejection(
+        "invalid_unicode",
+        f"{where} holds a lone UTF-16 surrogate {found.group()!a} at character "
+        f"{found.start()} (a broken \\u escape); it is not text",
+    )
+
+
 def document_text(value: Any, fields: Fields) -> str | Rejection:
-    """The cleaned text of a document record (a plain-text file's value is the text itself)."""
+    """The cleaned text of a document record (a plain-text file's value is the text itself).
+
+    Returns:
+        The text, or a ``Rejection`` saying why the record is unusable.
+    """
     if isinstance(value, str):
-        return clean_text(value)
+        return _lone_surrogate(value, "the text") or clean_text(value)
     if not isinstance(value, dict):
         return Rejection("not_an_object", f"expected a JSON object, got {type(value).__name__}")
     if fields.text not in value:
@@ -51,7 +70,7 @@ def document_text(value: Any, fields: Fields) -> str | Rejection:
         return Rejection(
             "wrong_type", f"field {fields.text!r} must be a string, got {type(text).__name__}"
         )
-    return clean_text(text)
+    return _lone_surrogate(text, f"field {fields.text!r}") or clean_text(text)
 
 
 def chat_messages(value: Any, fields: Fields) -> list[dict[str, str]] | Rejection:
@@ -87,6 +106,9 @@ def chat_messages(value: Any, fields: Fields) -> list[dict[str, str]] | Rejectio
             return Rejection(
                 "wrong_type", f"{fields.messages}[{i}].{fields.content} must be a string"
             )
+        bad_text = _lone_surrogate(content, f"{fields.messages}[{i}].{fields.content}")
+        if bad_text:
+            return bad_text
         messages.append({"role": role, "content": clean_text(content)})
     return _check_turns(messages, fields)
 

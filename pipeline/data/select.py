@@ -67,9 +67,22 @@ def merge_quarantine(
 
 
 def check_bad_fraction(
-    read: int, bad: Counter[str], first: list[dict[str, Any]], max_fraction: float
+    read: int,
+    bad: Counter[str],
+    first: list[dict[str, Any]],
+    max_fraction: float,
+    quarantine_uri: str = "quarantine.jsonl",
 ) -> None:
-    """Raise when the share of bad records is above ``data.max_bad_fraction``."""
+    """Raise when the share of bad records is above ``data.max_bad_fraction``.
+
+    Args:
+        read: records read; bad: bad records per reason; first: the first quarantine rows.
+        max_fraction: ``data.max_bad_fraction``.
+        quarantine_uri: where every bad record is listed (already written), named in the error.
+
+    Raises:
+        DataError: too many bad records, or none read at all.
+    """
     total_bad = sum(bad.values())
     if read and total_bad / read <= max_fraction:
         return
@@ -81,7 +94,7 @@ def check_bad_fraction(
         f"{total_bad} of {read} records are bad ({total_bad / read:.1%}), above "
         f"data.max_bad_fraction={max_fraction}; counts per reason: {reasons}. First bad "
         f"records:\n{shown}\nFix the data or raise data.max_bad_fraction; every bad record is "
-        "listed in quarantine.jsonl."
+        f"listed in {quarantine_uri}"
     )
 
 

@@ -97,17 +97,37 @@ class ShardWriter:
         }
 
 
-def _local_copy(data_uri: str, name: str, sha256: str) -> Path:
-    """A local path for a shard file: in place for local data, else a node-local cached copy."""
+def _local_copy(data_uri: str, name: str, sha256: str, verify: bool) -> Path:
+    """A local path for a shard file: in place for local data, else a node-local cached copy.
+
+    A download is checked in a temporary file and moved into the cache only when it matches
+    ``sha256``, so a bad download never poisons the cache: once the object is fixed, the next
+    read on this node succeeds. A cached copy that no longer matches is removed and fetched again.
+
+    Raises:
+        ValueError: the file (local or just downloaded) does not match ``sha256``.
+    """
+    uri = storage.join(data_uri, name)
+    mismatch = ValueError(f"shard {uri} does not match its manifest checksum; rerun prepare_data")
     if not storage.is_s3(data_uri):
-        return Path(data_uri) / name
+        if verify and _sha256(Path(uri)) != sha256:
+            raise mismatch
+        return Path(uri)
     root = Path(os.environ.get(CACHE_ENV, Path(tempfile.gettempdir()) / "pipeline-shards"))
     target = root / sha256[:2] / f"{sha256}.npy"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".{os.getpid()}.part")
-        storage.download_file(storage.join(data_uri, name), partial)
+    if target.exists():
+        if not verify or _sha256(target) == sha256:
+            return target
+        target.unlink(missing_ok=True)  # damaged on the node's disk: fetch it again
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.part")
+    try:
+        storage.download_file(uri, partial)
+        if _sha256(partial) != sha256:
+            raise mismatch
         os.replace(partial, target)  # ranks on one node may race; the content is identical
+    finally:
+        partial.unlink(missing_ok=True)
     return target
 
 
@@ -130,12 +150,7 @@ def read_split(
         arrays = []
         for kind in ("ids", "flags"):
             name, expected = shard["files"][kind], shard["sha256"][kind]
-            path = _local_copy(data_uri, name, expected)
-            if verify and _sha256(path) != expected:
-                raise ValueError(
-                    f"shard {storage.join(data_uri, name)} does not match its manifest "
-                    "checksum; rerun prepare_data"
-                )
+            path = _local_copy(data_uri, name, expected, verify)
             arrays.append(np.load(path, mmap_mode="r"))
         mapped.append((arrays[0], arrays[1]))
     if not mapped:

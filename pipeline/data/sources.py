@@ -3,6 +3,8 @@
 A unit is what one worker reads at a time: a line-aligned byte range of a JSONL file (at most
 ``chunk_bytes``), or a whole JSON array, Parquet or plain-text file. Reading never stops at a
 bad record: each comes back as a ``BadRecord`` with its line (or record number) and reason.
+JSONL is streamed in blocks, so a line longer than ``max_record_bytes`` (a multi-GB line) is
+quarantined without ever being held in memory; ``\n``, ``\r\n`` and old-Mac ``\r`` all end a line.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import fnmatch
 import glob
 import hashlib
 import json
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +33,14 @@ _FORMATS: dict[str, Format] = {
 }
 _GLOB_CHARS = "*?["
 _SCAN = 1 << 16
+_SCAN_MAX = 1 << 23
+_BLOCK = 1 << 20
+MAX_RECORD_BYTES = 32 * 2**20
+"""Default longest record (``data.max_record_bytes``)."""
+# Bytes, not str.splitlines: U+2028/U+2029 inside JSON strings are not line breaks. A raw CR
+# cannot occur inside a JSON string (control characters must be escaped), so outside CRLF it
+# can only be an old-Mac line end.
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 class DataError(ValueError):
@@ -169,13 +180,15 @@ def _next_line_start(uri: str, position: int, size: int) -> int:
     """The first line start at or after ``position`` (``size`` when there is none)."""
     if position <= 0:
         return 0
-    cursor = position - 1
+    cursor, step = position - 1, _SCAN
     while cursor < size:
-        piece = read_range(uri, cursor, min(cursor + _SCAN, size))
-        found = piece.find(b"\n")
-        if found >= 0:
-            return cursor + found + 1
-        cursor += len(piece)
+        # One extra byte: a CR at the piece's end may be the first half of a CRLF.
+        piece = read_range(uri, cursor, min(cursor + step + 1, size))
+        found = _LINE_END.search(piece)
+        if found and (found.start() < step or cursor + len(piece) == size):
+            return cursor + found.end()
+        cursor += min(step, len(piece))
+        step = min(step * 2, _SCAN_MAX)  # a very long line: fewer, larger reads
     return size
 
 
@@ -198,44 +211,131 @@ def plan_units(uris: list[str], chunk_bytes: int) -> list[WorkUnit]:
     return units
 
 
+class UnitRecords:
+    """The records of one unit, bad ones included, streamed (iterating never raises on bad
+    content); ``lines`` is the unit's line count (JSONL; 0 otherwise) once iterated, which turns
+    the unit-relative line numbers of the following units into file line numbers."""
+
+    def __init__(self, unit: WorkUnit, max_record_bytes: int) -> None:
+        self.unit, self.max_record_bytes = unit, max_record_bytes
+        self.lines = 0
+
+    def __iter__(self) -> Iterator[Record | BadRecord]:
+        unit = self.unit
+        if unit.fmt == "jsonl":
+            return self._jsonl()
+        if unit.fmt == "parquet":
+            return _read_parquet(unit.uri)
+        size = file_size(unit.uri)
+        if size > self.max_record_bytes:
+            return iter([_too_long(0 if unit.fmt == "json" else 1, size, self.max_record_bytes)])
+        data = read_range(unit.uri, 0, -1)
+        return _read_json_array(data) if unit.fmt == "json" else _read_text(data)
+
+    def _jsonl(self) -> Iterator[Record | BadRecord]:
+        blocks = _byte_blocks(self.unit.uri, self.unit.start, self.unit.end)
+        lines = _bounded_lines(blocks, self.max_record_bytes)
+        for number, (raw, length) in enumerate(lines, start=1):
+            self.lines = number
+            if raw is None:
+                yield _too_long(number, length, self.max_record_bytes)
+                continue
+            if number == 1 and self.unit.start == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte-order mark some editors write
+            if raw.strip():
+                yield _parse_jsonl_line(number, raw)
+
+
+def stream_unit(unit: WorkUnit, max_record_bytes: int = MAX_RECORD_BYTES) -> UnitRecords:
+    """Records of one unit, read in bounded blocks (see ``UnitRecords``).
+
+    Args:
+        unit: the unit to read.
+        max_record_bytes: a longer JSONL line, text file or JSON array file is one
+            ``record_too_long`` bad record instead of a record.
+    """
+    return UnitRecords(unit, max_record_bytes)
+
+
 def read_unit(unit: WorkUnit) -> tuple[int, Iterator[Record | BadRecord]]:
-    """Records of one unit, bad ones included (never raises on bad content).
+    """Records of one unit, bad ones included (never raises on bad content), held in memory:
+    for small inputs (evaluation sets); ``prepare_data`` workers stream with ``stream_unit``.
 
     Returns:
-        The unit's line count (JSONL; 0 otherwise), which turns the unit-relative line numbers
-        of the following units into file line numbers, and the records.
+        The unit's line count (JSONL; 0 otherwise) and the records.
     """
-    if unit.fmt == "jsonl":
-        data = read_range(unit.uri, unit.start, unit.end)
-        lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
-        return lines, _read_jsonl(data, unit.start == 0)
-    if unit.fmt == "json":
-        return 0, _read_json_array(read_range(unit.uri, 0, -1))
-    if unit.fmt == "text":
-        return 0, _read_text(read_range(unit.uri, 0, -1))
-    return 0, _read_parquet(unit.uri)
+    records = stream_unit(unit)
+    values = list(records)
+    return records.lines, iter(values)
 
 
-def _read_jsonl(data: bytes, at_file_start: bool) -> Iterator[Record | BadRecord]:
-    # Split on b"\n" only: U+2028/U+2029 inside JSON strings are not line breaks.
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if number == 1 and at_file_start and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # a byte-order mark some editors write
-        if not raw.strip():
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield BadRecord(
-                number, "invalid_utf8", f"not UTF-8 text at byte {err.start} ({err.reason})"
-            )
-            continue
-        try:
-            yield Record(number, json.loads(line))
-        except json.JSONDecodeError as err:
-            yield BadRecord(
-                number, "malformed_json", f"not valid JSON: {err.msg} (column {err.colno})"
-            )
+def _too_long(number: int, length: int, limit: int) -> BadRecord:
+    return BadRecord(
+        number,
+        "record_too_long",
+        f"{length} bytes, above data.max_record_bytes={limit}; skipped without reading it whole",
+    )
+
+
+def _byte_blocks(uri: str, start: int, end: int) -> Iterator[bytes]:
+    """Bytes ``[start, end)`` of a file (``end`` -1: to the end) in blocks of about 1 MiB."""
+    if end == start:
+        return
+    if storage.is_s3(uri):
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        last = "" if end < 0 else str(end - 1)
+        body = storage._s3_client().get_object(
+            Bucket=bucket, Key=key, Range=f"bytes={start}-{last}"
+        )["Body"]
+        yield from body.iter_chunks(_BLOCK)
+        return
+    with open(uri, "rb") as handle:
+        handle.seek(start)
+        left = -1 if end < 0 else end - start
+        while left != 0:
+            block = handle.read(_BLOCK if left < 0 else min(_BLOCK, left))
+            if not block:
+                return
+            left = left if left < 0 else left - len(block)
+            yield block
+
+
+def _bounded_lines(blocks: Iterator[bytes], limit: int) -> Iterator[tuple[bytes | None, int]]:
+    """Every line of the byte stream and its length; the line is None when longer than
+    ``limit`` bytes (its bytes are dropped as they stream past, never joined)."""
+    line: list[bytes] = []
+    length, after_cr = 0, False
+    for block in blocks:
+        if after_cr and block.startswith(b"\n"):
+            block = block[1:]  # the LF of a CRLF split across two blocks
+        pieces = _LINE_END.split(block) if b"\r" in block else block.split(b"\n")
+        after_cr = block.endswith(b"\r")
+        for i, piece in enumerate(pieces):
+            length += len(piece)
+            if length <= limit:
+                line.append(piece)
+            else:
+                line.clear()
+            if i < len(pieces) - 1:  # a line end follows this piece
+                yield (b"".join(line) if length <= limit else None), length
+                line, length = [], 0
+    if length:
+        yield (b"".join(line) if length <= limit else None), length
+
+
+def _parse_jsonl_line(number: int, raw: bytes) -> Record | BadRecord:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return BadRecord(
+            number, "invalid_utf8", f"not UTF-8 text at byte {err.start} ({err.reason})"
+        )
+    try:
+        return Record(number, json.loads(line))
+    except json.JSONDecodeError as err:
+        return BadRecord(
+            number, "malformed_json", f"not valid JSON: {err.msg} (column {err.colno})"
+        )
 
 
 def _read_json_array(data: bytes) -> Iterator[Record | BadRecord]:
@@ -262,6 +362,7 @@ def _read_text(data: bytes) -> Iterator[Record | BadRecord]:
 
 
 def _read_parquet(uri: str) -> Iterator[Record | BadRecord]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -270,11 +371,19 @@ def _read_parquet(uri: str) -> Iterator[Record | BadRecord]:
             path = str(Path(scratch) / "input.parquet")
             storage.download_file(uri, path)
         number = 0
-        # Batches keep memory bounded by the batch, not the file.
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                number += 1
-                yield Record(number, row)
+        try:
+            # Batches keep memory bounded by the batch, not the file.
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                for row in batch.to_pylist():
+                    number += 1
+                    yield Record(number, row)
+        except (pa.ArrowException, OSError) as err:
+            # A 0-byte, truncated or corrupt file: the rows before the damage are kept.
+            yield BadRecord(
+                number + 1,
+                "unreadable_parquet",
+                f"{uri}: not a readable Parquet file after {number} rows ({err})",
+            )
 
 
 def sources_digest(prints: list[dict[str, Any]]) -> str:

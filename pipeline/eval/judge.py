@@ -6,9 +6,14 @@ judges prefer a position: the candidate wins an example (1.0) only when it wins 
 orders, loses it (0.0) only when it loses both, and anything else (a position-biased or
 unreadable verdict) counts as a tie (0.5). ``win_rate`` is the mean over examples.
 
-The API key comes from the environment (``judge.api_key_env``) or, when that is unset, from
-the password of the Airflow connection ``judge.airflow_conn_id``. It is sent only as the
-``Authorization`` header: never logged, never returned, and cut out of every error text.
+The API key comes from the environment variable ``judge.api_key_env`` of the process the judge
+runs in: the evaluate stage's Ray job, so the variable is set on the Ray worker pods from a
+Kubernetes Secret. An Airflow connection is not a source: the job cannot read Airflow's
+connection store, and handing the key over from the Airflow side would put it in the job's
+``runtime_env``, which the Ray dashboard's job API shows (the config refuses
+``judge.airflow_conn_id`` saying so). The key is sent only as the ``Authorization`` header, and
+only over https (or http to a loopback host, for local endpoints): never logged, never
+returned, and cut out of every error text.
 """
 
 from __future__ import annotations
@@ -40,31 +45,12 @@ class JudgeError(RuntimeError):
 
 
 def api_key(cfg: JudgeConfig) -> str | None:
-    """The judge's API key: ``$<api_key_env>``, else the password of the Airflow connection
-    ``airflow_conn_id`` (when Airflow is importable); ``None`` when neither is set (a local
-    endpoint without authentication).
-
-    Raises:
-        JudgeError: ``airflow_conn_id`` names a connection Airflow does not know.
-    """
+    """The judge's API key, ``$<api_key_env>`` in this process's environment; ``None`` when
+    ``api_key_env`` is ``None`` or the variable is unset or empty (a local endpoint without
+    authentication)."""
     if cfg.api_key_env and os.environ.get(cfg.api_key_env):
         return os.environ[cfg.api_key_env]
-    if not cfg.airflow_conn_id:
-        return None
-    try:
-        from airflow.sdk import Connection
-        from airflow.sdk.exceptions import AirflowNotFoundException
-    except ImportError:
-        log.info("Airflow is not importable here; eval.judge.airflow_conn_id is not read")
-        return None
-    try:
-        password: str | None = Connection.get(cfg.airflow_conn_id).password
-    except AirflowNotFoundException:
-        raise JudgeError(
-            f"eval.judge.airflow_conn_id: Airflow has no connection {cfg.airflow_conn_id!r}; "
-            f"create it with the API key as its password, or set ${cfg.api_key_env}"
-        ) from None
-    return password or None
+    return None
 
 
 def redact(text: str, key: str | None) -> str:
@@ -134,10 +120,12 @@ def post_with_retries(
 def describe_key_source(cfg: JudgeConfig, key: str | None) -> str:
     """Where the key came from, for an authentication error (names, never the value)."""
     if key is None:
-        return f"no API key was sent: set ${cfg.api_key_env} or eval.judge.airflow_conn_id"
-    if cfg.api_key_env and os.environ.get(cfg.api_key_env):
-        return f"the key was read from ${cfg.api_key_env}"
-    return f"the key was read from Airflow connection {cfg.airflow_conn_id!r}"
+        env = cfg.api_key_env or "JUDGE_API_KEY"
+        return (
+            f"no API key was sent: set ${env} on the Ray workers (from a Kubernetes Secret) "
+            f"and eval.judge.api_key_env: {env}"
+        )
+    return f"the key was read from ${cfg.api_key_env}"
 
 
 def verdict(answer: dict[str, Any]) -> str | None:

@@ -42,17 +42,35 @@ log = logging.getLogger(__name__)
 def build_tokenizer(
     cfg: PipelineConfig, units: list[sources.WorkUnit], scratch: str
 ) -> PreTrainedTokenizerBase:
-    """The configured or base model's tokenizer, or a BPE trained on a sample of the corpus."""
+    """The configured or base model's tokenizer, or a BPE trained on a sample of the corpus.
+
+    The sample is the text workers tokenize: cleaned and, with ``data.scrub_pii``, scrubbed, so
+    no vocabulary entry learns a piece of an e-mail address or phone number.
+    """
     from pipeline.data import tokenizer
+    from pipeline.data.pii import PiiScrubber
 
     fields = _fields(cfg)
+    d = cfg.data
+    scrubber = (
+        PiiScrubber(
+            dict(d.pii_patterns),
+            types=d.pii_types,
+            placeholders=dict(d.pii_placeholders),
+            phone_regions=d.phone_regions,
+        )
+        if d.scrub_pii
+        else None
+    )
 
     def sample() -> Any:
         taken = 0
         for unit in units:
-            for record in sources.read_unit(unit)[1]:
+            for record in sources.stream_unit(unit, cfg.data.max_record_bytes):
                 if isinstance(record, sources.Record):
                     text = ingest.document_text(record.value, fields)
+                    if isinstance(text, str) and scrubber is not None:
+                        text = scrubber.scrub(text)
                     if isinstance(text, str) and text:
                         yield text
                         taken += len(text)
@@ -152,6 +170,8 @@ def prepare(cfg: PipelineConfig, output_uri: str) -> dict[str, Any]:
         settings = chunks.ChunkSettings(
             str(tok_dir), str(spill), _fields(cfg), d.chat_format, d.scrub_pii,
             dict(d.pii_patterns), d.min_chars, d.max_doc_chars, d.long_doc_action,
+            d.max_record_bytes, tuple(d.pii_types), dict(d.pii_placeholders),
+            tuple(d.phone_regions),
         )  # fmt: skip
         jobs = plan_jobs(cfg, settings)
         every = [job for corpus_jobs in jobs.values() for job in corpus_jobs]
@@ -162,9 +182,13 @@ def prepare(cfg: PipelineConfig, output_uri: str) -> dict[str, Any]:
         data_uri = storage.join(output_uri, "data")
         with storage.local_staging(data_uri) as out:
             first_bad = select.merge_quarantine(every, results, str(spill), out / QUARANTINE_FILE)
+            quarantine_uri = storage.join(data_uri, QUARANTINE_FILE)
+            if storage.is_s3(data_uri):
+                # Now, not with the rest: the gate below fails exactly when someone must read it.
+                storage.upload_file(out / QUARANTINE_FILE, quarantine_uri)
             read = sum(r.counts["read"] for r in results.values())
             bad: Counter[str] = sum((r.bad for r in results.values()), Counter())
-            select.check_bad_fraction(read, bad, first_bad, d.max_bad_fraction)
+            select.check_bad_fraction(read, bad, first_bad, d.max_bad_fraction, quarantine_uri)
             docs = [results[j.index] for j in jobs["domain"] + jobs["replay"]]
             chats = [results[j.index] for j in jobs["instructions"]]
             # Replay documents are held out too: their held-out part is the general corpus.

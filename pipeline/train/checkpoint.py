@@ -3,8 +3,8 @@
 Layout under a stage's ``checkpoints/<training fingerprint>/`` (local folder or ``s3://``)::
 
     step-0000010/            DeepSpeed engine state (every rank's shards), loop_state.json,
-                             rank<r>_rng.pt (RNG states as plain tensors, loaded with
-                             ``weights_only=True``), and _COMPLETE, written last
+                             rank<r>_rng.pt (RNG states as plain tensors), _MANIFEST-rank<r>.json
+                             (size and sha256 of each file rank r wrote), and _COMPLETE, last
     step-0000020/
     latest                   "step-0000020": advanced only after that folder is complete
 
@@ -22,6 +22,17 @@ downloads each rank's files to the same scratch folder and deletes them once loa
 A local checkpoint root is only valid when every rank sees the same folder: ``agreed_latest``
 compares every rank's view of the newest checkpoint and fails on all ranks at once when they
 differ (instead of one rank loading alone until the collective timeout).
+
+Whoever can write the checkpoint prefix must not be able to run code on the ranks. Each rank
+records the size and sha256 of the files it wrote in ``_MANIFEST-rank<r>.json`` before the
+checkpoint is committed; a resume checks every file a rank will read against rank 0's manifest
+and its own, before anything is parsed, and refuses the checkpoint on every rank at once when a
+manifest or a file is missing, a file differs, or an unlisted one would be read. The refusal is
+loud and final, never a silent fall-back to an older checkpoint: a damaged checkpoint is either
+a storage fault or tampering, and both need a person. Past the manifest (a writer of the prefix
+can rewrite it too), nothing is unpickled: DeepSpeed's files are loaded with
+``weights_only=True`` and an allowlist of the three DeepSpeed classes they hold
+(``load_engine_state``), the RNG files with plain ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -50,7 +61,10 @@ COMPLETE_MARKER = "_COMPLETE"
 LATEST_POINTER = "latest"
 LOOP_STATE_FILE = "loop_state.json"
 UPLOADED_PREFIX = "_UPLOADED-rank"
+MANIFEST_PREFIX = "_MANIFEST-rank"
+MANIFEST_FORMAT = 1
 COMMIT_TIMEOUT_S = 3600.0
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 # DeepSpeed names per-rank shards zero_pp_rank_<r>_...; our RNG files are rank<r>_rng.pt.
 # Everything else (model states of ZeRO 0-2, loop_state.json) is written by rank 0.
@@ -66,6 +80,33 @@ def file_owner(name: str) -> int | None:
     """The rank that writes (and alone reads) ``name``, or None for files every rank reads."""
     match = _RANK_FILE.match(name)
     return int(match.group(1)) if match else None
+
+
+def manifest_name(rank: int) -> str:
+    return f"{MANIFEST_PREFIX}{rank}.json"
+
+
+def _bookkeeping(name: str) -> bool:
+    """Markers, manifests (``_...``) and half-written temporary files (``.…``): never loaded."""
+    return name.startswith(("_", "."))
+
+
+class CheckpointRefused(RuntimeError):
+    """A checkpoint does not match its manifest (or holds pickled code): nothing was loaded."""
+
+
+def _refusal(where: str, name: str, reason: str) -> CheckpointRefused:
+    return CheckpointRefused(
+        f"checkpoint {where} is refused, nothing was loaded from it: {name}: {reason}. "
+        f"If this is a storage fault, delete {where} to resume from the previous complete "
+        "checkpoint, or delete the whole checkpoints folder to start fresh; if nobody here "
+        "changed the file, someone else can write this prefix: restrict who can."
+    )
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class CheckpointStore:

@@ -128,7 +128,12 @@ class PipelineRunNotifier(BaseNotifier):
 
 
 def send(conn_id: str, message: str, subject: str) -> None:
-    """Deliver ``message`` through connection ``conn_id`` (e-mail for smtp, else a webhook)."""
+    """Deliver ``message`` through connection ``conn_id`` (e-mail for smtp, else a webhook).
+
+    Raises:
+        WebhookError: the webhook answered an HTTP error or could not be reached.
+        ValueError: an smtp connection without recipients.
+    """
     from airflow.sdk import BaseHook
 
     conn = BaseHook.get_connection(conn_id)
@@ -152,5 +157,17 @@ def send(conn_id: str, message: str, subject: str) -> None:
         url = f"{scheme}://{url}{port}/{conn.schema or ''}"
     if conn.password:
         url = f"{url.rstrip('/')}/{conn.password}"
-    response = httpx.post(url, json={"text": message}, timeout=10)
-    response.raise_for_status()
+    # An incoming webhook's path is its secret (hooks.slack.com/services/T/B/<secret>): errors
+    # name the connection and the host only, and chain nothing that holds the URL.
+    where = f"connection {conn_id!r} (webhook host {httpx.URL(url).host or '?'})"
+    try:
+        response = httpx.post(url, json={"text": message}, timeout=10)
+    except httpx.HTTPError as err:
+        raise WebhookError(f"{where}: could not post: {type(err).__name__}") from None
+    if response.is_error:
+        raise WebhookError(f"{where} answered HTTP {response.status_code}")
+
+
+class WebhookError(RuntimeError):
+    """A chat webhook refused or could not take a notification; the message names the
+    connection and host, never the webhook URL's secret path."""

@@ -33,7 +33,7 @@ from ray_jobs.submission import (
     submit_new_job,
     submitted_at,
 )
-from ray_jobs.triggers import RayJobTrigger, first_event, job_event_payload
+from ray_jobs.triggers import RayJobTrigger, first_event, job_event_payload, redact_job_text
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,12 @@ class RayJobOperator(BaseOperator):
         return result
 
     def _failure_report(self, event: dict[str, Any]) -> str:
+        """The exception text of a job that did not succeed: status, message, dashboard link
+        and the log's last lines, credentials redacted (it reaches the task log, the UI and
+        the failure notification)."""
+        return redact_job_text(self._unredacted_failure_report(event))
+
+    def _unredacted_failure_report(self, event: dict[str, Any]) -> str:
         submission_id, status = event["submission_id"], event["status"]
         dashboard = event.get("dashboard_url") or "-"
         if status == "MISSING":

@@ -36,6 +36,24 @@ ON_KILL_ERROR_BUDGET_S = 5.0
 LOG_PREFIX = "[ray job]"
 
 
+def redact_job_text(text: str) -> str:
+    """``text`` from a Ray job (log lines, Ray's failure message, which quotes the log's end)
+    with credentials replaced by ``***`` (``pipeline.redact.redact_text``): a job that prints
+    its environment or a connection URI must not put the secret into the Airflow task log.
+
+    Args:
+        text: one line or many, as Ray returned them.
+
+    Returns:
+        The same text, credentials redacted.
+    """
+    # Imported here: the plugin module must import where the pipeline package is absent (the
+    # scheduler and API server parse it); the triggerer and workers run the image that has it.
+    from pipeline.redact import redact_text
+
+    return redact_text(text)
+
+
 def job_event_payload(
     *,
     status: str,
@@ -52,12 +70,13 @@ def job_event_payload(
     passed and the job was stopped), MISSING (the head does not know the job) or ERROR (Ray
     could not be asked within the transient-error budget). ``was_being_stopped``: an adopted
     job (one an earlier try submitted) ended STOPPED right after this try found it, i.e. it
-    was already being stopped by the kill or clear of that earlier try.
+    was already being stopped by the kill or clear of that earlier try. ``message`` is
+    redacted here: Ray's message of a failed job quotes the end of the job's log.
     """
     return {
         "status": status,
         "submission_id": submission_id,
-        "message": message or "",
+        "message": redact_job_text(message or ""),
         "result_uri": result_uri,
         "dashboard_url": dashboard_url,
         "stage": stage,
@@ -271,7 +290,7 @@ class RayJobTrigger(BaseTrigger):
             # Best effort, one attempt: the status poll is what rides out an outage.
             logs = await hook.aget_job_logs(self.submission_id, retry=False)
         except RayJobsError as err:
-            self.log.info("%s log not readable now: %s", LOG_PREFIX, err)
+            self.log.info("%s log not readable now: %s", LOG_PREFIX, redact_job_text(str(err)))
             return
         # Ray's REST API serves the whole log each time: a long one is fetched less often.
         self._next_log_fetch = time.monotonic() + log_fetch_interval(self.log_interval_s, len(logs))
@@ -286,7 +305,7 @@ class RayJobTrigger(BaseTrigger):
                 chunk.skipped,
             )
         for line in chunk.lines:
-            self.log.info("%s %s", LOG_PREFIX, line)
+            self.log.info("%s %s", LOG_PREFIX, redact_job_text(line))
 
     async def task_still_deferred(self) -> bool | None:
         """Whether this trigger's task instance is still DEFERRED, from the Airflow API; None

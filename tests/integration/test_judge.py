@@ -151,13 +151,44 @@ def test_wrong_key_names_endpoint_and_status_but_not_the_key(
     assert len(JudgeHandler.requests_seen) == 1  # 401 is not retried
 
 
-def test_key_from_airflow_connection(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
-    conn = json.dumps({"conn_type": "http", "password": KEY})
-    monkeypatch.setenv("AIRFLOW_CONN_JUDGE_TEST", conn)
-    cfg = config(endpoint, "keyword", airflow_conn_id="judge_test", max_examples=1)
-    assert judge_pairwise(cfg, PROMPTS, CANDIDATE, CHAMPION)["win_rate"] == 1.0
+def test_an_airflow_connection_is_refused_naming_the_way_that_works(endpoint: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        config(endpoint, "keyword", airflow_conn_id="judge_test")
+    message = str(raised.value)
+    assert "eval.judge.airflow_conn_id is not supported" in message
+    assert "set eval.judge.api_key_env (default JUDGE_API_KEY) on the Ray workers" in message
 
-    missing = config(endpoint, "keyword", airflow_conn_id="no_such_conn")
-    with pytest.raises(JudgeError, match="no connection 'no_such_conn'"):
-        judge_pairwise(missing, PROMPTS, CANDIDATE, CHAMPION)
+
+def test_no_key_names_the_variable_to_set_on_the_ray_workers(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(JudgeError) as raised:
+        judge_pairwise(config(endpoint, "keyword"), PROMPTS, CANDIDATE, CHAMPION, backoff_s=0)
+    assert str(raised.value).endswith(
+        f'HTTP 401: {{"error": {{"message": "Incorrect API key provided: "}}}}; no API key '
+        f"was sent: set ${KEY_ENV} on the Ray workers (from a Kubernetes Secret) and "
+        f"eval.judge.api_key_env: {KEY_ENV}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [
+        ("https://api.openai.com/v1", True),
+        ("http://127.0.0.1:8000/v1", True),
+        ("http://localhost:8000/v1", True),
+        ("http://[::1]:8000/v1", True),
+        ("http://judge.internal:8000/v1", False),
+        ("http://10.0.0.7/v1", False),
+        ("http://localhost.example.com/v1", False),
+        ("ftp://127.0.0.1/v1", False),
+    ],
+)
+def test_a_plain_http_endpoint_is_refused_unless_loopback(url: str, accepted: bool) -> None:
+    if accepted:
+        assert config(url, "keyword").endpoint == url
+        return
+    with pytest.raises(ValueError) as raised:
+        config(url, "keyword")
+    assert f"eval.judge.endpoint {url!r} must be https://" in str(raised.value)

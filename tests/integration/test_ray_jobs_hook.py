@@ -282,6 +282,52 @@ def test_operator_polling_synchronously_reports_failure_with_log_tail(hook: RayJ
     assert message.rstrip().endswith("about to fail")
 
 
+LEAKY_LINES = [
+    "Authorization: Bearer sk-live-0123456789abcdef",
+    "RAY_AUTH_TOKEN=raytok-0123456789",
+    "export AWS_SECRET_ACCESS_KEY=awssecret/0123456789",
+    "connecting to postgresql://mlflow:p@ss/w0rd@db:5432/mlflow",
+    'payload {"password": "hunter2-json"}',
+]
+LEAKED = ["sk-live", "raytok", "awssecret", "p@ss", "w0rd", "hunter2"]
+
+
+def test_job_logs_and_failure_report_reach_airflow_redacted(
+    hook: RayJobsHook, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = f"for line in {LEAKY_LINES!r}: print(line)\nimport sys; sys.exit(3)"
+    operator = RayJobOperator(
+        task_id="stage", entrypoint=f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}",
+        ray_conn_id="ray_test", poll_interval=0.2, log_interval_s=0.2,
+    )  # fmt: skip
+    ti = FakeTaskInstance(run_id=_unique("run"))
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute({"ti": ti})  # type: ignore[typeddict-item]
+    capsys.readouterr()
+    [event] = collect(deferred.value.trigger)  # type: ignore[arg-type]
+    logged = [line for line in capsys.readouterr().out.splitlines() if "[ray job]" in line]
+    with pytest.raises(AirflowException) as err:
+        operator.execute_complete({"ti": ti}, event.payload)  # type: ignore[typeddict-item]
+
+    # The lines were streamed (the redacted forms show), and no secret is in any of them.
+    shown = "\n".join(logged)
+    for redacted in (
+        "Authorization: Bearer ***",
+        "RAY_AUTH_TOKEN=***",
+        "export AWS_SECRET_ACCESS_KEY=***",
+        "postgresql://***@db:5432/mlflow",
+        'payload {"password": "***"}',
+    ):
+        assert redacted in shown
+        assert redacted in str(err.value)  # the log tail of the failure report
+    assert event.payload["status"] == "FAILED"
+    assert "exit code 3" in event.payload["message"]  # Ray's message quotes the log's end
+    for secret in LEAKED:
+        assert secret not in shown
+        assert secret not in event.payload["message"]
+        assert secret not in str(err.value)
+
+
 def test_a_run_whose_code_changed_under_it_fails_at_once_naming_both_versions(
     hook: RayJobsHook, tmp_path: Path
 ) -> None:

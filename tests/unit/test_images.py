@@ -75,3 +75,62 @@ def test_the_image_tag_is_the_code_version_spelled_for_a_registry() -> None:
     tag = out.stdout.strip()
     assert out.returncode == 0 and tag == code_version().replace("+", "-")
     assert re.fullmatch(r"\d+\.\d+\.\d+-src\.[0-9a-f]{10}", tag)  # a valid Docker tag
+
+
+def _gpu_image_distributions() -> set[str]:
+    """Every distribution the Ray image installs: requirements-gpu.txt and, through the
+    installed metadata, what those require (with the extras the file asks for)."""
+    from importlib import metadata
+
+    todo: list[Requirement] = []
+    for line in (DOCKER / "requirements-gpu.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            todo.append(Requirement(line))
+    seen: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(req.name) or []
+        except metadata.PackageNotFoundError:
+            continue  # not in this venv (e.g. liger-kernel): its own needs are not imported here
+        for spec in map(Requirement, requires):
+            extras = req.extras or {""}
+            if spec.marker is None or any(spec.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(spec)
+    return seen
+
+
+def test_the_ray_image_installs_every_package_the_stages_import() -> None:
+    """A stage runs in the Ray worker image: a package imported by ``pipeline/`` that the image
+    lacks fails the first job in production while the CPU venv (which has it) passes."""
+    import ast
+    import sys
+    from importlib import metadata
+
+    providers = metadata.packages_distributions()
+    imported: dict[str, str] = {}
+    for path in sorted((REPO_ROOT / "pipeline").rglob("*.py")):
+        if path.name == "cli.py":
+            continue  # the developer CLI: its Airflow and demo commands never run on Ray
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".", 1)[0]
+                if top != "pipeline" and top not in sys.stdlib_module_names:
+                    imported.setdefault(top, str(path.relative_to(REPO_ROOT)))
+    installed = _gpu_image_distributions()
+    missing = {
+        module: where
+        for module, where in imported.items()
+        if not {canonicalize_name(d) for d in providers.get(module, [module])} & installed
+    }
+    assert missing == {}, f"imported by pipeline/ but not installed in the Ray image: {missing}"

@@ -139,3 +139,84 @@ def test_is_heldout_reads_the_first_32_bits_of_the_hash() -> None:
     assert not is_heldout("ffffffff" + "0" * 56, 0.49)
     assert is_heldout("19999999" + "0" * 56, 0.1)
     assert not is_heldout("1999999a" + "0" * 56, 0.1)
+
+
+def test_old_mac_line_ends_split_records_and_units(tmp_path: Path) -> None:
+    path = tmp_path / "mac.jsonl"
+    lines = [json.dumps({"text": f"document number {i}"}) for i in range(200)]
+    path.write_bytes("\r".join(lines[:100]).encode() + b"\r\n" + "\r".join(lines[100:]).encode())
+    assert _records(WorkUnit(str(path), "jsonl", 0, -1))[:2] == [
+        Record(1, {"text": "document number 0"}),
+        Record(2, {"text": "document number 1"}),
+    ]
+    units = sources.plan_units([str(path)], chunk_bytes=1000)
+    # 6,290 bytes in line-aligned ranges of about 1,000 (the CRLF at byte 3,059 is one line end).
+    assert [u.start for u in units] == [0, 1013, 2036, 3059, 4083, 5107, 6131]
+    assert all(path.read_bytes()[u.start - 1 : u.start] in (b"\r", b"\n") for u in units[1:])
+    texts, total_lines = [], 0
+    for unit in units:
+        records = sources.stream_unit(unit)
+        texts += [r.value["text"] for r in records if isinstance(r, Record)]
+        total_lines += records.lines
+    assert texts == [f"document number {i}" for i in range(200)]
+    assert total_lines == 200
+
+
+def test_a_line_longer_than_max_record_bytes_is_quarantined_without_being_held(
+    tmp_path: Path,
+) -> None:
+    import tracemalloc
+
+    path = tmp_path / "huge.jsonl"
+    huge = b'{"text": "' + b"x" * (16 << 20) + b'"}'
+    path.write_bytes(b'{"text": "before"}\n' + huge + b'\n{"text": "after"}\n')
+    del huge
+    tracemalloc.start()
+    got = list(sources.stream_unit(WorkUnit(str(path), "jsonl", 0, -1), max_record_bytes=65536))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == [
+        Record(1, {"text": "before"}),
+        BadRecord(
+            2,
+            "record_too_long",
+            "16777228 bytes, above data.max_record_bytes=65536; skipped without reading it whole",
+        ),
+        Record(3, {"text": "after"}),
+    ]
+    assert peak < 4 << 20  # 1 MiB blocks, never the 16 MiB line
+
+
+def test_empty_and_truncated_parquet_files_are_bad_records_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(50)]}), good)
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "cut.parquet").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for name in ("empty.parquet", "cut.parquet"):
+        uri = str(tmp_path / name)
+        [bad] = _records(WorkUnit(uri, "parquet"))
+        assert isinstance(bad, BadRecord)
+        assert (bad.line, bad.reason) == (1, "unreadable_parquet")
+        assert bad.detail.startswith(f"{uri}: not a readable Parquet file after 0 rows (")
+    assert len(_records(WorkUnit(str(good), "parquet"))) == 50
+
+
+def test_lone_surrogates_are_rejected_as_invalid_unicode(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "emoji half \\ud83d here"}\n')
+    records = _records(WorkUnit(str(path), "jsonl", 0, -1))
+    assert document_text(records[1].value, FIELDS) == Rejection(  # type: ignore[union-attr]
+        "invalid_unicode",
+        "field 'text' holds a lone UTF-16 surrogate '\\ud83d' at character 11 (a broken \\u "
+        "escape); it is not text",
+    )
+    chat = {"messages": [{"role": "user", "content": "hi \udfff"}, ANSWER]}
+    assert chat_messages(chat, FIELDS) == Rejection(
+        "invalid_unicode",
+        "messages[0].content holds a lone UTF-16 surrogate '\\udfff' at character 3 (a broken "
+        "\\u escape); it is not text",
+    )
+    paired = json.loads('{"text": "paired \\ud83d\\ude00 is fine"}')  # a whole pair: one emoji
+    assert document_text(paired, FIELDS) == "paired \U0001f600 is fine"

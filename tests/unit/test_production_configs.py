@@ -42,7 +42,8 @@ def compose() -> dict[str, Any]:
 
 
 def _published(service: dict[str, Any]) -> set[int]:
-    return {int(str(p).split(":")[0]) for p in service.get("ports", [])}
+    # "127.0.0.1:5000:5000": the host port is the one before the container port.
+    return {int(str(p).split(":")[-2]) for p in service.get("ports", [])}
 
 
 def _flag(command: list[str], name: str) -> str:
@@ -96,3 +97,78 @@ def test_the_compose_stack_runs_its_config_as_a_remote_cluster(compose: dict[str
     )
     for name, amount in config.orchestration.driver_resources.items():
         assert resources.get(name, 0) >= amount, name
+
+
+REQUIRED_VARIABLE = re.compile(r"^\$\{(?P<name>[A-Z_][A-Z0-9_]*):\?[^}]+\}$")
+
+
+def _credentials(environment: dict[str, Any]) -> dict[str, str]:
+    """The entries of a service's environment that hold a credential."""
+    from pipeline.redact import is_secret_key
+
+    names = ("MINIO_ROOT_USER", "AWS_ACCESS_KEY_ID")  # MinIO's user is half its credential
+    return {k: str(v) for k, v in environment.items() if is_secret_key(k) or k in names}
+
+
+def test_the_compose_stack_publishes_on_loopback_with_required_credentials(
+    compose: dict[str, Any],
+) -> None:
+    published = {name: service.get("ports", []) for name, service in compose.items()}
+    assert published == {
+        "minio": ["127.0.0.1:9000:9000", "127.0.0.1:9001:9001"],
+        "init": [],
+        "mlflow": ["127.0.0.1:5000:5000"],
+        "ray-head": ["127.0.0.1:8265:8265"],
+        "postgres": [],
+        "airflow": ["127.0.0.1:8080:8080"],
+    }
+    # Every credential is a required variable (compose refuses to start without it): no default.
+    found = {
+        f"{name}.{key}": value
+        for name, service in compose.items()
+        for key, value in _credentials(service.get("environment") or {}).items()
+    }
+    assert set(found) == {
+        "minio.MINIO_ROOT_USER", "minio.MINIO_ROOT_PASSWORD",
+        "mlflow.AWS_ACCESS_KEY_ID", "mlflow.AWS_SECRET_ACCESS_KEY",
+        "mlflow.MLFLOW_AUTH_ADMIN_PASSWORD", "mlflow.MLFLOW_FLASK_SERVER_SECRET_KEY",
+        "init.AWS_ACCESS_KEY_ID", "init.AWS_SECRET_ACCESS_KEY",
+        "ray-head.AWS_ACCESS_KEY_ID", "ray-head.AWS_SECRET_ACCESS_KEY",
+        "ray-head.MLFLOW_TRACKING_PASSWORD", "ray-head.RAY_AUTH_TOKEN_PATH",
+        "postgres.POSTGRES_PASSWORD",
+        "airflow.AWS_ACCESS_KEY_ID", "airflow.AWS_SECRET_ACCESS_KEY",
+        "airflow.MLFLOW_TRACKING_PASSWORD",
+    }  # fmt: skip
+    found.pop("ray-head.RAY_AUTH_TOKEN_PATH")  # a path to the token init generates
+    required = {k: m["name"] for k, v in found.items() if (m := REQUIRED_VARIABLE.match(v))}
+    assert set(required) == set(found)
+    assert set(required.values()) == {
+        "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "POSTGRES_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    }  # fmt: skip
+    airflow_db = compose["airflow"]["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert airflow_db == (
+        "postgresql+psycopg2://airflow:${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}"
+        "@postgres:5432/airflow"
+    )
+    assert "minioadmin" not in COMPOSE.read_text()
+
+
+def test_the_compose_mlflow_server_requires_a_login_and_its_clients_have_one(
+    compose: dict[str, Any],
+) -> None:
+    mlflow = compose["mlflow"]
+    assert _flag(mlflow["command"], "app-name") == "basic-auth"
+    # The app needs Flask-WTF: the image the service runs installs MLflow's auth extra.
+    assert mlflow["image"] == "domain-llm/ray-gpu:dev"
+    gpu_requirements = (REPO_ROOT / "docker" / "requirements-gpu.txt").read_text().splitlines()
+    assert "mlflow[auth]==3.17.2" in gpu_requirements
+    assert mlflow["environment"]["MLFLOW_AUTH_ADMIN_USERNAME"] == "admin"
+    # The auth app's user store (sqlite:///basic_auth.db, relative) lands in the volume.
+    assert mlflow["working_dir"] == "/mlflow" and "mlflow-db:/mlflow" in mlflow["volumes"]
+    admin_password = mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    for client in ("airflow", "ray-head"):
+        env = compose[client]["environment"]
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert env["MLFLOW_TRACKING_USERNAME"] == "admin"
+        assert env["MLFLOW_TRACKING_PASSWORD"] == admin_password

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,80 @@ def test_references_in_place_of_credentials_are_kept_and_literals_found_anywhere
     ]
 
 
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        (
+            "curl -H 'Authorization: Bearer eyJhbGciOi.J9abc.def' https://x",
+            "curl -H 'Authorization: Bearer ***' https://x",
+        ),
+        ("Authorization: Basic dXNlcjpwYXNz", "Authorization: Basic ***"),
+        ("  Bearer ghp_abcdefghijklmnop1234", "  Bearer ***"),
+        ("RAY_AUTH_TOKEN=0a1b2c3d4e5f ray job submit", "RAY_AUTH_TOKEN=*** ray job submit"),
+        ("export AWS_SECRET_ACCESS_KEY=wJalrX/K7MDENG", "export AWS_SECRET_ACCESS_KEY=***"),
+        ('export DB_PASS="hunter2 x"', 'export DB_PASS="***"'),
+        ("connecting with password=hunter2 to db", "connecting with password=*** to db"),
+        (
+            'payload {"user": "bob", "password": "hunter2", "n": 3}',
+            'payload {"user": "bob", "password": "***", "n": 3}',
+        ),
+        ("{'HF_TOKEN': 'hf_abc', 'tokenizer': '/m'}", "{'HF_TOKEN': '***', 'tokenizer': '/m'}"),
+        ("HF_TOKEN: hf_abcdef max_new_tokens: 32", "HF_TOKEN: *** max_new_tokens: 32"),
+        ("postgresql://user:p@ss@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
+        ("https://user:p/ss@w@host/x", "https://***@host/x"),
+        (
+            "https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sig=ab%2Fcd&se=2026",
+            "https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sig=***&se=2026",
+        ),
+        ("https://app/callback?code=abc123&state=xyz", "https://app/callback?code=***&state=xyz"),
+        (
+            "s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab&X-Amz-Security-Token=t",
+            "s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***",
+        ),
+        (
+            "GITHUB_PAT=ghp_x signing_key=abc passes=3 pattern=a path=/x",
+            "GITHUB_PAT=*** signing_key=*** passes=3 pattern=a path=/x",
+        ),
+        ("Cookie: session=abc; other=1", "Cookie: ***"),
+        # References and look-alikes stay as they are.
+        (
+            "export HF_TOKEN=${HF_TOKEN}; Bearer ${TOKEN}",
+            "export HF_TOKEN=${HF_TOKEN}; Bearer ${TOKEN}",
+        ),
+        ("http://localhost:4873/@types/node", "http://localhost:4873/@types/node"),
+        ("if token == None: tokenizer=/m", "if token == None: tokenizer=/m"),
+    ],
+)
+def test_redact_text_hides_the_forms_logs_carry_credentials_in(line: str, shown: str) -> None:
+    from pipeline.redact import redact_text
+
+    assert redact_text(line) == shown
+
+
+def test_secret_key_names_are_whole_words_and_their_whole_value_is_hidden() -> None:
+    from pipeline.redact import is_secret_key, literal_secrets, redact
+
+    secret = ["DB_PASS", "PASSPHRASE", "GITHUB_PAT", "signing_key", "sessionKey", "Cookie"]
+    visible = ["tokenizer", "max_new_tokens", "passes", "pattern", "path", "RAY_AUTH_MODE"]
+    assert [is_secret_key(n) for n in secret + visible] == [True] * 6 + [False] * 6
+    shown = redact(
+        {
+            "credentials": {"user": "bob", "region": "eu-west-1"},
+            "secrets": ["s3cr3t", "${OK}"],
+            "token": {"a": "${X}", "b": ""},
+            "model": {"tokenizer": "/m", "max_new_tokens": 32},
+        }
+    )
+    assert shown == {
+        "credentials": "***",
+        "secrets": "***",
+        "token": {"a": "${X}", "b": ""},
+        "model": {"tokenizer": "/m", "max_new_tokens": 32},
+    }
+    env = {"env_vars": {"credentials": {"user": "bob"}, "ok": {"token": "${T}"}, "DB_PASS": "x"}}
+    assert literal_secrets(env, "e") == ["e.env_vars.credentials", "e.env_vars.DB_PASS"]
+
+
 def _secret_config(tmp_path: Path, tracking_uri: str, token: str) -> Path:
     raw = yaml.safe_load(DEMO.read_text())
     raw["data"]["domain_corpus"] = str(REPO_ROOT / "configs" / "demo_data" / "domain.jsonl")
@@ -242,6 +317,28 @@ def test_secrets_never_reach_xcom_or_mlflow_params(tmp_path: Path, mlflow_server
 def webhook() -> Iterator[ChatWebhook]:
     with chat_webhook() as hook:
         yield hook
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_a_failing_webhook_is_named_by_connection_and_host_never_its_secret_path(
+    webhook: ChatWebhook, status: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ray_jobs.notifiers import WebhookError, send
+
+    webhook.status = status
+    # The secret is the path segment the connection's password adds, as Slack's last segment.
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PIPELINE_NOTIFY",
+        json.dumps({"conn_type": "https", "host": webhook.url, "password": "XsecretX"}),
+    )
+    with pytest.raises(WebhookError) as err:
+        send("pipeline_notify", "run failed", subject="run failed")
+    assert str(err.value) == (
+        f"connection 'pipeline_notify' (webhook host 127.0.0.1) answered HTTP {status}"
+    )
+    # Nothing chained or formatted with the error holds the URL.
+    assert "XsecretX" not in "".join(traceback.format_exception(err.value))
+    assert [m["path"] for m in webhook.received] == ["/services/T0/B0/XsecretX"]
 
 
 def test_conf_outside_the_allowlist_fails_the_run_and_notifies(
