@@ -229,6 +229,17 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
+    missed = [
+        name
+        for name, ok in (
+            ("stage / bare tokenizer", result["ratio_to_bare_tokenizer"] >= 0.5),
+            ("packing efficiency cpt_train", result["cpt_packing_efficiency"] >= 0.99),
+            ("packing efficiency sft_train", result["sft_packing_efficiency"] >= 0.99),
+        )
+        if not ok
+    ]
+    if missed:
+        raise SystemExit(f"below target: {', '.join(missed)}")
 
 
 if __name__ == "__main__":

@@ -208,11 +208,24 @@ def tokenize_chat(
     if protected:
         # Keep the template's markers, split every special-token string inside content.
         ids, offsets = _encode(tok, rendered, _markers(tok, ids, offsets, protected))
-    labels = [
-        token if any(lo <= begin < hi for lo, hi in spans) else IGNORE_INDEX
-        for token, (begin, _) in zip(ids, offsets, strict=True)
-    ]
-    return ids, labels
+    return ids, _labels(ids, offsets, spans)
+
+
+def _labels(
+    ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> list[int]:
+    """``ids`` where a token starts inside one of ``spans`` (sorted, disjoint), else
+    IGNORE_INDEX: one sorted search for all tokens (a chat has thousands of tokens)."""
+    import numpy as np
+
+    spans = [(lo, hi) for lo, hi in spans if hi > lo]
+    if not spans:
+        return [IGNORE_INDEX] * len(ids)
+    starts, ends = np.array(spans).T
+    begins = np.fromiter((begin for begin, _ in offsets), dtype=np.int64, count=len(offsets))
+    span = np.searchsorted(starts, begins, side="right") - 1
+    inside = (span >= 0) & (begins < ends[np.maximum(span, 0)])
+    return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
 
 
 def _special_strings(tok: PreTrainedTokenizerBase) -> list[str]:

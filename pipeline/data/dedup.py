@@ -10,12 +10,10 @@ and joins the groups into clusters (connected components), without per-pair Pyth
 from __future__ import annotations
 
 import hashlib
-import re
 from functools import lru_cache
 
 import numpy as np
 
-_WS = re.compile(r"\s+")
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -27,7 +25,9 @@ SHINGLE = 5
 
 def exact_key(text: str) -> int:
     """64-bit key of the text with case and whitespace differences removed."""
-    normalized = _WS.sub(" ", text.lower()).strip()
+    # str.split() splits on exactly the characters of ``\s`` (str.isspace) and drops the ends:
+    # the same text as ``re.sub(r"\s+", " ", ...).strip()``, several times faster.
+    normalized = " ".join(text.lower().split())
     return int.from_bytes(hashlib.blake2b(normalized.encode(), digest_size=8).digest(), "little")
 
 

@@ -141,3 +141,33 @@ def test_bad_pii_config_names_the_field(fields: dict, message: str) -> None:
 def test_unknown_type_in_the_scrubber_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown PII types"):
         PiiScrubber(types=["email", "passport"])
+
+
+def _number_like_texts(n: int) -> list[str]:
+    """Random text dense in what the detectors look at: digit groups, separators, ``@``,
+    labels, currencies, IBAN and key prefixes, between words and newlines."""
+    import random
+
+    rng = random.Random(0)
+    alphabet = [*"0123456789" * 6, *" -./()+@:#" * 2, *"abcdefxyzABCDEFZ", "\n", "EUR ",
+                "order ", "version ", ".com", "user", "+44 ", "DE89 ", "sk-", "key=", "_",
+                "word " * 12]  # fmt: skip
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(5, 600))) for _ in range(n)]
+
+
+def test_windowed_detectors_find_what_they_find_on_the_whole_text() -> None:
+    """The scrubber runs the digit types only near number runs and e-mails only near ``@``;
+    the windows must lose nothing and add nothing."""
+    from pipeline.data import pii
+
+    finders = [pii.find_ibans, pii.find_national_ids, pii.find_cards, pii.find_phones]
+    found = 0
+    for text in _number_like_texts(3000):
+        for find in finders:
+            whole = list(find(text))
+            assert pii._find_near_numbers(find, text) == whole, (find.__name__, text)
+            found += len(whole)
+        full = [m.span() for m in pii._EMAIL.finditer(text)]
+        assert list(pii.find_emails(text)) == full, text
+        found += len(full)
+    assert found > 300  # the texts do hold values of these types
