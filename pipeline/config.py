@@ -847,6 +847,17 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     target[field] = value
 
 
+def _shown_input(item: Any) -> str:
+    """The value an error was about, as an error message may show it: secrets redacted (the
+    value may be a whole section, with tokens in it; the message reaches logs and the UI) and
+    long values cut."""
+    from pipeline.redact import redact
+
+    key = str(item["loc"][-1]) if item["loc"] else ""
+    shown = repr(redact(item.get("input"), key))
+    return shown if len(shown) <= 300 else f"{shown[:300]}... ({len(shown)} characters)"
+
+
 def _describe(
     err: ValidationError, path: Path, text: str, overridden: set[str] | None = None
 ) -> str:
@@ -863,7 +874,7 @@ def _describe(
             parent = _fields_at(item["loc"][:-1])
             lines.append(f"  {loc}{at}: unknown key; allowed keys here: {parent}")
         else:
-            lines.append(f"  {loc}{at}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"  {loc}{at}: {item['msg']} (got {_shown_input(item)})")
     return "\n".join(lines)
 
 

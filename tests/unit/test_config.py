@@ -329,3 +329,20 @@ def test_fingerprint_is_stable_for_equal_configs_and_changes_with_any_field(
     assert load_config(path, {"cpt.max_steps": 11}).fingerprint() != fingerprint
     assert load_config(path, {"sft.seed": 1}).fingerprint() != fingerprint
     assert load_config(path, {"compute.attention": "eager"}).fingerprint() != fingerprint
+
+
+def test_a_config_error_shows_the_section_it_was_about_without_its_secrets() -> None:
+    # A section-level check fails with the whole section as its input: the message, which
+    # reaches task logs and the trigger form, shows it with credentials redacted.
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            CONFIGS / "demo.yaml",
+            {
+                "data.domain_corpus": "https://ingest:hunter2-Secret@data.example.com/d.jsonl",
+                "data.pii_placeholders": {"bogus": "[x]"},
+            },
+        )
+    message = str(err.value)
+    assert "pii_placeholders has keys ['bogus']" in message
+    assert "hunter2-Secret" not in message
+    assert "https://***@data.example.com/d.jsonl" in message
