@@ -99,29 +99,48 @@ _KEYWORD_VALUE = re.compile(
     r"(?i)(?:key|secret|token|password|passwd|pwd|credential|auth)[\w ]{0,20}?[\s:=\"']{1,3}"
     r"[\"']?([A-Za-z0-9+/=_\-]{32,})"
 )
+# A password of any length after its label: ``DB_PASSWORD=3d5O*...``, ``pwd: hunter2!``. The
+# label is a word of its own or the last part of a SNAKE_CASE name (``bypass=`` is not one).
+_PASSWORD_VALUE = re.compile(
+    r"(?i)(?<![\w])(?:[a-z0-9]+_)*(?:password|passwd|passphrase|pwd|pass)(?![a-z])"
+    r"\s*[:=]\s*[\"']?([^\s\"',;]{6,})"
+)
 
 _EMAIL = re.compile(
     r"(?:\"[^\"\n@]{1,64}\"|(?<![\w.+%'-])[\w.+%'-]{1,64})@"
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])"
 )
 _DOMAIN_CHARS = re.compile(r"[A-Za-z0-9.-]*")
-_IBAN = re.compile(r"(?<![\w-])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![\w-])")
+_SSH_PATH = re.compile(r":[\w~/.-]")
+# In capitals or, as a JSON field or a form may hold it, all in lower case.
+_IBAN = re.compile(
+    r"(?<![\w-])(?:[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?"
+    r"|[a-z]{2}\d{2}(?: ?[a-z0-9]{4}){2,7}(?: ?[a-z0-9]{1,3})?)(?![\w-])"
+)
 _SSN = re.compile(r"(?<![\w-])\d{3}([- ])\d{2}\1\d{4}(?![\w-])")
-_DNI = re.compile(r"(?<![\w-])\d{8}-?[A-Z](?![\w-])")
+# Nine bare digits are an SSN only after its label.
+_SSN_LABELLED = re.compile(
+    r"(?i)\b(?:ssn|social security(?: number| no\.?)?)\s*(?:#|no\.?)?\s*[:#]?\s*(\d{9})(?![\w-])"
+)
+# ``12345678Z``, ``12345678-Z``, ``12.345.678-Z``; a lower-case letter only after a DNI label.
+_DNI = re.compile(r"(?<![\w.-])(\d{8}|\d{2}\.\d{3}\.\d{3})-?([A-Za-z])(?![\w-])")
+_DNI_LABEL = re.compile(r"(?i)\b(?:dni|nif|nie)\b\W{0,3}$")
 _CARD = re.compile(r"(?<![\w.#/-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)")
 _CARD_ISSUER = re.compile(
     r"4|5[1-5]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|3[47]|6(?:011|5|4[4-9]|22)"
     r"|35(?:2[89]|[3-8]\d)|3(?:0[0-5]|[689])|62"
+    r"|50(?:18|20|38)|5893|6304|6759|676[1-3]"  # Maestro
 )
 _DIGIT_DOT = re.compile(r"\d\.\d")
 _IPV4 = re.compile(r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:])")
 # "version 1.2.3.4", "Section 4.2.1.3", "v 10.0.0.1": a dotted number that the words before it
 # call a version or a section.
+# ``version`` may end a longer name (``AssemblyVersion("1.0.0.0")``, ``fileVersion=``).
 _VERSION_WORD = re.compile(
-    r"(?i)(?:\bversion|\bver\.?|\bv\.?|\bsection|\bsec\.?|§|\brelease|\bbuild|\brev\.?|"
+    r"(?i)(?:version|\bver\.?|\bv\.?|\bsection|\bsec\.?|§|\brelease|\bbuild|\brev\.?|"
     r"\brevision|\bchapter|\bclause|\bparagraph|\bpatch|\bfirmware|\bupdate|\bkernel)"
-    r"(?:\s+(?:notes?|for|of|is|to|from|number|no\.?))*\s*$"
+    r"(?:\s+(?:notes?|for|of|is|to|from|number|no\.?))*[\s(\"'=:]*$"
 )
 _PHONE_CANDIDATE = re.compile(r"(?<![\w.#/-])\+?\(?\d[\d ()./-]{5,}\d(?![\w])")
 # "order 4512 7788", "serial 2019 2020 2021": numbers with a label are identifiers, not phones.
@@ -129,6 +148,16 @@ _ID_LABEL = re.compile(
     r"(?i)(?:order|invoice|ticket|ref|reference|tracking|case|id|sku|account|acct|serial|s/n|"
     r"part|lot|batch|model|item|isbn|po|no|number)\.?\s*(?:no\.?|number|num|#)?\s*[:#]?\s*$"
 )
+# "mobile=9845012346", "Tel.: 4155550123": a bare run of digits is a phone after its label.
+_PHONE_LABEL = re.compile(
+    r"(?i)(?:phone|mobile|mob|cell|tel|telephone|whatsapp|call|contact|ph|fax)\.?\s*"
+    r"(?:no\.?|number|#)?\s*[:=#]?\s*$"
+)
+# A date or a time the matcher may take for a number: ``2026-03-03 14`` in a log line.
+_DATE_LIKE = re.compile(
+    r"(?:19|20)\d\d[-/.][01]\d[-/.][0-3]\d|[0-3]?\d[-/.][01]?\d[-/.](?:19|20)\d\d"
+)
+_TIME_AFTER = re.compile(r"^:[0-5]\d")
 _CURRENCY_AFTER = re.compile(r"^\s*(?:EUR|USD|GBP|JPY|CHF|INR|BRL|AUD|[€$£¥₹]|kr\b|euros?)")
 _TWO_DIGITS = re.compile(r"\d\d")
 # Types whose every value holds two digits in a row (an IPv4 address may not: ``1.2.3.4``).
@@ -141,12 +170,15 @@ _NUMBER_RUN = re.compile(r"[0-9][0-9A-Z ()./+-]*")
 # patterns' boundaries), the label before a phone (``_ID_LABEL``, 24) and the currency after
 # it, plus the two leading characters above.
 _WINDOW_MARGIN = 32
+# A lower-case IBAN leaves the run after its check digits: its window reaches its whole length.
+_IBAN_MARGIN = 48
 _SEVEN_DIGITS = re.compile(r"(?:\d\D{0,3}){7}")
 _DECIMAL = re.compile(r"\d+[.,]\d+")
 # National numbers written in groups of one or two digits without a trunk ``0`` are lists of
 # small numbers ("38 40 42 37 39"); French ``01 42 68 53 00`` starts with its ``0``.
 _SMALL_GROUPS = re.compile(r"[1-9]\d?(?:[ .-]\d{1,2}){3,}")
 _ONE_DIGIT_GROUP = re.compile(r"(?:^|[ .-])\d(?:[ .-]|$)")
+_NANP_TRUNK = re.compile(r"^1[ .-](?=\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}$)")
 
 
 class PiiScrubber:
@@ -196,7 +228,8 @@ class PiiScrubber:
             if kind not in _DIGIT_TYPES:
                 text = self._replace(text, kind, list(find(text)))
             elif digits:
-                text = self._replace(text, kind, _find_near_numbers(find, text))
+                margin = _IBAN_MARGIN if kind == "iban" else _WINDOW_MARGIN
+                text = self._replace(text, kind, _find_near_numbers(find, text, margin))
         for name, pattern in self.extra:
             text = self._replace(text, name, [m.span() for m in pattern.finditer(text)])
         return text
@@ -217,16 +250,16 @@ class PiiScrubber:
         return find_phones(text, self.phone_regions)
 
 
-def number_windows(text: str) -> list[Span]:
+def number_windows(text: str, margin: int = _WINDOW_MARGIN) -> list[Span]:
     """The parts of ``text`` a digit-type detector can find anything in: each run of number
-    characters with ``_WINDOW_MARGIN`` characters either side, overlapping windows joined.
+    characters with ``margin`` characters either side, overlapping windows joined.
 
     A detector run on each window finds what it finds on the whole text (every value and the
     context it reads lie inside one window) at a fraction of the cost: prose is mostly words.
     """
     windows: list[Span] = []
     for m in _NUMBER_RUN.finditer(text):
-        start, stop = max(0, m.start() - _WINDOW_MARGIN), m.end() + _WINDOW_MARGIN
+        start, stop = max(0, m.start() - margin), m.end() + margin
         if windows and start <= windows[-1][1]:
             windows[-1] = (windows[-1][0], stop)
         else:
@@ -234,12 +267,14 @@ def number_windows(text: str) -> list[Span]:
     return [(start, min(stop, len(text))) for start, stop in windows]
 
 
-def _find_near_numbers(find: Callable[[str], Iterator[Span]], text: str) -> list[Span]:
-    """``find`` over ``number_windows(text)``, spans in ``text``'s offsets."""
-    if len(text) <= 4 * _WINDOW_MARGIN:
+def _find_near_numbers(
+    find: Callable[[str], Iterator[Span]], text: str, margin: int = _WINDOW_MARGIN
+) -> list[Span]:
+    """``find`` over ``number_windows(text, margin)``, spans in ``text``'s offsets."""
+    if len(text) <= 4 * margin:
         return list(find(text))
     spans = []
-    for start, stop in number_windows(text):
+    for start, stop in number_windows(text, margin):
         spans += [(start + a, start + b) for a, b in find(text[start:stop])]
     return spans
 
@@ -270,6 +305,14 @@ def find_secrets(text: str) -> Iterator[Span]:
     Returns:
         ``(start, end)`` of each secret value (the value only, not the ``key=`` before it).
     """
+    lower = text.lower()
+    if "pass" in lower or "pwd" in lower:
+        for m in _PASSWORD_VALUE.finditer(text):
+            value = m.group(1)
+            # A reference or a mask is no password (``${DB_PASS}``, ``<hidden>``, ``******``);
+            # one has a letter and a digit or symbol ("password: reset" is prose).
+            if value[0] not in "$<*%{" and _mixed(value):
+                yield m.span(1)
     if not _LONG_RUN.search(text):
         return
     for pattern in _SECRET_PATTERNS:
@@ -287,6 +330,10 @@ def find_secrets(text: str) -> Iterator[Span]:
     for m in _KEYWORD_VALUE.finditer(text):
         if _entropy(m.group(1)) >= 3.5:
             yield m.span(1)
+
+
+def _mixed(value: str) -> bool:
+    return any(c.isalpha() for c in value) and any(not c.isalpha() for c in value)
 
 
 def find_emails(text: str) -> Iterator[Span]:
@@ -308,7 +355,10 @@ def find_emails(text: str) -> Iterator[Span]:
             windows.append((start, stop))
         at = text.find("@", at + 1)
     for start, stop in windows:
-        yield from (m.span() for m in _EMAIL.finditer(text, start, stop))
+        for m in _EMAIL.finditer(text, start, stop):
+            # ``git@github.com:org/repo.git`` is an SSH remote, not an address.
+            if not _SSH_PATH.match(text, m.end()):
+                yield m.span()
 
 
 def find_ibans(text: str) -> Iterator[Span]:
@@ -329,8 +379,14 @@ def find_national_ids(text: str) -> Iterator[Span]:
     for m in _SSN.finditer(text):
         if stdnum_ssn.is_valid(m.group(0).replace(" ", "-")):
             yield m.span()
+    for m in _SSN_LABELLED.finditer(text):
+        if stdnum_ssn.is_valid(m.group(1)):
+            yield m.span(1)
     for m in _DNI.finditer(text):
-        if stdnum_es_dni.is_valid(m.group(0)):
+        digits, letter = m.group(1).replace(".", ""), m.group(2)
+        if letter.islower() and not _DNI_LABEL.search(text[max(0, m.start() - 12) : m.start()]):
+            continue
+        if stdnum_es_dni.is_valid(digits + letter.upper()):
             yield m.span()
 
 
@@ -382,18 +438,22 @@ def find_phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> It
         if digits < 7 or _DECIMAL.fullmatch(cand.group(0)):
             continue
         # A number with ``+`` carries its country: one pass, whatever the regions.
+        labelled = _PHONE_LABEL.search(text[max(0, cand.start() - 24) : cand.start()]) is not None
         for region in ("ZZ",) if cand.group(0).startswith("+") else regions:
-            spans = _phones_in(cand.group(0), region, whole=digits <= 12)
+            spans = _phones_in(cand.group(0), region, whole=digits <= 12, labelled=labelled)
             if spans:
                 break
         for match_start, match_end in spans:
             start, stop = cand.start() + match_start, cand.start() + match_end
             before = text[max(0, start - 24) : start]
-            if not _ID_LABEL.search(before) and not _CURRENCY_AFTER.match(text[stop:]):
-                yield start, stop
+            if _ID_LABEL.search(before) or _CURRENCY_AFTER.match(text[stop:]):
+                continue
+            if _DATE_LIKE.search(text, start, stop) or _TIME_AFTER.match(text[stop : stop + 3]):
+                continue
+            yield start, stop
 
 
-def _phones_in(candidate: str, region: str, whole: bool) -> list[Span]:
+def _phones_in(candidate: str, region: str, whole: bool, labelled: bool = False) -> list[Span]:
     """Valid numbers in one digit run, found by ``PhoneNumberMatcher`` at leniency VALID.
 
     A phone-sized run (``whole``) that does not even parse as a valid number is dropped first:
@@ -408,16 +468,18 @@ def _phones_in(candidate: str, region: str, whole: bool) -> list[Span]:
             return []
     leniency = phonenumbers.Leniency.VALID
     matches = phonenumbers.PhoneNumberMatcher(candidate, region, leniency=leniency)
-    return [(m.start, m.end) for m in matches if not _looks_like_a_list(m.raw_string)]
+    return [(m.start, m.end) for m in matches if not _looks_like_a_list(m.raw_string, labelled)]
 
 
-def _looks_like_a_list(number: str) -> bool:
+def _looks_like_a_list(number: str, labelled: bool = False) -> bool:
     """A national number (no ``+``) that reads as other numbers: in small or one-digit groups
-    (``1 2 3 4 5``), or a bare integer without trunk ``0`` (``482913756``: a count or an id)."""
+    (``1 2 3 4 5``), or a bare integer without trunk ``0`` (``482913756``: a count or an id)
+    unless a phone label precedes it. A leading ``1-`` is North America's trunk prefix."""
     if number.startswith("+"):
         return False
     if number.isdigit() and not number.startswith("0"):
-        return True
+        return not labelled
+    number = _NANP_TRUNK.sub("", number)
     return bool(_SMALL_GROUPS.fullmatch(number) or _ONE_DIGIT_GROUP.search(number))
 
 
