@@ -32,7 +32,7 @@ loud and final, never a silent fall-back to an older checkpoint: a damaged check
 a storage fault or tampering, and both need a person. Past the manifest (a writer of the prefix
 can rewrite it too), nothing is unpickled: DeepSpeed's files are loaded with
 ``weights_only=True`` and an allowlist of the three DeepSpeed classes they hold
-(``load_engine_state``), the RNG files with plain ``weights_only=True``.
+(``CheckpointStore.load_engine``), the RNG files with plain ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -92,12 +92,20 @@ def _bookkeeping(name: str) -> bool:
 
 
 class CheckpointRefused(RuntimeError):
-    """A checkpoint does not match its manifest (or holds pickled code): nothing was loaded."""
+    """A checkpoint does not match its manifests, or holds a pickled object that is not
+    weights: the resume stops before a step is trained on it."""
+
+
+def _written_by(name: str, rank: int) -> bool:
+    """Whether ``rank`` writes the checkpoint file ``name``: its own shards, and on rank 0 the
+    files every rank reads."""
+    owner = file_owner(name)
+    return owner == rank or (owner is None and rank == 0)
 
 
 def _refusal(where: str, name: str, reason: str) -> CheckpointRefused:
     return CheckpointRefused(
-        f"checkpoint {where} is refused, nothing was loaded from it: {name}: {reason}. "
+        f"checkpoint {where} is refused and the resume stops: {name}: {reason}. "
         f"If this is a storage fault, delete {where} to resume from the previous complete "
         "checkpoint, or delete the whole checkpoints folder to start fresh; if nobody here "
         "changed the file, someone else can write this prefix: restrict who can."
@@ -170,9 +178,23 @@ class CheckpointStore:
         return views[0]
 
     def read_loop_state(self, step: int) -> dict[str, Any]:
-        state: dict[str, Any] = storage.read_json(
-            storage.join(self.root, tag_for(step), LOOP_STATE_FILE)
-        )
+        """``loop_state.json`` of ``step``, checked against rank 0's manifest before it is parsed.
+
+        Raises:
+            CheckpointRefused: the manifest is missing, or the file is missing or differs.
+        """
+        tag = tag_for(step)
+        where = storage.join(self.root, tag)
+        entry = self._manifest(tag, 0).get(LOOP_STATE_FILE)
+        try:
+            data = storage.read_bytes(storage.join(where, LOOP_STATE_FILE))
+        except FileNotFoundError:
+            raise _refusal(where, LOOP_STATE_FILE, "missing") from None
+        if entry is None:
+            raise _refusal(where, LOOP_STATE_FILE, f"not listed in {manifest_name(0)}")
+        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise _refusal(where, LOOP_STATE_FILE, "its size or sha256 differs from the manifest")
+        state: dict[str, Any] = json.loads(data)
         return state
 
     def remove_incomplete(self) -> list[str]:
@@ -184,16 +206,119 @@ class CheckpointStore:
         return removed
 
     def local_copy(self, step: int) -> Path:
-        """A local folder holding what this rank needs to load ``step`` (downloaded from S3)."""
-        if not self.remote:
-            return Path(self.root)
+        """A local folder holding what this rank needs to load ``step`` (downloaded from S3),
+        each of those files checked against the manifests; all ranks call this together.
+
+        Raises:
+            CheckpointRefused: on every rank, when any rank's files fail the check (one rank
+                alone would otherwise wait in DeepSpeed's collectives until they time out).
+        """
+        from pipeline.train.collectives import host_gather
+
         tag = tag_for(step)
-        target = self.staging / "load"
-        shutil.rmtree(target, ignore_errors=True)
-        for name in storage.list_children(storage.join(self.root, tag)):
-            if file_owner(name) in (None, self.rank) and not name.startswith("_"):
-                storage.download_file(storage.join(self.root, tag, name), target / tag / name)
+        target = self.staging / "load" if self.remote else Path(self.root)
+        if self.remote:
+            shutil.rmtree(target, ignore_errors=True)
+            for name in storage.list_children(storage.join(self.root, tag)):
+                if self._reads(name) and not _bookkeeping(name):
+                    storage.download_file(storage.join(self.root, tag, name), target / tag / name)
+        try:
+            self._verify(target / tag, tag)
+            problem = ""
+        except CheckpointRefused as err:
+            problem = str(err)
+        problems = host_gather(problem)
+        if any(problems):
+            self.release_local_copy()
+            first = self.rank if problem else next(r for r, p in enumerate(problems) if p)
+            raise CheckpointRefused(f"rank {first}: {problems[first]}")
         return target
+
+    def _reads(self, name: str) -> bool:
+        """Whether this rank loads the checkpoint file ``name`` (a path's last part)."""
+        return file_owner(name) in (None, self.rank)
+
+    def _manifest(self, tag: str, rank: int) -> dict[str, dict[str, Any]]:
+        """The files rank ``rank`` recorded for ``tag`` (name -> size, sha256), every name
+        checked to stay inside the checkpoint folder and to be one that rank writes.
+
+        Raises:
+            CheckpointRefused: the manifest is missing or malformed, or an entry is bad.
+        """
+        where, manifest = storage.join(self.root, tag), manifest_name(rank)
+        try:
+            saved = json.loads(storage.read_bytes(storage.join(where, manifest)))
+        except FileNotFoundError:
+            raise _refusal(
+                where, manifest, "missing (every committed checkpoint has one)"
+            ) from None
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
+            raise _refusal(where, manifest, f"not valid JSON ({err})") from err
+        files = saved.get("files") if isinstance(saved, dict) else None
+        if not isinstance(files, dict) or (saved.get("tag"), saved.get("rank")) != (tag, rank):
+            raise _refusal(where, manifest, f"not the manifest of {tag}, rank {rank}")
+        for name, entry in files.items():
+            parts = name.split("/")
+            if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
+                raise _refusal(where, repr(name), f"listed in {manifest}: leaves the folder")
+            if _bookkeeping(parts[-1]) or not _written_by(parts[-1], rank):
+                raise _refusal(
+                    where, name, f"listed in {manifest}, but rank {rank} never writes it"
+                )
+            if not (
+                isinstance(entry, dict)
+                and type(entry.get("size")) is int
+                and _SHA256.match(str(entry.get("sha256")))
+            ):
+                raise _refusal(where, name, f"its entry in {manifest} is not a size and a sha256")
+        return files
+
+    def _verify(self, folder: Path, tag: str) -> None:
+        """Check what this rank loads from ``folder`` (``tag`` on local disk) against rank 0's
+        manifest (the files every rank reads) and this rank's (its own shards).
+
+        Raises:
+            CheckpointRefused: naming the first file that is unlisted, missing or different.
+        """
+        where = storage.join(self.root, tag)
+        expected: dict[str, dict[str, Any]] = {}
+        for rank in sorted({0, self.rank}):
+            listed = self._manifest(tag, rank)
+            expected |= {name: e for name, e in listed.items() if self._reads(Path(name).name)}
+        present = {
+            path.relative_to(folder).as_posix(): path
+            for path in folder.rglob("*")
+            if path.is_file() and not _bookkeeping(path.name) and self._reads(path.name)
+        }
+        for name in sorted(present.keys() - expected.keys()):
+            raise _refusal(where, name, "not listed in the manifests, and this rank would load it")
+        for name, entry in sorted(expected.items()):
+            if name not in present:
+                raise _refusal(where, name, "listed in the manifest but missing")
+            size = present[name].stat().st_size
+            if size != entry["size"]:
+                raise _refusal(where, name, f"{size} bytes where the manifest says {entry['size']}")
+            if _sha256(present[name]) != entry["sha256"]:
+                raise _refusal(where, name, "its sha256 differs from the manifest")
+
+    def load_engine(self, engine: Any, folder: Path, step: int) -> None:
+        """``engine.load_checkpoint`` of ``step`` from ``folder`` (``local_copy``'s), with every
+        file DeepSpeed reads unpickled by torch's weights-only unpickler (``WeightsOnlyLoads``).
+
+        Raises:
+            CheckpointRefused: a file holds an object that is not plain weights.
+            RuntimeError: DeepSpeed found no checkpoint to load in ``folder``.
+        """
+        tag = tag_for(step)
+        # During load_checkpoint DeepSpeed calls its checkpoint engine's load() and nothing else.
+        saver = engine.checkpoint_engine
+        engine.checkpoint_engine = WeightsOnlyLoads(storage.join(self.root, tag))
+        try:
+            load_path, _ = engine.load_checkpoint(str(folder), tag=tag)
+        finally:
+            engine.checkpoint_engine = saver
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {folder}")
 
     def release_local_copy(self) -> None:
         """Delete what ``local_copy`` downloaded (a no-op for a local root, loaded in place)."""
@@ -230,6 +355,7 @@ class CheckpointStore:
         if self.rank == 0:
             (folder / LOOP_STATE_FILE).write_text(json.dumps(loop_state, indent=2))
         if not self.remote:
+            self._write_manifest(folder, tag)
             faults.maybe_kill(active, "sigkill_in_checkpoint", self.rank, step, self.root)
             dist.barrier()
             if self.rank == 0:
@@ -252,9 +378,7 @@ class CheckpointStore:
         try:
             started = time.perf_counter()
             tag = tag_for(step)
-            mine = sorted(
-                p for p in folder.rglob("*") if p.is_file() and self._owns(p.relative_to(folder))
-            )
+            mine = self._write_manifest(folder, tag)
             for index, path in enumerate(mine):
                 storage.upload_file(
                     path, storage.join(self.root, tag, path.relative_to(folder).as_posix())
@@ -272,9 +396,24 @@ class CheckpointStore:
         except BaseException as err:  # surfaced by wait() in the training thread
             self._upload_error = err
 
-    def _owns(self, relative: Path) -> bool:
-        owner = file_owner(relative.name)
-        return owner == self.rank or (owner is None and self.rank == 0)
+    def _write_manifest(self, folder: Path, tag: str) -> list[Path]:
+        """Record the size and sha256 of this rank's files of ``tag`` (in ``folder``) in
+        ``_MANIFEST-rank<r>.json`` beside them, before anything commits; returns those files."""
+        mine = sorted(
+            path
+            for path in folder.rglob("*")
+            if path.is_file() and not _bookkeeping(path.name) and _written_by(path.name, self.rank)
+        )
+        files = {
+            path.relative_to(folder).as_posix(): {
+                "size": path.stat().st_size,
+                "sha256": _sha256(path),
+            }
+            for path in mine
+        }
+        manifest = {"format": MANIFEST_FORMAT, "tag": tag, "rank": self.rank, "files": files}
+        storage.write_json(storage.join(self.root, tag, manifest_name(self.rank)), manifest)
+        return mine
 
     def _wait_for_ranks(self, tag: str) -> None:
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
@@ -306,6 +445,61 @@ class CheckpointStore:
             raise RuntimeError(f"checkpoint upload to {self.root} failed: {err}") from err
 
 
+def _deepspeed_safe_globals() -> list[Any]:
+    """The only classes (besides tensors, containers and numbers) in DeepSpeed 0.19's checkpoint
+    files for ZeRO 0-3, fp32 and bf16, with and without offload; none runs code when built."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [
+        # ZeRO 1-3 optimizer states keep their static loss scaler (scale 1 in fp32 and bf16):
+        # __init__ stores one number.
+        LossScaler,
+        # ZeRO 1-3 optimizer states record their stage as this int enum (a member lookup).
+        ZeroStageEnum,
+        # ZeRO 1-2 and bf16 optimizer states map every parameter to its slice of the flat
+        # partition: a dataclass of two ints.
+        fragment_address,
+    ]
+
+
+class WeightsOnlyLoads:
+    """Stands in for DeepSpeed's checkpoint engine while ``engine.load_checkpoint`` runs: its
+    ``TorchCheckpointEngine.load`` unpickles with ``weights_only=False``, which runs whatever
+    code a planted file asks for. This one loads tensors, containers, numbers and the classes of
+    ``_deepspeed_safe_globals``, and refuses anything else before building it."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where  # the checkpoint's folder as the store names it, for the refusal
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return _weights_only_load(Path(path), self.where, _deepspeed_safe_globals(), map_location)
+
+
+def _weights_only_load(path: Path, where: str, allowed: list[Any], map_location: Any = None) -> Any:
+    """``torch.load(path, weights_only=True)`` admitting ``allowed`` classes besides tensors,
+    containers and numbers.
+
+    Raises:
+        CheckpointRefused: naming the file and the object it holds that is not allowed.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message goes on to suggest weights_only=False: not advice to follow here.
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", str(err), re.M)
+        reason = found.group(1) if found else str(err).splitlines()[0]
+        raise _refusal(
+            where, path.name, f"it holds a pickled object that is not weights: {reason}"
+        ) from err
+
+
 def rng_snapshot() -> dict[str, Any]:
     """Every RNG the loop draws from, as tensors and numbers only (``weights_only`` loads it)."""
     import torch
@@ -331,11 +525,19 @@ def rng_snapshot() -> dict[str, Any]:
     return snapshot
 
 
-def restore_rng(path: Path) -> None:
-    """Restore what ``rng_snapshot`` saved to ``path``, never unpickling arbitrary objects."""
+def restore_rng(path: Path, where: str | None = None) -> None:
+    """Restore what ``rng_snapshot`` saved to ``path``, never unpickling arbitrary objects.
+
+    Args:
+        path: a ``rank<r>_rng.pt`` file.
+        where: the checkpoint folder as the store names it, for a refusal (default: the file's).
+
+    Raises:
+        CheckpointRefused: the file holds an object that is not tensors and numbers.
+    """
     import torch
 
-    saved = torch.load(path, weights_only=True)
+    saved = _weights_only_load(path, where or str(path.parent), [])
     torch.set_rng_state(saved["torch"])
     if "cuda" in saved and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["cuda"])

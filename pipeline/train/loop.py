@@ -252,6 +252,7 @@ class TrainingRecipe:
         dist.barrier()
         if latest is None:
             return
+        # Each file is checked against the manifests, then unpickled weights-only (or refused).
         saved = store.read_loop_state(latest)
         if saved["world_size"] != self.world:
             raise ValueError(
@@ -260,14 +261,13 @@ class TrainingRecipe:
                 f"are per rank. Set compute.num_workers={saved['world_size']} to resume it, or "
                 "convert it with DeepSpeed's ds_to_universal.py and start a new run from it."
             )
-        local = store.local_copy(latest)
-        load_path, _ = self.engine.load_checkpoint(str(local), tag=tag_for(latest))
-        if load_path is None:
-            raise RuntimeError(
-                f"DeepSpeed could not load checkpoint {tag_for(latest)} from {local}"
-            )
-        restore_rng(local / tag_for(latest) / f"rank{self.rank}_rng.pt")
-        store.release_local_copy()
+        local, tag = store.local_copy(latest), tag_for(latest)
+        try:
+            store.load_engine(self.engine, local, latest)
+            rng_file = local / tag / f"rank{self.rank}_rng.pt"
+            restore_rng(rng_file, storage.join(self.checkpoint_root, tag))
+        finally:
+            store.release_local_copy()
         self.state = TrainState.from_dict(saved["state"])
         self.resumed_from = latest
         if self.rank == 0:
