@@ -101,10 +101,16 @@ _KEYWORD_VALUE = re.compile(
 )
 # A password of any length after its label: ``DB_PASSWORD=3d5O*...``, ``pwd: hunter2!``. The
 # label is a word of its own or the last part of a SNAKE_CASE name (``bypass=`` is not one).
-_PASSWORD_VALUE = re.compile(
-    r"(?i)(?<![\w])(?:[a-z0-9]+_)*(?:password|passwd|passphrase|pwd|pass)(?![a-z])"
-    r"\s*[:=]\s*[\"']?([^\s\"',;]{6,})"
+_PASSWORD_LABELS = (
+    "password|passwd|passphrase|pwd|pass|passwort|kennwort|contraseña|contrasena|clave|senha"
+    "|mot de passe|mdp|パスワード"
 )
+_PASSWORD_VALUE = re.compile(
+    rf"(?i)(?<![\w])(?:[a-z0-9]+_)*(?:{_PASSWORD_LABELS})(?![a-z])"
+    r"\s*(?:[:=：]|\s(?:is|es|est|ist|é|è|era|was)\s)\s*[\"']?([^\s\"',;]{6,})"
+)
+# Cheap test for a label before the pattern runs (lower-cased text).
+_PASSWORD_HINTS = ("pass", "pwd", "kennwort", "contrase", "clave", "senha", "mdp", "パスワード")
 
 _EMAIL = re.compile(
     r"(?:\"[^\"\n@]{1,64}\"|(?<![\w.+%'-])[\w.+%'-]{1,64})@"
@@ -115,24 +121,30 @@ _SSH_PATH = re.compile(r":[\w~/.-]")
 # In capitals or, as a JSON field or a form may hold it, all in lower case.
 _IBAN = re.compile(
     r"(?<![\w-])(?:[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?"
-    r"|[a-z]{2}\d{2}(?: ?[a-z0-9]{4}){2,7}(?: ?[a-z0-9]{1,3})?)(?![\w-])"
+    r"|[a-z]{2}\d{2}(?: ?[a-z0-9]{4}){2,7}(?: ?[a-z0-9]{1,3})?)(?![\w-])",
+    re.ASCII,
 )
-_SSN = re.compile(r"(?<![\w-])\d{3}([- ])\d{2}\1\d{4}(?![\w-])")
+_SSN = re.compile(r"(?<![\w-])\d{3}([- ])\d{2}\1\d{4}(?![\w-])", re.ASCII)
 # Nine bare digits are an SSN only after its label.
 _SSN_LABELLED = re.compile(
-    r"(?i)\b(?:ssn|social security(?: number| no\.?)?)\s*(?:#|no\.?)?\s*[:#]?\s*(\d{9})(?![\w-])"
+    r"(?i)\b(?:ssn|social security(?: number| no\.?)?)\s*(?:#|no\.?)?\s*[:#]?\s*(\d{9})(?![\w-])",
+    re.ASCII,
+)
+# A table with an SSN column (``applicant_id,ssn,state``): that column's nine-digit cells.
+_SSN_COLUMN = re.compile(
+    r"(?i)^(.*[,;\t|])?\s*\"?(?:ssn|social_security(?:_number)?)\"?\s*([,;\t|].*)?$", re.M
 )
 # ``12345678Z``, ``12345678-Z``, ``12.345.678-Z``; a lower-case letter only after a DNI label.
-_DNI = re.compile(r"(?<![\w.-])(\d{8}|\d{2}\.\d{3}\.\d{3})-?([A-Za-z])(?![\w-])")
-_DNI_LABEL = re.compile(r"(?i)\b(?:dni|nif|nie)\b\W{0,3}$")
-_CARD = re.compile(r"(?<![\w.#/-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)")
+_DNI = re.compile(r"(?<![\w.-])(\d{8}|\d{2}\.\d{3}\.\d{3})-?([A-Za-z])(?![\w-])", re.ASCII)
+_DNI_LABEL = re.compile(r"(?i)\b(?:dni|nif|nie)\b(?:\s+\w{1,4}){0,2}\W{0,3}$")
+_CARD = re.compile(r"(?<![\w.#/-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)", re.ASCII)
 _CARD_ISSUER = re.compile(
     r"4|5[1-5]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|3[47]|6(?:011|5|4[4-9]|22)"
     r"|35(?:2[89]|[3-8]\d)|3(?:0[0-5]|[689])|62"
     r"|50(?:18|20|38)|5893|6304|6759|676[1-3]"  # Maestro
 )
 _DIGIT_DOT = re.compile(r"\d\.\d")
-_IPV4 = re.compile(r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)")
+_IPV4 = re.compile(r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)", re.ASCII)
 _IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:])")
 # "version 1.2.3.4", "Section 4.2.1.3", "v 10.0.0.1": a dotted number that the words before it
 # call a version or a section.
@@ -142,7 +154,8 @@ _VERSION_WORD = re.compile(
     r"\brevision|\bchapter|\bclause|\bparagraph|\bpatch|\bfirmware|\bupdate|\bkernel)"
     r"(?:\s+(?:notes?|for|of|is|to|from|number|no\.?))*[\s(\"'=:]*$"
 )
-_PHONE_CANDIDATE = re.compile(r"(?<![\w.#/-])\+?\(?\d[\d ()./-]{5,}\d(?![\w])")
+# re.ASCII: a number written against Japanese or Hindi text (``に090-7842-3864へ``) is still one.
+_PHONE_CANDIDATE = re.compile(r"(?<![\w.#/-])\+?\(?\d[\d ()./-]{5,}\d(?![\w])", re.ASCII)
 # "order 4512 7788", "serial 2019 2020 2021": numbers with a label are identifiers, not phones.
 _ID_LABEL = re.compile(
     r"(?i)(?:order|invoice|ticket|ref|reference|tracking|case|id|sku|account|acct|serial|s/n|"
@@ -150,7 +163,7 @@ _ID_LABEL = re.compile(
 )
 # "mobile=9845012346", "Tel.: 4155550123": a bare run of digits is a phone after its label.
 _PHONE_LABEL = re.compile(
-    r"(?i)(?:phone|mobile|mob|cell|tel|telephone|whatsapp|call|contact|ph|fax)\.?\s*"
+    r"(?i)\b(?:phone|mobile|mob|cell|tel|telephone|whatsapp|call|contact|ph|fax)\.?\s*"
     r"(?:no\.?|number|#)?\s*[:=#]?\s*$"
 )
 # A date or a time the matcher may take for a number: ``2026-03-03 14`` in a log line.
@@ -229,7 +242,10 @@ class PiiScrubber:
                 text = self._replace(text, kind, list(find(text)))
             elif digits:
                 margin = _IBAN_MARGIN if kind == "iban" else _WINDOW_MARGIN
-                text = self._replace(text, kind, _find_near_numbers(find, text, margin))
+                spans = _find_near_numbers(find, text, margin)
+                if kind == "national_id":
+                    spans += find_ssn_column_cells(text)
+                text = self._replace(text, kind, spans)
         for name, pattern in self.extra:
             text = self._replace(text, name, [m.span() for m in pattern.finditer(text)])
         return text
@@ -306,7 +322,7 @@ def find_secrets(text: str) -> Iterator[Span]:
         ``(start, end)`` of each secret value (the value only, not the ``key=`` before it).
     """
     lower = text.lower()
-    if "pass" in lower or "pwd" in lower:
+    if any(hint in lower for hint in _PASSWORD_HINTS):
         for m in _PASSWORD_VALUE.finditer(text):
             value = m.group(1)
             # A reference or a mask is no password (``${DB_PASS}``, ``<hidden>``, ``******``);
@@ -384,10 +400,31 @@ def find_national_ids(text: str) -> Iterator[Span]:
             yield m.span(1)
     for m in _DNI.finditer(text):
         digits, letter = m.group(1).replace(".", ""), m.group(2)
-        if letter.islower() and not _DNI_LABEL.search(text[max(0, m.start() - 12) : m.start()]):
+        if letter.islower() and not _DNI_LABEL.search(text[max(0, m.start() - 20) : m.start()]):
             continue
         if stdnum_es_dni.is_valid(digits + letter.upper()):
             yield m.span()
+
+
+def find_ssn_column_cells(text: str) -> Iterator[Span]:
+    """Valid nine-digit SSNs in the SSN column of a delimited table, below its header row (which
+    may be far above: this one reads the whole text, not windows)."""
+    if "ssn" not in text.lower() and "social_security" not in text.lower():
+        return
+    header = _SSN_COLUMN.search(text)
+    if header is None:
+        return
+    delimiter = next((d for d in ",;\t|" if d in header.group(0)), ",")
+    column = len((header.group(1) or "").split(delimiter)) - 1
+    offset = header.end() + 1
+    for line in text[offset:].split("\n"):
+        cells = line.split(delimiter)
+        if column < len(cells):
+            cell = cells[column].strip().strip('"')
+            start = offset + sum(len(c) + 1 for c in cells[:column]) + cells[column].find(cell)
+            if len(cell) == 9 and cell.isdigit() and stdnum_ssn.is_valid(cell):
+                yield start, start + 9
+        offset += len(line) + 1
 
 
 def find_cards(text: str) -> Iterator[Span]:
@@ -446,7 +483,12 @@ def find_phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> It
         for match_start, match_end in spans:
             start, stop = cand.start() + match_start, cand.start() + match_end
             before = text[max(0, start - 24) : start]
-            if _ID_LABEL.search(before) or _CURRENCY_AFTER.match(text[stop:]):
+            # A number with ``+`` or after a phone label ("phone number", "mobile no.") is a
+            # phone whatever else the words before it say.
+            plus = text.startswith("+", start)
+            if not (plus or labelled) and _ID_LABEL.search(before):
+                continue
+            if _CURRENCY_AFTER.match(text[stop:]):
                 continue
             if _DATE_LIKE.search(text, start, stop) or _TIME_AFTER.match(text[stop : stop + 3]):
                 continue
