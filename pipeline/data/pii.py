@@ -50,7 +50,10 @@ from detect_secrets.plugins.twilio import TwilioKeyDetector
 from stdnum import iban as stdnum_iban
 from stdnum import luhn
 from stdnum.es import dni as stdnum_es_dni
+from stdnum.es import nie as stdnum_es_nie
 from stdnum.us import ssn as stdnum_ssn
+
+from pipeline.data.pii_fields import find_field_values
 
 PII_TYPES = ("secret", "email", "iban", "national_id", "card", "ip", "phone")
 """Every built-in type, in the order the detectors run."""
@@ -106,8 +109,8 @@ _PASSWORD_LABELS = (
     "|mot de passe|mdp|パスワード"
 )
 _PASSWORD_VALUE = re.compile(
-    rf"(?i)(?<![\w])(?:[a-z0-9]+_)*(?:{_PASSWORD_LABELS})(?![a-z])"
-    r"\s*(?:[:=：]|\s(?:is|es|est|ist|é|è|era|was)\s)\s*[\"']?([^\s\"',;]{6,})"
+    rf"(?i)(?<![a-z0-9_])(?:[a-z0-9]+_)*(?:{_PASSWORD_LABELS})(?![a-z])"
+    r"\s*(?:[:=：]|\s(?:is|es|est|ist|é|è|era|was)\s)\s*[\"'「]?([^\s\"',;」』、。）)]{6,})"
 )
 # Cheap test for a label before the pattern runs (lower-cased text).
 _PASSWORD_HINTS = ("pass", "pwd", "kennwort", "contrase", "clave", "senha", "mdp", "パスワード")
@@ -130,18 +133,18 @@ _SSN_LABELLED = re.compile(
     r"(?i)\b(?:ssn|social security(?: number| no\.?)?)\s*(?:#|no\.?)?\s*[:#]?\s*(\d{9})(?![\w-])",
     re.ASCII,
 )
-# A table with an SSN column (``applicant_id,ssn,state``): that column's nine-digit cells.
-_SSN_COLUMN = re.compile(
-    r"(?i)^(.*[,;\t|])?\s*\"?(?:ssn|social_security(?:_number)?)\"?\s*([,;\t|].*)?$", re.M
-)
 # ``12345678Z``, ``12345678-Z``, ``12.345.678-Z``; a lower-case letter only after a DNI label.
 _DNI = re.compile(r"(?<![\w.-])(\d{8}|\d{2}\.\d{3}\.\d{3})-?([A-Za-z])(?![\w-])", re.ASCII)
+# Foreigners' NIE: X, Y or Z, seven digits, a check letter (``X-4548990-G``, ``Z5014447S``).
+_NIE = re.compile(r"(?<![\w-])[XYZ]-?\d{7}-?[A-Z](?![\w-])", re.ASCII)
 _DNI_LABEL = re.compile(r"(?i)\b(?:dni|nif|nie)\b(?:\s+\w{1,4}){0,2}\W{0,3}$")
 _CARD = re.compile(r"(?<![\w.#/-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)", re.ASCII)
 _CARD_ISSUER = re.compile(
     r"4|5[1-5]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|3[47]|6(?:011|5|4[4-9]|22)"
     r"|35(?:2[89]|[3-8]\d)|3(?:0[0-5]|[689])|62"
     r"|50(?:18|20|38)|5893|6304|6759|676[1-3]"  # Maestro
+    r"|636(?:297|368)|504175|5067|509|6277|650|6516|6550"  # Elo
+    r"|60|8[12]|508"  # RuPay
 )
 _DIGIT_DOT = re.compile(r"\d\.\d")
 _IPV4 = re.compile(r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)", re.ASCII)
@@ -159,7 +162,7 @@ _PHONE_CANDIDATE = re.compile(r"(?<![\w.#/-])\+?\(?\d[\d ()./-]{5,}\d(?![\w])", 
 # "order 4512 7788", "serial 2019 2020 2021": numbers with a label are identifiers, not phones.
 _ID_LABEL = re.compile(
     r"(?i)(?:order|invoice|ticket|ref|reference|tracking|case|id|sku|account|acct|serial|s/n|"
-    r"part|lot|batch|model|item|isbn|po|no|number)\.?\s*(?:no\.?|number|num|#)?\s*[:#]?\s*$"
+    r"part|lot|batch|model|item|isbn|po|number)\.?\s*(?:no\.?|number|num|#)?\s*[:#]?\s*$"
 )
 # "mobile=9845012346", "Tel.: 4155550123": a bare run of digits is a phone after its label.
 _PHONE_LABEL = re.compile(
@@ -231,24 +234,42 @@ class PiiScrubber:
             "phone": self._find_phones,
         }
         self._finders = [(t, finders[t]) for t in self.types]
+        self._enabled = frozenset(self.types)
 
     def scrub(self, text: str) -> str:
         """Return ``text`` with every enabled type's finds replaced by its placeholder."""
         # Most text has no two digits in a row; then no digit type can match, and one cheap
         # search saves their ~10x dearer patterns.
+        text = self._replace_fields(text)
         digits = _TWO_DIGITS.search(text) is not None
         for kind, find in self._finders:
             if kind not in _DIGIT_TYPES:
                 text = self._replace(text, kind, list(find(text)))
             elif digits:
                 margin = _IBAN_MARGIN if kind == "iban" else _WINDOW_MARGIN
-                spans = _find_near_numbers(find, text, margin)
-                if kind == "national_id":
-                    spans += find_ssn_column_cells(text)
-                text = self._replace(text, kind, spans)
+                text = self._replace(text, kind, _find_near_numbers(find, text, margin))
         for name, pattern in self.extra:
             text = self._replace(text, name, [m.span() for m in pattern.finditer(text)])
         return text
+
+    def _replace_fields(self, text: str) -> str:
+        """Replace the values of PII-named fields (``pii_fields``) that pass their type's check,
+        all types in one pass (their spans are of the text as it is now)."""
+        found = []
+        for kind, start, stop in find_field_values(text):
+            if kind in self._enabled and _FIELD_CHECKS[kind](text[start:stop], self.phone_regions):
+                found.append((start, stop, kind))
+        if not found:
+            return text
+        pieces, end = [], 0
+        for start, stop, kind in sorted(found):
+            if start < end:
+                continue  # a value two structures name (a key inside a table cell)
+            pieces += [text[end:start], self.placeholders.get(kind, f"<{kind.upper()}>")]
+            end = stop
+            self.counts[kind] += 1
+        pieces.append(text[end:])
+        return "".join(pieces)
 
     def _replace(self, text: str, kind: str, spans: list[Span]) -> str:
         if not spans:
@@ -404,27 +425,9 @@ def find_national_ids(text: str) -> Iterator[Span]:
             continue
         if stdnum_es_dni.is_valid(digits + letter.upper()):
             yield m.span()
-
-
-def find_ssn_column_cells(text: str) -> Iterator[Span]:
-    """Valid nine-digit SSNs in the SSN column of a delimited table, below its header row (which
-    may be far above: this one reads the whole text, not windows)."""
-    if "ssn" not in text.lower() and "social_security" not in text.lower():
-        return
-    header = _SSN_COLUMN.search(text)
-    if header is None:
-        return
-    delimiter = next((d for d in ",;\t|" if d in header.group(0)), ",")
-    column = len((header.group(1) or "").split(delimiter)) - 1
-    offset = header.end() + 1
-    for line in text[offset:].split("\n"):
-        cells = line.split(delimiter)
-        if column < len(cells):
-            cell = cells[column].strip().strip('"')
-            start = offset + sum(len(c) + 1 for c in cells[:column]) + cells[column].find(cell)
-            if len(cell) == 9 and cell.isdigit() and stdnum_ssn.is_valid(cell):
-                yield start, start + 9
-        offset += len(line) + 1
+    for m in _NIE.finditer(text):
+        if stdnum_es_nie.is_valid(m.group(0).replace("-", "")):
+            yield m.span()
 
 
 def find_cards(text: str) -> Iterator[Span]:
@@ -523,6 +526,47 @@ def _looks_like_a_list(number: str, labelled: bool = False) -> bool:
         return not labelled
     number = _NANP_TRUNK.sub("", number)
     return bool(_SMALL_GROUPS.fullmatch(number) or _ONE_DIGIT_GROUP.search(number))
+
+
+def _field_secret(value: str, regions: Sequence[str]) -> bool:
+    # Not a reference or a mask (``${API_KEY}``, ``<redacted>``, ``****``), and key-like: 8+
+    # characters with a letter and a digit or symbol, or 16+ of anything.
+    if len(value) < 8 or value[0] in "$<*%{" or " " in value:
+        return False
+    return _mixed(value) or len(value) >= 16
+
+
+def _field_phone(value: str, regions: Sequence[str]) -> bool:
+    for region in ("ZZ",) if value.startswith("+") else regions:
+        try:
+            if phonenumbers.is_valid_number(phonenumbers.parse(value, region)):
+                return True
+        except phonenumbers.NumberParseException:
+            continue
+    return False
+
+
+def _field_national_id(value: str, regions: Sequence[str]) -> bool:
+    compact = re.sub(r"[\s.-]", "", value).upper()
+    if compact.isdigit() and len(compact) == 9:
+        return bool(stdnum_ssn.is_valid(compact))
+    return bool(stdnum_es_dni.is_valid(compact) or stdnum_es_nie.is_valid(compact))
+
+
+def _field_card(value: str, regions: Sequence[str]) -> bool:
+    digits = re.sub(r"[ -]", "", value)
+    return digits.isdigit() and 12 <= len(digits) <= 19 and bool(luhn.is_valid(digits))
+
+
+_FIELD_CHECKS: dict[str, Callable[[str, Sequence[str]], bool]] = {
+    "secret": _field_secret,
+    "email": lambda value, regions: _EMAIL.fullmatch(value) is not None,
+    "iban": lambda value, regions: bool(stdnum_iban.is_valid(value)),
+    "national_id": _field_national_id,
+    "card": _field_card,
+    "phone": _field_phone,
+}
+"""Whether a value under a field of that type is one (``ip`` has no field names)."""
 
 
 def scrub_pii(text: str) -> tuple[str, int]:

@@ -179,3 +179,23 @@ def test_windowed_detectors_find_what_they_find_on_the_whole_text() -> None:
         assert list(pii.find_emails(text)) == full, text
         found += len(full)
     assert found > 300  # the texts do hold values of these types
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"customer": "Dana", "phone": "8327965565"}', '{"customer": "Dana", "phone": "<PHONE>"}'),
+        ("DB_PASSWORD=3d5OUKe*7rElyJ98Zzl+\nDB_HOST=db", "DB_PASSWORD=<SECRET>\nDB_HOST=db"),
+        ("API_KEY=${API_KEY}", "API_KEY=${API_KEY}"),  # a reference, not a secret
+        ("id\tmerchant\tapi_key\n4471\tSushi Go\tshpat_69cecab662faef64ac9ae0",
+         "id\tmerchant\tapi_key\n4471\tSushi Go\t<SECRET>"),
+        ("applicant_id,ssn,state\n77812,580857947,TX\n77813,666123456,TX",
+         # No SSN starts with 666: a cell is replaced only when it is one.
+         "applicant_id,ssn,state\n77812,<NATIONAL_ID>,TX\n77813,666123456,TX"),
+        ("INSERT INTO driver_tax (driver_id, ssn, ok) VALUES (5521, '035791202', TRUE);",
+         "INSERT INTO driver_tax (driver_id, ssn, ok) VALUES (5521, '<NATIONAL_ID>', TRUE);"),
+        ("order_id,total,phone_verified\n7781,12.50,true", "order_id,total,phone_verified\n7781,12.50,true"),
+    ],
+)  # fmt: skip
+def test_values_are_recognised_by_the_name_of_their_field(text: str, expected: str) -> None:
+    assert PiiScrubber().scrub(text) == expected
