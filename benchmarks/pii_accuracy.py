@@ -3,7 +3,7 @@
 The *tuned* set, ``tests/data/pii/values.jsonl`` (``{"type", "text", "value"}``: a sentence with
 one fake value of that type) and ``tests/data/pii/benign.jsonl`` (``{"text"}``: look-alikes that
 must come out unchanged), is what the detectors were tuned on, so its figures are an upper
-bound. The *blind* set, ``blind2_values.jsonl`` and ``blind2_benign.jsonl``, was written after the
+bound. The *blind* set, ``blind3_values.jsonl`` and ``blind3_benign.jsonl``, was written after the
 detectors' last change by someone who saw neither them nor the tuned set: its figures are the
 estimate to quote.
 
@@ -31,7 +31,7 @@ MIN_RECALL = 0.97
 MAX_BENIGN_CHANGED = 0.02
 SETS = {
     "tuned": ("values.jsonl", "benign.jsonl"),
-    "blind": ("blind2_values.jsonl", "blind2_benign.jsonl"),
+    "blind": ("blind3_values.jsonl", "blind3_benign.jsonl"),
 }
 
 

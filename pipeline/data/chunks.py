@@ -77,6 +77,11 @@ def spill_path(scratch: str, index: int, part: str) -> Path:
     return Path(scratch) / f"{index:06d}.{part}"
 
 
+def warm_up() -> None:
+    """Import what encoding needs (transformers and torch: seconds) before the first unit."""
+    import transformers.models.auto.tokenization_auto  # noqa: F401
+
+
 @lru_cache(maxsize=2)
 def _tokenizer(path: str) -> PreTrainedTokenizerBase:
     # One process per core already: rayon threads inside each would oversubscribe the CPUs.
@@ -153,7 +158,7 @@ def _process_unit(job: ChunkJob) -> ChunkResult:
         phone_regions=settings.phone_regions,
     )
     records = sources.stream_unit(job.unit, settings.max_record_bytes)
-    result = ChunkResult(job.index, 0, _unit_bytes(job.unit))
+    result = ChunkResult(job.index, 0, unit_bytes(job.unit))
     spill = _Spill(job)
     signatures: list[np.ndarray] = []
     exact: list[int] = []
@@ -242,7 +247,8 @@ def _scrub_chat(messages: list[dict[str, str]], scrubber: PiiScrubber) -> list[d
     return [{"role": m["role"], "content": scrubber.scrub(m["content"])} for m in messages]
 
 
-def _unit_bytes(unit: sources.WorkUnit) -> int:
+def unit_bytes(unit: sources.WorkUnit) -> int:
+    """Bytes of input in ``unit`` (its byte range, or the whole file)."""
     if unit.end >= 0:
         return unit.end - unit.start
     return sources.file_size(unit.uri)

@@ -14,10 +14,13 @@ shards (``{split}-NNNNN.{ids,flags}.npy``), ``heldout.json``, ``quarantine.jsonl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,10 +119,28 @@ def plan_jobs(
     return jobs
 
 
-def run_workers(jobs: list[chunks.ChunkJob], workers: int) -> dict[int, chunks.ChunkResult]:
-    """Process every unit on ``workers`` processes, logging progress."""
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """``workers`` processes, started now so that they import the tokenizer stack (seconds)
+    while the driver builds the tokenizer; None for one worker (units then run in-process)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if workers <= 1:
+        yield None
+        return
+    # spawn: the driver may hold threads (MLflow, Ray) that a fork would copy mid-operation.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, initializer=chunks.warm_up) as pool:
+        for _ in range(workers):
+            pool.submit(int)  # each submission starts a process (3.11 starts them on demand)
+        yield pool
+
+
+def run_workers(
+    jobs: list[chunks.ChunkJob], pool: ProcessPoolExecutor | None
+) -> dict[int, chunks.ChunkResult]:
+    """Process every unit on ``pool`` (in this process without one), logging progress."""
+    from concurrent.futures import as_completed
 
     total = sum(max(0, j.unit.end - j.unit.start) for j in jobs)
     started, done_bytes, last_log = time.monotonic(), 0, 0.0
@@ -139,15 +160,15 @@ def run_workers(jobs: list[chunks.ChunkJob], workers: int) -> dict[int, chunks.C
                 f" of {total / 1e6:.1f}" if total else "", rate,
             )  # fmt: skip
 
-    if workers <= 1 or len(jobs) <= 1:
+    if pool is None or len(jobs) <= 1:
         for job in jobs:
             progress(chunks.process_chunk(job))
         return results
-    # spawn: the driver may hold threads (MLflow, Ray) that a fork would copy mid-operation.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        for future in as_completed([pool.submit(chunks.process_chunk, job) for job in jobs]):
-            progress(future.result())
+    # Largest units first: a big unit started last (the instruction file is often one) would
+    # leave every other worker idle while it finishes. Results are keyed by unit, not by order.
+    by_size = sorted(jobs, key=lambda j: chunks.unit_bytes(j.unit), reverse=True)
+    for future in as_completed([pool.submit(chunks.process_chunk, job) for job in by_size]):
+        progress(future.result())
     return results
 
 
@@ -161,23 +182,24 @@ def prepare(cfg: PipelineConfig, output_uri: str) -> dict[str, Any]:
         domain_units = sources.plan_units(
             sources.expand_inputs(d.domain_corpus, "data.domain_corpus"), d.chunk_bytes
         )
-        tok = build_tokenizer(cfg, domain_units, scratch)
-        chat.check_chat_tokens(tok, d.chat_format)
-        tok_dir = Path(scratch) / "tokenizer"
-        tok.save_pretrained(str(tok_dir))
-        spill = Path(scratch) / "spill"
-        spill.mkdir()
-        settings = chunks.ChunkSettings(
-            str(tok_dir), str(spill), _fields(cfg), d.chat_format, d.scrub_pii,
-            dict(d.pii_patterns), d.min_chars, d.max_doc_chars, d.long_doc_action,
-            d.max_record_bytes, tuple(d.pii_types), dict(d.pii_placeholders),
-            tuple(d.phone_regions),
-        )  # fmt: skip
-        jobs = plan_jobs(cfg, settings)
-        every = [job for corpus_jobs in jobs.values() for job in corpus_jobs]
         # The pod's CPUs (affinity, cgroup quota), not the node's that os.cpu_count() reports.
         workers = d.num_workers or usable_cpus()
-        results = run_workers(every, workers)
+        with worker_pool(workers) as pool:
+            tok = build_tokenizer(cfg, domain_units, scratch)
+            chat.check_chat_tokens(tok, d.chat_format)
+            tok_dir = Path(scratch) / "tokenizer"
+            tok.save_pretrained(str(tok_dir))
+            spill = Path(scratch) / "spill"
+            spill.mkdir()
+            settings = chunks.ChunkSettings(
+                str(tok_dir), str(spill), _fields(cfg), d.chat_format, d.scrub_pii,
+                dict(d.pii_patterns), d.min_chars, d.max_doc_chars, d.long_doc_action,
+                d.max_record_bytes, tuple(d.pii_types), dict(d.pii_placeholders),
+                tuple(d.phone_regions),
+            )  # fmt: skip
+            jobs = plan_jobs(cfg, settings)
+            every = [job for corpus_jobs in jobs.values() for job in corpus_jobs]
+            results = run_workers(every, pool)
 
         data_uri = storage.join(output_uri, "data")
         with storage.local_staging(data_uri) as out:
