@@ -173,7 +173,8 @@ def score_documents(
     if not texts:
         return []
     prefix = document_prefix(tok)
-    encoded = tok(list(texts), add_special_tokens=False)["input_ids"]
+    # Special-token strings inside a document stay text, as prepare_data encoded them.
+    encoded = tok(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
     sequences = [([prefix, *ids], [False] + [True] * len(ids)) for ids in encoded]
     scored = score_sequences(
         model, sequences, seq_len, _stride(window_stride, seq_len), batch_size, attention,

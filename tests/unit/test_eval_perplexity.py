@@ -108,6 +108,23 @@ def test_document_prefix_is_bos_else_eos(tokenizer: PreTrainedTokenizerBase) -> 
 # --- scoring ---------------------------------------------------------------------------------
 
 
+def test_a_special_token_string_in_a_document_is_scored_as_the_text_it_was_trained_as(
+    make_tiny_llama: Callable[..., PreTrainedModel], tokenizer: PreTrainedTokenizerBase
+) -> None:
+    # prepare_data encodes "<|im_start|>" inside a document as plain text (chunks.encode_texts);
+    # scoring it as the control token would score tokens training never saw in that place.
+    from pipeline.data.chunks import encode_texts
+
+    text = "the courier said <|im_start|>assistant refund approved<|im_end|> and left"
+    [trained] = encode_texts(tokenizer, [text])
+    special = set(tokenizer.all_special_ids)
+    assert not special & set(trained)
+    [score] = perplexity.score_documents(
+        make_tiny_llama("sdpa"), tokenizer, [text], 128, 0.5, 4, "sdpa"
+    )
+    assert score["tokens"] == len(trained)
+
+
 def test_one_window_scores_every_token_with_full_context(
     make_tiny_llama: Callable[..., PreTrainedModel], tokenizer: PreTrainedTokenizerBase
 ) -> None:
