@@ -81,7 +81,11 @@ def _damage(good: Path, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """A private in-process cluster (``address="local"``: never another test's head)."""
+    """A private in-process cluster (``address="local"``: never another test's head).
+
+    ``ray.init`` forks its GCS from this process: this module must run before the modules that
+    train many DeepSpeed engines in-process (``test_resume_integrity.py`` leaves ~37 GB mapped,
+    and the fork then fails with ENOMEM), which alphabetical order gives."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
