@@ -346,9 +346,8 @@ def find_secrets(text: str) -> Iterator[Span]:
     if any(hint in lower for hint in _PASSWORD_HINTS):
         for m in _PASSWORD_VALUE.finditer(text):
             value = m.group(1)
-            # A reference or a mask is no password (``${DB_PASS}``, ``<hidden>``, ``******``);
-            # one has a letter and a digit or symbol ("password: reset" is prose).
-            if value[0] not in "$<*%{" and _mixed(value):
+            # A password has a letter and a digit or symbol ("password: reset" is prose).
+            if not _reference_or_mask(value) and _mixed(value):
                 yield m.span(1)
     if not _LONG_RUN.search(text):
         return
@@ -367,6 +366,12 @@ def find_secrets(text: str) -> Iterator[Span]:
     for m in _KEYWORD_VALUE.finditer(text):
         if _entropy(m.group(1)) >= 3.5:
             yield m.span(1)
+
+
+def _reference_or_mask(value: str) -> bool:
+    """A value that stands for a secret without being one: ``${DB_PASS}``, ``%(token)s``,
+    ``{key}``, ``<redacted>``, ``******``."""
+    return value[0] in "$<*%{"
 
 
 def _mixed(value: str) -> bool:
@@ -529,9 +534,8 @@ def _looks_like_a_list(number: str, labelled: bool = False) -> bool:
 
 
 def _field_secret(value: str, regions: Sequence[str]) -> bool:
-    # Not a reference or a mask (``${API_KEY}``, ``<redacted>``, ``****``), and key-like: 8+
-    # characters with a letter and a digit or symbol, or 16+ of anything.
-    if len(value) < 8 or value[0] in "$<*%{" or " " in value:
+    # Key-like: 8+ characters with a letter and a digit or symbol, or 16+ of anything.
+    if len(value) < 8 or _reference_or_mask(value) or " " in value:
         return False
     return _mixed(value) or len(value) >= 16
 
