@@ -6,8 +6,9 @@ and the Jinja ``chat_template`` the exported tokenizer carries (``apply_chat_tem
 serving time). With ``chat_format: tokenizer`` the tokenizer's own template renders both.
 
 A conversation is tokenized as one string, exactly as ``apply_chat_template`` would, so a
-SentencePiece tokenizer sees the same word boundaries in training as in serving; the labels come
-from character offsets, and a token belongs to the segment it starts in. Only the template's own
+SentencePiece tokenizer sees the same word boundaries in training as in serving; a token belongs
+to the segment it starts in (found from byte lengths for a byte-level tokenizer, from character
+offsets otherwise). Only the template's own
 markers become special tokens: a ``<|im_start|>`` typed inside a message's content is encoded as
 plain text (special tokens split), so raw data cannot fake a turn.
 """
@@ -16,7 +17,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
+
+import numpy as np
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -182,13 +186,25 @@ def conversation_segments(
     return render_segments(messages, fmt)
 
 
-def tokenize_chat(
-    messages: list[dict[str, str]], tok: PreTrainedTokenizerBase, fmt: ChatFormat
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels for one conversation; labels are IGNORE_INDEX on prompt tokens.
+@dataclass(frozen=True)
+class RenderedChat:
+    """One conversation rendered as text, with what encoding it needs (``render_chat``)."""
 
-    The ids are those of ``tok.apply_chat_template(messages)`` with the exported template, except
-    that special-token strings inside a message's content stay text (see the module docstring).
+    text: str
+    nbytes: int
+    """UTF-8 bytes of ``text``."""
+    trainable: list[tuple[int, int]]
+    """Character spans of the trainable segments."""
+    trainable_bytes: list[tuple[int, int]]
+    """The same spans in UTF-8 bytes."""
+    protected: list[tuple[int, int]]
+    """Character spans of contents holding a special-token string (none: the usual case)."""
+
+
+def render_chat(
+    messages: list[dict[str, str]], tok: PreTrainedTokenizerBase, fmt: ChatFormat
+) -> RenderedChat:
+    """Render one conversation for ``encode_chats``.
 
     Raises:
         ContentNotVerbatim: a message's content holds a special-token string and the template
@@ -197,35 +213,97 @@ def tokenize_chat(
             ``template_segments``).
     """
     segments = conversation_segments(messages, tok, fmt)
-    spans, start = [], 0
+    chars: list[tuple[int, int]] = []
+    spans: list[tuple[int, int]] = []
+    start = byte = 0
     for text, trainable in segments:
+        size = len(text.encode())
         if trainable:
-            spans.append((start, start + len(text)))
+            chars.append((start, start + len(text)))
+            spans.append((byte, byte + size))
         start += len(text)
+        byte += size
     rendered = "".join(text for text, _ in segments)
-    ids, offsets = _encode(tok, rendered, [])
     protected = _content_spans(messages, rendered, _special_strings(tok))
-    if protected:
-        # Keep the template's markers, split every special-token string inside content.
-        ids, offsets = _encode(tok, rendered, _markers(tok, ids, offsets, protected))
-    return ids, _labels(ids, offsets, spans)
+    return RenderedChat(rendered, byte, chars, spans, protected)
 
 
-def _labels(
-    ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
-) -> list[int]:
-    """``ids`` where a token starts inside one of ``spans`` (sorted, disjoint), else
-    IGNORE_INDEX: one sorted search for all tokens (a chat has thousands of tokens)."""
-    import numpy as np
+def encode_chats(
+    chats: list[RenderedChat], tok: PreTrainedTokenizerBase
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Token ids and labels (int64; IGNORE_INDEX on prompt tokens) of rendered conversations.
 
+    The ids are those of ``tok.apply_chat_template(messages)``; a token is trained when it
+    starts inside a trainable segment. A byte-level tokenizer (Llama 3, GPT-2 style) encodes
+    the whole batch in one call without offsets: its tokens spell the text byte for byte, so
+    each token's start is the running sum of the bytes of the tokens before it (offsets would
+    cost half the encoding again). Other tokenizers, and any encoding whose bytes do not add up
+    to its text, take character offsets.
+    """
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(chats)
+    widths = _token_bytes(tok, len(tok))
+    plain = [i for i, c in enumerate(chats) if not c.protected] if widths is not None else []
+    if widths is not None and plain:
+        encodings = tok.backend_tokenizer.encode_batch_fast(
+            [chats[i].text for i in plain], add_special_tokens=False
+        )
+        for i, encoding in zip(plain, encodings, strict=True):
+            ids = np.array(encoding.ids, dtype=np.int64)
+            ends = np.cumsum(widths[ids])
+            if (ends[-1] if len(ends) else 0) == chats[i].nbytes:
+                results[i] = ids, _labels(ids, ends - widths[ids], chats[i].trainable_bytes)
+    for i, rendered in enumerate(chats):
+        if results[i] is None:
+            ids_list, offsets = _encode(tok, rendered.text, [])
+            if rendered.protected:
+                # Keep the template's markers, split every special-token string inside content.
+                markers = _markers(tok, ids_list, offsets, rendered.protected)
+                ids_list, offsets = _encode(tok, rendered.text, markers)
+            ids = np.array(ids_list, dtype=np.int64)
+            begins = np.fromiter((b for b, _ in offsets), dtype=np.int64, count=len(offsets))
+            results[i] = ids, _labels(ids, begins, rendered.trainable)
+    return [r for r in results if r is not None]
+
+
+def tokenize_chat(
+    messages: list[dict[str, str]], tok: PreTrainedTokenizerBase, fmt: ChatFormat
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels for one conversation (``render_chat``, then ``encode_chats``)."""
+    ids, labels = encode_chats([render_chat(messages, tok, fmt)], tok)[0]
+    return ids.tolist(), labels.tolist()
+
+
+def _labels(ids: np.ndarray, begins: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """``ids`` where a token begins inside one of ``spans`` (sorted, disjoint; in the unit of
+    ``begins``), else IGNORE_INDEX: one sorted search for all tokens."""
     spans = [(lo, hi) for lo, hi in spans if hi > lo]
     if not spans:
-        return [IGNORE_INDEX] * len(ids)
-    starts, ends = np.array(spans).T
-    begins = np.fromiter((begin for begin, _ in offsets), dtype=np.int64, count=len(offsets))
+        return np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    starts, ends = np.array(spans, dtype=np.int64).T
     span = np.searchsorted(starts, begins, side="right") - 1
     inside = (span >= 0) & (begins < ends[np.maximum(span, 0)])
-    return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+    return np.where(inside, ids, IGNORE_INDEX)
+
+
+@lru_cache(maxsize=4)
+def _token_bytes(tok: PreTrainedTokenizerBase, size: int) -> np.ndarray | None:
+    """UTF-8 bytes each of the ``size`` token ids spells, when every encoding spells its text
+    byte for byte: a byte-level BPE (each character of a token is one byte) with no normalizer,
+    no prefix space and no added token that swallows whitespace. None otherwise."""
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    if spec.get("normalizer") is not None or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    pre = spec.get("pre_tokenizer") or {}
+    if any(p.get("add_prefix_space") for p in pre.get("pretokenizers", [pre])):
+        return None
+    added = tok.added_tokens_decoder
+    if any(t.lstrip or t.rstrip for t in added.values()):
+        return None
+    widths = np.array([len(p) for p in tok.convert_ids_to_tokens(list(range(size)))])
+    for i, token in added.items():
+        if i < size:
+            widths[i] = len(token.content.encode())
+    return widths.astype(np.int64)
 
 
 def _special_strings(tok: PreTrainedTokenizerBase) -> list[str]:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 Kind = Literal["documents", "chats", "eval"]
 _BATCH = 512
+_BATCH_CHARS = 8_000_000
+"""A batch is encoded when it holds ``_BATCH`` records or this many characters (memory)."""
 
 
 @dataclass(frozen=True)
@@ -115,9 +117,9 @@ class _Spill:
         self.masks: list[np.ndarray] = []
         self.raw = open(spill_path(job.settings.scratch, job.index, "records.jsonl"), "w")  # noqa: SIM115
 
-    def add(self, ids: list[int], mask: list[bool] | None, raw: Any) -> None:
+    def add(self, ids: Any, mask: np.ndarray | None, raw: Any) -> None:
         self.ids.append(np.asarray(ids, dtype=np.uint32))
-        self.masks.append(np.ones(len(ids), bool) if mask is None else np.asarray(mask, bool))
+        self.masks.append(np.ones(len(ids), bool) if mask is None else mask)
         self.raw.write(json.dumps(raw, ensure_ascii=False) + "\n")
 
     def close(self) -> np.ndarray:
@@ -163,9 +165,12 @@ def _process_unit(job: ChunkJob) -> ChunkResult:
     signatures: list[np.ndarray] = []
     exact: list[int] = []
     split_keys: list[int] = []
-    pending: list[str] = []
+    # Records waiting to be encoded in one batch, in input order: a document's text, or a
+    # conversation (as scrubbed) and its rendering.
+    pending: list[str | tuple[list[dict[str, str]], chat.RenderedChat]] = []
+    pending_chars = 0
 
-    def keep(ids: list[int], mask: list[bool] | None, raw: Any, key_text: str) -> None:
+    def keep(ids: Any, mask: np.ndarray | None, raw: Any, key_text: str) -> None:
         spill.add(ids, mask, raw)
         exact.append(dedup.exact_key(key_text))
         split_keys.append(ingest.split_key(key_text))
@@ -173,10 +178,27 @@ def _process_unit(job: ChunkJob) -> ChunkResult:
         result.counts["kept"] += 1
         result.counts["tokens"] += len(ids)
 
-    def flush_documents() -> None:
-        for text, ids in zip(pending, encode_texts(tok, pending), strict=True):
-            keep(ids, None, text, text)
+    def flush() -> None:
+        nonlocal pending_chars
+        texts = [item for item in pending if isinstance(item, str)]
+        documents = iter(encode_texts(tok, texts) if texts else [])
+        rendered = [item[1] for item in pending if not isinstance(item, str)]
+        chats = iter(chat.encode_chats(rendered, tok) if rendered else [])
+        for item in pending:
+            if isinstance(item, str):
+                keep(next(documents), None, item, item)
+            else:
+                ids, labels = next(chats)
+                keep(ids, labels != chat.IGNORE_INDEX, item[0], json.dumps(item[0], sort_keys=True))
         pending.clear()
+        pending_chars = 0
+
+    def add(item: str | tuple[list[dict[str, str]], chat.RenderedChat]) -> None:
+        nonlocal pending_chars
+        pending.append(item)
+        pending_chars += len(item) if isinstance(item, str) else len(item[1].text)
+        if len(pending) >= _BATCH or pending_chars >= _BATCH_CHARS:
+            flush()
 
     quarantine = open(spill_path(settings.scratch, job.index, "quarantine.jsonl"), "w")  # noqa: SIM115
     with quarantine:
@@ -186,17 +208,16 @@ def _process_unit(job: ChunkJob) -> ChunkResult:
             if isinstance(parsed, list):
                 messages = _scrub_chat(parsed, scrubber) if settings.scrub_pii else parsed
                 try:
-                    ids, labels = chat.tokenize_chat(messages, tok, settings.chat_format)
+                    rendered = chat.render_chat(messages, tok, settings.chat_format)
                 except chat.ContentNotVerbatim as err:
                     parsed = sources.BadRecord(record.line, "unencodable_chat", str(err))
+                else:
+                    add((messages, rendered))
+                    continue
             if isinstance(parsed, sources.BadRecord):
                 result.bad[parsed.reason] += 1
                 row = {"source": job.unit.uri, "line": parsed.line, "reason": parsed.reason}
                 quarantine.write(json.dumps({**row, "detail": parsed.detail}) + "\n")
-                continue
-            if isinstance(parsed, list):
-                mask = [label != chat.IGNORE_INDEX for label in labels]
-                keep(ids, mask, messages, json.dumps(messages, sort_keys=True))
                 continue
             text = scrubber.scrub(parsed) if settings.scrub_pii else parsed
             if len(text.strip()) < max(1, settings.min_chars):
@@ -209,12 +230,11 @@ def _process_unit(job: ChunkJob) -> ChunkResult:
                 pieces = split_long_document(text, settings.max_doc_chars)
                 result.counts["long_split"] += 1
                 result.counts["long_pieces"] += len(pieces)
-                pending.extend(pieces)
+                for piece in pieces:
+                    add(piece)
             else:
-                pending.append(text)
-            if len(pending) >= _BATCH:
-                flush_documents()
-        flush_documents()
+                add(text)
+        flush()
     result.lines = records.lines  # known once the unit is read through
     result.lengths = spill.close()
     result.pii = scrubber.counts

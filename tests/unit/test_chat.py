@@ -6,7 +6,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pipeline.data.chat import IGNORE_INDEX, check_chat_tokens, render_segments, tokenize_chat
+from pipeline.data.chat import (
+    IGNORE_INDEX,
+    _token_bytes,
+    check_chat_tokens,
+    encode_chats,
+    render_chat,
+    render_segments,
+    tokenize_chat,
+)
 from pipeline.data.tokenizer import train_bpe_tokenizer
 
 if TYPE_CHECKING:
@@ -170,6 +178,71 @@ def test_llama3_tokenization_with_a_tokenizer_that_has_the_header_tokens(
     )
     # The conversation ends on the trained end-of-turn token (llama3 has no trailing newline).
     assert ids[-1] == labels[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+
+
+# --- encode_chats: token starts from byte lengths or from offsets -------------------------
+
+AWKWARD = [
+    [
+        {"role": "system", "content": "  Leading spaces\n\n and a tab\t"},
+        {"role": "user", "content": "Café, naïve, 5€, 東京の配達 🍕🍕?"},
+        {"role": "assistant", "content": "\n Ça marche: 東京 🍕 refund issued.  "},
+    ],
+    [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "😀" * 7},
+        {"role": "user", "content": "\n\n\n"},
+        {"role": "assistant", "content": " trailing space "},
+    ],
+    MULTI_TURN,
+]
+
+
+def _offset_labels(tok: PreTrainedTokenizerBase, chat: list[dict[str, str]]) -> list[list[int]]:
+    """Ids, and labels from character offsets by hand: a token is trained when it starts
+    inside an assistant segment."""
+    segments = render_segments(chat, "chatml")
+    text = "".join(t for t, _ in segments)
+    spans, at = [], 0
+    for piece, trainable in segments:
+        if trainable:
+            spans.append((at, at + len(piece)))
+        at += len(piece)
+    encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    starts = [begin for begin, _ in encoded["offset_mapping"]]
+    labels = [
+        i if any(lo <= b < hi for lo, hi in spans) else IGNORE_INDEX
+        for i, b in zip(encoded["input_ids"], starts, strict=True)
+    ]
+    return [list(encoded["input_ids"]), labels]
+
+
+def test_byte_level_batches_give_the_labels_of_character_offsets(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """Multi-byte characters split across tokens, emoji, leading whitespace: the byte-length
+    starts of one batched call mark the same tokens as per-chat character offsets."""
+    assert _token_bytes(tokenizer, len(tokenizer)) is not None  # the batched path is taken
+    encoded = encode_chats([render_chat(c, tokenizer, "chatml") for c in AWKWARD], tokenizer)
+    for (ids, labels), chat in zip(encoded, AWKWARD, strict=True):
+        assert [ids.tolist(), labels.tolist()] == _offset_labels(tokenizer, chat)
+    ids, labels = encoded[0]
+    assert len(ids) > 60 and 0 < (labels != IGNORE_INDEX).sum() < len(ids)
+
+
+def test_a_normalizing_tokenizer_takes_character_offsets(domain_texts: list[str]) -> None:
+    from tokenizers import normalizers
+
+    tok = train_bpe_tokenizer(domain_texts[:200], vocab_size=400)
+    tok.backend_tokenizer.normalizer = normalizers.NFC()
+    assert _token_bytes(tok, len(tok)) is None
+    chats = [
+        *AWKWARD,
+        [{"role": "user", "content": "e\u0301"}, {"role": "assistant", "content": "e\u0301!"}],
+    ]
+    encoded = encode_chats([render_chat(c, tok, "chatml") for c in chats], tok)
+    for (ids, labels), chat in zip(encoded, chats, strict=True):
+        assert [ids.tolist(), labels.tolist()] == _offset_labels(tok, chat)
 
 
 # --- check_chat_tokens -------------------------------------------------------------------

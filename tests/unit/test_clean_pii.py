@@ -167,18 +167,23 @@ def test_windowed_detectors_find_what_they_find_on_the_whole_text() -> None:
         (pii.find_cards, pii._WINDOW_MARGIN),
         (pii.find_phones, pii._WINDOW_MARGIN),
     ]
-    found = 0
+    found = long_runs = 0
     for text in _number_like_texts(3000):
         for find, margin in finders:
             whole = list(find(text))
-            assert pii._find_near_numbers(find, text, margin) == whole, (find.__name__, text)
+            near = pii._find_near_numbers(find, text, pii.number_runs(text), margin)
+            assert near == whole, (find.__name__, text)
             found += len(whole)
         full = [
             m.span() for m in pii._EMAIL.finditer(text) if not pii._SSH_PATH.match(text, m.end())
         ]
         assert list(pii.find_emails(text)) == full, text
         found += len(full)
+        # The secret finder's word-length test agrees with the pattern it stands in front of.
+        assert pii._has_long_run(text) == (pii._LONG_RUN.search(text) is not None), text
+        long_runs += pii._has_long_run(text)
     assert found > 300  # the texts do hold values of these types
+    assert 100 < long_runs < 2900  # and both kinds of text for the word-length test
 
 
 @pytest.mark.parametrize(
