@@ -8,11 +8,12 @@ measures on the same text and cores:
 - the full prepare_data stage (read, validate, clean, scrub, sign, tokenize, dedup, split, pack,
   write shards) with ``--workers`` processes,
 
-and prints MB/s, tokens/s, the stage/tokenizer ratio (target >= 0.5), peak memory (driver plus
-workers) and packing efficiency of cpt_train and sft_train (target >= 0.99). Writes
-``benchmarks/results/data_prep.json``.
+alternately (``--repeat`` stage runs between ``--repeat`` + 1 tokenizer runs; the fastest run of
+each counts), and prints MB/s, tokens/s, the stage/tokenizer ratio (target >= 0.5), peak memory
+(driver plus workers) and packing efficiency of cpt_train and sft_train (target >= 0.99).
+Writes ``benchmarks/results/data_prep.json``; exits 1 when a target is missed.
 
-    .venv/bin/python benchmarks/data_prep.py [--mb 100] [--workers N]
+    .venv/bin/python benchmarks/data_prep.py [--mb 100] [--workers N] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _paragraph(rng: np.random.Generator) -> str:
     text = " ".join(_sentence(rng) for _ in range(int(rng.integers(2, 8))))
     roll = rng.random()
     if roll < 0.05:
-        text += f" Contact jane.{int(rng.integers(1e6))}@example.com or +1 555 {int(rng.integers(100, 999))} 4567."
+        text += f" Contact jane.{int(rng.integers(1_000_000))}@example.com or +1 555 {int(rng.integers(100, 999))} 4567."
     elif roll < 0.07:
         text += " Paid with 4111 1111 1111 1111 from 10.1.2.3."
     elif roll < 0.10:
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=100)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--repeat", type=int, default=2, help="stage runs (bare runs: one more)")
     args = parser.parse_args()
 
     from pipeline.config import load_config
@@ -175,8 +177,6 @@ def main() -> None:
         sample = [json.loads(line)["text"] for line in _lines(files[0]) if line.endswith("}\n")]
         tok = train_bpe_tokenizer(sample[:1000], vocab_size=8192)
         tok.save_pretrained(str(root / "tokenizer"))
-        print("bare tokenizer ...", flush=True)
-        bare = bare_tokenizer(tok, files, chats)
         config = load_config(
             REPO / "configs" / "demo.yaml",
             {
@@ -189,11 +189,24 @@ def main() -> None:
                 "model.tokenizer": str(root / "tokenizer"),
             },
         )
-        print(f"prepare_data with {args.workers} processes ...", flush=True)
-        with PeakMemory() as memory:
-            started = time.perf_counter()
-            manifest = prepare(config, str(root / "out"))
-            seconds = time.perf_counter() - started
+        # The two measurements alternate, and the fastest run of each counts: on a machine
+        # whose speed drifts (a shared VM) one lucky or unlucky run must not decide the ratio.
+        bare_runs: list[dict[str, float]] = []
+        stage_seconds: list[float] = []
+        peak = 0
+        for repeat in range(args.repeat):
+            print(f"bare tokenizer ({repeat + 1}/{args.repeat}) ...", flush=True)
+            bare_runs.append(bare_tokenizer(tok, files, chats))
+            print(f"prepare_data with {args.workers} processes ({repeat + 1}/{args.repeat}) ...")
+            with PeakMemory() as memory:
+                started = time.perf_counter()
+                manifest = prepare(config, str(root / f"out-{repeat}"))
+                stage_seconds.append(time.perf_counter() - started)
+            peak = max(peak, memory.peak)
+        print("bare tokenizer (last) ...", flush=True)
+        bare_runs.append(bare_tokenizer(tok, files, chats))
+        bare = max(bare_runs, key=lambda run: run["mb_per_s"])
+        seconds = min(stage_seconds)
     tokens = sum(c["tokens"] for c in manifest["counts"]["corpora"].values())
     stage = {"mb_per_s": input_mb / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds}
     splits = manifest["splits"]
@@ -203,9 +216,11 @@ def main() -> None:
         "workers": args.workers,
         "seq_len": args.seq_len,
         "bare_tokenizer": {k: round(v, 2) for k, v in bare.items()},
+        "bare_tokenizer_runs_mb_per_s": [round(run["mb_per_s"], 2) for run in bare_runs],
+        "stage_runs_seconds": [round(t, 2) for t in stage_seconds],
         "stage": {k: round(v, 2) for k, v in stage.items()},
         "ratio_to_bare_tokenizer": round(stage["mb_per_s"] / bare["mb_per_s"], 3),
-        "peak_memory_mb": round(memory.peak / 2**20),
+        "peak_memory_mb": round(peak / 2**20),
         "cpt_packing_efficiency": splits["cpt_train"]["packing_efficiency"],
         "sft_packing_efficiency": splits["sft_train"]["packing_efficiency"],
         "counts": {
@@ -214,8 +229,8 @@ def main() -> None:
     }
     rows = [
         ("input", f"{result['input_mb']} MB, {tokens:,} tokens"),
-        ("bare fast tokenizer", f"{bare['mb_per_s']:.2f} MB/s, {bare['tokens_per_s']:,.0f} tokens/s ({os.cpu_count()} cores)"),
-        ("prepare_data stage", f"{stage['mb_per_s']:.2f} MB/s, {stage['tokens_per_s']:,.0f} tokens/s ({args.workers} processes, {seconds:.1f} s)"),
+        ("bare fast tokenizer", f"{bare['mb_per_s']:.2f} MB/s, {bare['tokens_per_s']:,.0f} tokens/s ({os.cpu_count()} cores; best of {', '.join(f'{r:.2f}' for r in result['bare_tokenizer_runs_mb_per_s'])})"),
+        ("prepare_data stage", f"{stage['mb_per_s']:.2f} MB/s, {stage['tokens_per_s']:,.0f} tokens/s ({args.workers} processes, {seconds:.1f} s; best of {', '.join(f'{t:.1f}' for t in stage_seconds)} s)"),
         ("stage / bare tokenizer", f"{result['ratio_to_bare_tokenizer']:.3f} (target >= 0.5)"),
         ("peak memory (driver + workers)", f"{result['peak_memory_mb']} MB"),
         ("packing efficiency cpt_train", f"{result['cpt_packing_efficiency']:.4f} (target >= 0.99)"),

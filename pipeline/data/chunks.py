@@ -80,8 +80,9 @@ def spill_path(scratch: str, index: int, part: str) -> Path:
 
 
 def warm_up() -> None:
-    """Import what encoding needs (transformers and torch: seconds) before the first unit."""
-    import transformers.models.auto.tokenization_auto  # noqa: F401
+    """Import what encoding needs (transformers' tokenizer classes: a second) before the first
+    unit."""
+    import transformers.tokenization_utils_tokenizers  # noqa: F401
 
 
 @lru_cache(maxsize=2)

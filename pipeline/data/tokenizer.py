@@ -9,6 +9,7 @@ Nothing is downloaded from a model hub: a base model's tokenizer comes from its 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import re
 from collections.abc import Iterable
@@ -57,12 +58,30 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer folder; a missing pad token falls back to EOS (Llama has none)."""
-    from transformers import AutoTokenizer
+    if _generic_class(Path(path)):
+        # What AutoTokenizer would load, without importing torch (seconds in every data
+        # worker): AutoTokenizer's module pulls in the model configs, this class does not.
+        from transformers import PreTrainedTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _generic_class(folder: Path) -> bool:
+    """The folder names the generic fast tokenizer class (as every tokenizer this project
+    trains does), so AutoTokenizer would load exactly that class."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    generic = ("TokenizersBackend", "PreTrainedTokenizerFast")
+    return (folder / "tokenizer.json").is_file() and config.get("tokenizer_class") in generic
 
 
 # Every file a Hugging Face tokenizer may be saved as; the weights next to them are not read.

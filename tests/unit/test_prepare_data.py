@@ -289,3 +289,35 @@ def test_the_trained_tokenizer_learns_no_piece_of_scrubbed_pii(tmp_path: Path) -
     assert _planted_pieces(tmp_path, scrub_pii=True) == []
     # The same corpus unscrubbed (data.scrub_pii off) puts them in the vocabulary.
     assert _planted_pieces(tmp_path, scrub_pii=False) == ["quixley", "Ġ0958", "Ġ7946", "Ġzorblatt"]
+
+
+def test_a_trained_tokenizer_loads_without_torch_and_encodes_as_auto_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    """Data workers load the tokenizer the driver saved: its generic class loads without the
+    seconds of importing torch, and encodes exactly as AutoTokenizer's load of the folder."""
+    import subprocess
+    import sys
+
+    tokenizer.save_pretrained(str(tmp_path))
+    texts = ["The courier was late.", "<|im_start|>user\nhi<|im_end|>", "Café 東京 🍕"]
+    script = (
+        "import json, sys\n"
+        "from pipeline.data.tokenizer import load_tokenizer\n"
+        "tok = load_tokenizer(sys.argv[1])\n"
+        "texts = json.loads(sys.argv[2])\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'class': type(tok).__name__,\n"
+        "  'pad': tok.pad_token, 'ids': [tok(t, add_special_tokens=False)['input_ids'] for t in texts]}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), json.dumps(texts)],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    auto = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert loaded["torch"] is False
+    assert loaded["class"] == type(auto).__name__ == "TokenizersBackend"
+    assert loaded["pad"] == auto.pad_token == "<|pad|>"
+    assert loaded["ids"] == [auto(t, add_special_tokens=False)["input_ids"] for t in texts]
+    markers = auto.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert [loaded["ids"][1][0], loaded["ids"][1][-1]] == markers  # control tokens, one id each
