@@ -45,6 +45,8 @@ def _unknown_phone_regions(regions: list[str]) -> list[str]:
 
 PiiType = Literal["secret", "email", "iban", "national_id", "card", "ip", "phone"]
 """The built-in PII types of ``pipeline.data.pii`` (``PII_TYPES``)."""
+AttentionKernel = Literal["flash_attention_2", "flex_attention", "sdpa", "eager"]
+"""The attention kernels ``compute.attention`` may name (besides ``auto``)."""
 
 
 class DataConfig(_Section):
@@ -507,7 +509,7 @@ class ComputeConfig(_Section):
     precision: Literal["fp32", "bf16"] = "bf16"
     """Parameter and compute precision; bf16 keeps fp32 master weights in the optimizer."""
 
-    attention: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = "auto"
+    attention: Literal["auto", AttentionKernel] = "auto"
     """Attention kernel. ``auto`` picks flash_attention_2 when CUDA and flash-attn are present,
     else flex_attention on CUDA, else sdpa; ``eager`` only on request. Requesting
     flash_attention_2 or flex_attention where it cannot run stops the stage at start; the stage

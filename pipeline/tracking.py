@@ -135,34 +135,6 @@ def finish_parent(tracking: TrackingConfig, run_key: str) -> None:
     client(tracking).set_terminated(parent_run_id(tracking, run_key), status="FINISHED")
 
 
-def log_parent_summary(
-    tracking: TrackingConfig, run_key: str, metrics: dict[str, float], tags: dict[str, str]
-) -> str:
-    """Put a DAG run's outcome on its MLflow parent run, where the runs table shows it.
-
-    Args:
-        tracking: the run's tracking config.
-        run_key: identifies the DAG run (and so its parent run).
-        metrics: summary numbers, e.g. ``{"candidate.domain.bits_per_byte": 1.08}``; non-finite
-            values are skipped (MLflow rejects them).
-        tags: e.g. ``{"pipeline.decision": "rejected"}``; values are
-            redacted and cut to MLflow's 8000 characters.
-
-    Returns:
-        The parent run id.
-    """
-    import math
-
-    from mlflow.entities import RunTag
-
-    parent = parent_run_id(tracking, run_key)
-    finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
-    log_metrics(tracking, parent, finite)
-    batch = [RunTag(k, str(redact(str(v), k))[:8000]) for k, v in tags.items()]
-    client(tracking).log_batch(parent, tags=batch)
-    return parent
-
-
 def log_metrics(
     tracking: TrackingConfig, run_id: str, metrics: dict[str, float], step: int | None = None
 ) -> None:

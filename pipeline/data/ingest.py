@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pipeline.data.clean import clean_text
 from pipeline.data.sources import DataError
 
@@ -141,6 +143,7 @@ def split_key(text: str) -> int:
     return int(content_hash(text)[:8], 16)
 
 
-def is_heldout(key: str, fraction: float) -> bool:
-    """Stable split by content hash: appending fresh data never moves old records across it."""
-    return int(key[:8], 16) / 0xFFFFFFFF < fraction
+def is_heldout(split_keys: np.ndarray, fraction: float) -> np.ndarray:
+    """Whether each record (by its ``split_key``) is held out: a stable split by content hash,
+    so appending fresh data never moves old records across it."""
+    return np.asarray(split_keys, dtype=np.float64) / 0xFFFFFFFF < fraction

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data import chunks, dedup
+from pipeline.data import chunks, dedup, ingest
 from pipeline.data.sources import DataError
 
 DROP, TRAIN, HELDOUT = 0, 1, 2
@@ -127,7 +127,7 @@ def select(
         else np.zeros(0, bool)
     )
     keys = np.concatenate([r.split_keys for r in results]) if results else np.zeros(0, np.uint32)
-    held = eligible[keep] & (keys[keep].astype(np.float64) / 0xFFFFFFFF < fraction)
+    held = eligible[keep] & ingest.is_heldout(keys[keep], fraction)
     status[keep[held]] = HELDOUT
     status[keep[~held]] = TRAIN
     counts["train"] = int((status == TRAIN).sum())

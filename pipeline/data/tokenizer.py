@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -197,33 +196,3 @@ def fetch_tokenizer_files(uri: str, tracking: TrackingConfig, dest: Path) -> Pat
     if not any(dest.iterdir()):
         raise FileNotFoundError(f"no tokenizer files under {source} (from {uri})")
     return dest
-
-
-_BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-
-
-def token_byte_lengths(tok: PreTrainedTokenizerBase) -> list[int]:
-    """UTF-8 bytes each token id stands for (0 for special tokens).
-
-    Bits-per-byte divides the loss by these, which makes models with different tokenizers
-    comparable (a candidate against the current champion). Counted from the token's own bytes,
-    not by decoding it alone: a token holding part of a multi-byte character decodes to U+FFFD.
-    """
-    from tokenizers import decoders, pre_tokenizers
-
-    special = set(tok.all_special_ids)
-    pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
-    if isinstance(tok.backend_tokenizer.decoder, decoders.ByteLevel):
-        # Each character of a byte-level token stands for exactly one byte.
-        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-        return [0 if i in special else sum(c in alphabet for c in p) for i, p in enumerate(pieces)]
-    # SentencePiece-style (Llama 2, Mistral): "▁" is a space, <0xNN> is one raw byte.
-    lengths = []
-    for i, piece in enumerate(pieces):
-        if i in special:
-            lengths.append(0)
-        elif _BYTE_FALLBACK.match(piece):
-            lengths.append(1)
-        else:
-            lengths.append(len(piece.replace("▁", " ").encode()))
-    return lengths

@@ -30,7 +30,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
+
+from pipeline.config import AttentionKernel
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("flash_attention_2", "flex_attention", "sdpa", "eager")
+KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 """The kernels ``compute.attention`` names (minus ``auto``)."""
 
 DOCUMENT_SDPA = "document_sdpa"

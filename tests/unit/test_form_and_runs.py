@@ -1,21 +1,16 @@
-"""Trigger form from the config schema, run keys, input checks, and token byte lengths."""
+"""Trigger form from the config schema, run keys and input checks."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 
 from pipeline.config import REPO_ROOT, ConfigError, PipelineConfig, load_config
-from pipeline.data.tokenizer import token_byte_lengths
 from pipeline.form import FORM_FIELDS, field_schema, form_fields
 from pipeline.runs import check_inputs, run_key
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 DEMO = REPO_ROOT / "configs" / "demo.yaml"
 
@@ -188,39 +183,6 @@ def test_check_inputs_rejects_a_base_model_folder_without_config_json(tmp_path: 
 
 def test_demo_config_inputs_exist() -> None:
     check_inputs(load_config(DEMO))
-
-
-# --- token_byte_lengths ------------------------------------------------------------------
-
-
-def test_special_tokens_have_zero_bytes(tokenizer: PreTrainedTokenizerBase) -> None:
-    lengths = token_byte_lengths(tokenizer)
-    assert len(lengths) == len(tokenizer) == 1024
-    assert sorted(tokenizer.all_special_ids) == [0, 1, 2, 3, 4]
-    assert [lengths[i] for i in range(5)] == [0, 0, 0, 0, 0]
-    assert all(n >= 1 for n in lengths[5:])
-
-
-def test_byte_lengths_sum_to_the_text_bytes_for_ascii(
-    tokenizer: PreTrainedTokenizerBase, domain_texts: list[str]
-) -> None:
-    lengths = token_byte_lengths(tokenizer)
-    for text in [*domain_texts[:20], "The ticket was closed after 42 minutes.", "x\n\ty  z!"]:
-        assert text.isascii()
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        assert sum(lengths[i] for i in ids) == len(text.encode())
-    # Special tokens add nothing.
-    ids = tokenizer("<|im_start|>ok<|im_end|>", add_special_tokens=False)["input_ids"]
-    assert sum(lengths[i] for i in ids) == 2
-
-
-def test_byte_lengths_sum_to_the_text_bytes_for_non_ascii(
-    tokenizer: PreTrainedTokenizerBase,
-) -> None:
-    lengths = token_byte_lengths(tokenizer)
-    text = "café naïve €5"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert sum(lengths[i] for i in ids) == len(text.encode()) == 17
 
 
 def test_plan_auto_is_applied_before_any_job_and_logged_to_the_parent_run(tmp_path: Path) -> None:

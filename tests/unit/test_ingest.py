@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import sources
-from pipeline.data.ingest import Fields, Rejection, chat_messages, document_text, is_heldout
+from pipeline.data.ingest import (
+    Fields,
+    Rejection,
+    chat_messages,
+    document_text,
+    is_heldout,
+    split_key,
+)
 from pipeline.data.sources import BadRecord, DataError, Record, WorkUnit
 
 ANSWER = {"role": "assistant", "content": "Your refund is on its way."}
@@ -135,10 +144,10 @@ def test_prompt_response_pairs_and_custom_field_names() -> None:
 
 
 def test_is_heldout_reads_the_first_32_bits_of_the_hash() -> None:
-    assert is_heldout("00000000" + "f" * 56, 0.01)
-    assert not is_heldout("ffffffff" + "0" * 56, 0.49)
-    assert is_heldout("19999999" + "0" * 56, 0.1)
-    assert not is_heldout("1999999a" + "0" * 56, 0.1)
+    keys = np.array([0x00000000, 0xFFFFFFFF, 0x19999999, 0x1999999A], dtype=np.uint32)
+    assert is_heldout(keys, 0.1).tolist() == [True, False, True, False]
+    assert is_heldout(keys, 0.01).tolist() == [True, False, False, False]
+    assert split_key("x") == int(hashlib.sha256(b"x").hexdigest()[:8], 16)
 
 
 def test_old_mac_line_ends_split_records_and_units(tmp_path: Path) -> None:
