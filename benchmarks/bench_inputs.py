@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import REPO_ROOT, ModelConfig, load_config
+from pipeline.contract import MANIFEST_FILE
 from pipeline.data import shards
 from pipeline.data.pack import BlockBuffer, DocumentPacker, PackedBlocks
 
@@ -155,7 +156,7 @@ def write_data(
         "token_dtype": dtype.name,
         "splits": {SPLIT: writer.close()},
     }
-    storage.write_json(str(data_dir / shards.MANIFEST_FILE), manifest)
+    storage.write_json(str(data_dir / MANIFEST_FILE), manifest)
     return shards.read_split(str(data_dir), manifest, SPLIT)
 
 

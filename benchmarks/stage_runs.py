@@ -81,18 +81,20 @@ def run_stage(
 
     The entrypoint prints the result as JSON on stdout; that copy is swallowed here.
     """
-    from pipeline.stages import common, continued_pretraining, instruction_finetuning, prepare_data
+    from pipeline.identity import write_resolved_config
+    from pipeline.stages import continued_pretraining, instruction_finetuning, prepare_data
+    from pipeline.stages.entrypoint import stage_main
 
     run = {
         "prepare_data": prepare_data.run,
         "continued_pretraining": continued_pretraining.run,
         "instruction_finetuning": instruction_finetuning.run,
     }
-    argv = ["--config", common.write_resolved_config(config, run_key), "--run-key", run_key]
+    argv = ["--config", write_resolved_config(config, run_key), "--run-key", run_key]
     if input_uri is not None:
         argv += ["--input", input_uri]
     with contextlib.redirect_stdout(io.StringIO()):
-        result: dict[str, Any] = common.stage_main(stage, run[stage], argv=argv)
+        result: dict[str, Any] = stage_main(stage, run[stage], argv=argv)
     return result
 
 

@@ -28,9 +28,9 @@ from airflow.sdk import (
 )
 
 from pipeline.config import OrchestrationConfig, default_config_path, load_config
+from pipeline.contract import STAGES
 from pipeline.data_watch import data_asset_uri
 from pipeline.form import CONFIG_PARAM, form_fields
-from pipeline.runs import STAGES
 from ray_jobs.notifiers import PipelineRunNotifier
 from ray_jobs.operators import RayJobOperator
 

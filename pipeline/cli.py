@@ -62,9 +62,11 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     import time
 
     from pipeline import storage
+    from pipeline.contract import DATA_REPORT_FILE
+    from pipeline.identity import write_resolved_config
     from pipeline.runs import check_inputs
     from pipeline.stages import prepare_data
-    from pipeline.stages.common import stage_main, write_resolved_config
+    from pipeline.stages.entrypoint import stage_main
 
     config = load_config(args.config, _parse_overrides(args.set))
     check_inputs(config)
@@ -74,7 +76,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
         prepare_data.STAGE, prepare_data.run, ["--config", config_uri, "--run-key", key]
     )
     data_uri = result["outputs"]["data"]
-    print(storage.read_bytes(storage.join(data_uri, prepare_data.REPORT_FILE)).decode())
+    print(storage.read_bytes(storage.join(data_uri, DATA_REPORT_FILE)).decode())
     print(f"data: {data_uri}")
     return 0
 
@@ -296,7 +298,7 @@ def image_tag() -> str:
     """The images' tag for this checkout: the code version (``0.1.0+src.<hash>``) with ``+``
     spelled ``-`` (not allowed in a tag). It changes with the code, so a tag never names two
     builds, and a run's stages never meet code it was not resolved with by a re-pushed tag."""
-    from pipeline.stages.common import code_version
+    from pipeline.identity import code_version
 
     return code_version().replace("+", "-")
 

@@ -16,11 +16,9 @@ from urllib.parse import urlsplit
 
 from pipeline import storage
 from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.contract import STAGES
+from pipeline.identity import code_version, write_resolved_config
 from pipeline.redact import is_secret_key, literal_secrets, redact
-from pipeline.stages.common import code_version, write_resolved_config
-
-STAGES = ("prepare_data", "continued_pretraining", "instruction_finetuning", "evaluate", "promote")
-"""The Ray job stages of one run, in order; each is ``python -m pipeline.stages.<stage>``."""
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 

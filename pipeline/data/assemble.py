@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.config import PipelineConfig
+from pipeline.contract import HELDOUT_FILE, SPLITS
 from pipeline.data import chunks, dedup, shards
 from pipeline.data.pack import BlockBuffer, DocumentPacker, ExamplePacker
 from pipeline.data.select import HELDOUT, TRAIN, Selection
@@ -121,15 +122,15 @@ def assemble(
     part and the counts made here (decontaminated, truncated, replay share)."""
     d = cfg.data
     dtype = shards.token_dtype(len(tok))
-    writers = {s: shards.ShardWriter(out, s, d.shard_blocks, dtype) for s in shards.SPLITS}
+    writers = {s: shards.ShardWriter(out, s, d.shard_blocks, dtype) for s in SPLITS}
     buffers = {
         s: BlockBuffer(d.seq_len, tok.pad_token_id, writers[s], rows=256, dtype=dtype)
-        for s in shards.SPLITS
+        for s in SPLITS
     }
     ids_of = {corpus: [j.index for j in js] for corpus, js in jobs.items()}
     counts: Counter[str] = Counter()
     decon = Decontaminator(d.decontaminate_ngram)
-    heldout = HeldoutWriter(out / "heldout.json")
+    heldout = HeldoutWriter(out / HELDOUT_FILE)
 
     doc_held = DocumentPacker(buffers["cpt_heldout"], tok.eos_token_id)
     for ids, mask, text in records(scratch, results, doc_sel, ids_of["domain"], HELDOUT, True):
@@ -181,7 +182,7 @@ def assemble(
     examples = {"cpt_train": cpt.documents, "cpt_heldout": doc_held.documents}
     examples |= {"sft_train": sft.examples, "sft_heldout": chat_held.examples}
     splits = {}
-    for name in shards.SPLITS:
+    for name in SPLITS:
         entry = writers[name].close()
         entry["records"] = examples[name]
         entry["tokens"] = buffers[name].tokens

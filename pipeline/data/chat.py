@@ -244,9 +244,17 @@ def encode_chats(
     widths = _token_bytes(tok, len(tok))
     plain = [i for i, c in enumerate(chats) if not c.protected] if widths is not None else []
     if widths is not None and plain:
-        encodings = tok.backend_tokenizer.encode_batch_fast(
-            [chats[i].text for i in plain], add_special_tokens=False
-        )
+        backend = tok.backend_tokenizer
+        before = backend.encode_special_tokens
+        # The template's markers are control tokens. The flag is the backend's state: a call
+        # as tok(..., split_special_tokens=True) leaves it set, and this call bypasses tok().
+        backend.encode_special_tokens = False
+        try:
+            encodings = backend.encode_batch_fast(
+                [chats[i].text for i in plain], add_special_tokens=False
+            )
+        finally:
+            backend.encode_special_tokens = before
         for i, encoding in zip(plain, encodings, strict=True):
             ids = np.array(encoding.ids, dtype=np.int64)
             ends = np.cumsum(widths[ids])

@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any
 
 from pipeline.config import PipelineConfig
+from pipeline.contract import DATA_REPORT_FILE
 from pipeline.data import chunks
 from pipeline.data.select import Selection
 
@@ -197,4 +198,4 @@ def log_to_mlflow(
     tag = InputTag("mlflow.data.context", "training")
     client = tracking.client(cfg.tracking)
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [tag])])
-    client.log_text(run_id, markdown(manifest), "data_report.md")
+    client.log_text(run_id, markdown(manifest), DATA_REPORT_FILE)

@@ -19,11 +19,10 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
+from pipeline.contract import MANIFEST_FILE
 from pipeline.data.pack import BlockColumn, PackedBlocks
 
-MANIFEST_FILE = "manifest.json"
 FORMAT = "npy-ids-flags/1"
-SPLITS = ("cpt_train", "cpt_heldout", "sft_train", "sft_heldout")
 CACHE_ENV = "PIPELINE_SHARD_CACHE"
 
 

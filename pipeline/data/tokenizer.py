@@ -15,13 +15,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import storage
 from pipeline.data import chat
+from pipeline.models import fetch_tokenizer_files
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from pipeline.config import PipelineConfig, TrackingConfig
+    from pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +83,6 @@ def _generic_class(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() and config.get("tokenizer_class") in generic
 
 
-# Every file a Hugging Face tokenizer may be saved as; the weights next to them are not read.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
-
-
 def training_tokenizer(
     config: PipelineConfig, scratch: str | Path, corpus: Iterable[str] = ()
 ) -> PreTrainedTokenizerBase:
@@ -156,43 +142,3 @@ def attach_chat_template(tok: PreTrainedTokenizerBase, fmt: chat.ChatFormat) -> 
         chat.check_chat_tokens(tok, fmt)
         return
     tok.chat_template = chat.chat_template(fmt)
-
-
-def fetch_tokenizer_files(uri: str, tracking: TrackingConfig, dest: Path) -> Path:
-    """A local folder with the tokenizer files of ``uri`` (a local, ``s3://`` or ``models:/``
-    model or tokenizer folder); local folders are used in place.
-
-    Raises:
-        FileNotFoundError: no tokenizer file is there.
-    """
-    from pipeline.train.model import resolve_model_uri
-
-    source = resolve_model_uri(uri, tracking)
-    if "://" not in source:
-        if not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
-            raise FileNotFoundError(f"no tokenizer files in {source} (from {uri})")
-        return Path(source)
-    dest.mkdir(parents=True, exist_ok=True)
-    if storage.is_s3(source):
-        for name in TOKENIZER_FILES:
-            try:
-                (dest / name).write_bytes(storage.read_bytes(storage.join(source, name)))
-            except FileNotFoundError:
-                continue
-    else:
-        import mlflow.artifacts
-
-        listed = mlflow.artifacts.list_artifacts(
-            artifact_uri=source, tracking_uri=tracking.tracking_uri
-        )
-        for info in listed:
-            name = info.path.rsplit("/", 1)[-1]
-            if name in TOKENIZER_FILES:
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=storage.join(source, name),
-                    dst_path=str(dest),
-                    tracking_uri=tracking.tracking_uri,
-                )
-    if not any(dest.iterdir()):
-        raise FileNotFoundError(f"no tokenizer files under {source} (from {uri})")
-    return dest

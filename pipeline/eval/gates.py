@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import EvalConfig
+from pipeline.contract import BPB_CORPORA
 
 BOOTSTRAP_SEED = 20251130
 """Seed of every bootstrap: the same scores always give the same intervals, and a gate's
@@ -43,8 +44,6 @@ INSTRUCTION_METRICS = ("exact_match", "rouge_l", "json_valid", "json_keys", "key
 JUDGE_METRIC = "judge_win_rate"
 """The judge's pairwise win rate of the candidate against the champion (candidate scores only)."""
 
-BPB_SPLITS = ("domain", "general", "answer_loss")
-"""Score splits holding per-document ``nll`` / ``bytes`` lists."""
 
 Statistic = Callable[[np.ndarray], np.ndarray]
 """Maps index rows of shape ``(resamples, n)`` to one statistic per row."""
@@ -377,7 +376,7 @@ def model_interval(
 
     Args:
         model_scores: one model's ``ModelScores``.
-        metric: ``"<split>.bits_per_byte"`` for a split in ``BPB_SPLITS``,
+        metric: ``"<split>.bits_per_byte"`` for a split in ``BPB_CORPORA``,
             ``"instructions.<metric>"`` for a metric in ``INSTRUCTION_METRICS``, or
             ``"judge.win_rate"``.
         samples: bootstrap resamples.
@@ -387,7 +386,7 @@ def model_interval(
         The interval, or ``None`` when the model has no data for the metric.
     """
     split, _, name = metric.partition(".")
-    if split in BPB_SPLITS and name == "bits_per_byte":
+    if split in BPB_CORPORA and name == "bits_per_byte":
         nll, nbytes = _documents(model_scores, split)
         if len(nll) == 0:
             return None

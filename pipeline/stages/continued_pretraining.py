@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 
 from pipeline import storage
-from pipeline.stages.common import StageContext, StageOutput, stage_main
+from pipeline.stages.entrypoint import StageContext, StageOutput, stage_main
 
 STAGE = "continued_pretraining"
 
@@ -23,7 +23,7 @@ def initial_model(ctx: StageContext) -> str:
     """
     cfg = ctx.config
     if cfg.model.base:
-        from pipeline.train.model import resolve_model_uri
+        from pipeline.models import resolve_model_uri
 
         return resolve_model_uri(cfg.model.base, cfg.tracking)
     from pipeline.data.tokenizer import load_tokenizer

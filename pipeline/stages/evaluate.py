@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import storage, tracking
 from pipeline.config import PipelineConfig
+from pipeline.contract import EVAL_REPORT_FILE, model_metrics, read_heldout
 from pipeline.placement import reserve
-from pipeline.stages.common import StageContext, StageOutput, stage_main
+from pipeline.stages.entrypoint import StageContext, StageOutput, stage_main
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 STAGE = "evaluate"
-REPORT_FILE = "eval_report.json"
 REPORT_DIR = "report"
 SIDE_BY_SIDE = 4
 """Generated answers shown next to the champion's in the report."""
@@ -42,8 +42,8 @@ def load_for_eval(
     from transformers import AutoModelForCausalLM
 
     from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.models import fetch_model
     from pipeline.train.attention import select_attention
-    from pipeline.train.model import fetch_model
 
     folder = fetch_model(model_uri, cfg.tracking)
     attention = select_attention(cfg.compute.attention)
@@ -192,23 +192,6 @@ def write_html_report(
     return storage.join(report_uri, HTML_FILE)
 
 
-def model_metrics(model: str, scores: dict[str, Any]) -> dict[str, float]:
-    """One model's headline scores as flat metric names (``candidate.domain.bits_per_byte``);
-    also what promote puts on the DAG run's parent run."""
-    metrics: dict[str, float] = {}
-    for corpus in ("domain", "general", "answer_loss"):
-        value = scores.get(corpus, {}).get("bits_per_byte")
-        if value is not None:
-            metrics[f"{model}.{corpus}.bits_per_byte"] = float(value)
-    for name, value in scores.get("instructions", {}).get("means", {}).items():
-        if value is not None:
-            metrics[f"{model}.instructions.{name}"] = float(value)
-    win_rate = scores.get("judge", {}).get("win_rate")
-    if win_rate is not None:
-        metrics[f"{model}.judge.win_rate"] = float(win_rate)
-    return metrics
-
-
 def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """Flat numbers of every model, and the verdict, for MLflow and the stage result."""
     metrics: dict[str, Any] = {}
@@ -221,10 +204,9 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
 def run(ctx: StageContext) -> StageOutput:
     from pipeline.eval.gates import decide, gate_table
     from pipeline.eval.scores import general_documents
-    from pipeline.stages.prepare_data import HELDOUT_FILE
 
     cfg, prev = ctx.config, ctx.previous
-    heldout = storage.read_json(storage.join(prev["data"], HELDOUT_FILE))
+    heldout = read_heldout(prev["data"])
     general = general_documents(cfg, heldout)
     models = {"base": prev["base_model"], "cpt": prev["cpt_model"], "candidate": prev["sft_model"]}
     champion = tracking.champion_version(cfg.tracking)
@@ -240,9 +222,9 @@ def run(ctx: StageContext) -> StageOutput:
         "samples": side_by_side(scores),
     }
     report["report_html"] = write_html_report(ctx, report, loss_curves(cfg, ctx.run_key))
-    report_uri = storage.join(ctx.output_uri, REPORT_FILE)
+    report_uri = storage.join(ctx.output_uri, EVAL_REPORT_FILE)
     storage.write_json(report_uri, report)
-    tracking.log_json_artifact(cfg.tracking, ctx.mlflow_run_id, REPORT_FILE, report)
+    tracking.log_json_artifact(cfg.tracking, ctx.mlflow_run_id, EVAL_REPORT_FILE, report)
     table = gate_table(report["gates"], report["skipped"])
     decision = (
         "every gate passed" if report["passed"] else "gates FAILED: promotion will be refused"

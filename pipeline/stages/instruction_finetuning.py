@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline import storage
-from pipeline.stages.common import StageContext, StageOutput, stage_main
+from pipeline.stages.entrypoint import StageContext, StageOutput, stage_main
 
 STAGE = "instruction_finetuning"
 

@@ -26,18 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import storage
 from pipeline.config import PipelineConfig
+from pipeline.contract import DATA_REPORT_FILE, HELDOUT_FILE, MANIFEST_FILE, QUARANTINE_FILE
 from pipeline.cpus import usable_cpus
 from pipeline.data import chat, chunks, ingest, report, select, sources
 from pipeline.data.assemble import assemble
-from pipeline.stages.common import StageContext, StageOutput, stage_main
+from pipeline.stages.entrypoint import StageContext, StageOutput, stage_main
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 STAGE = "prepare_data"
-HELDOUT_FILE = "heldout.json"
-QUARANTINE_FILE = "quarantine.jsonl"
-REPORT_FILE = "data_report.md"
 _TOKENIZER_SAMPLE_CHARS = 200_000_000
 log = logging.getLogger(__name__)
 
@@ -243,10 +241,10 @@ def prepare(cfg: PipelineConfig, output_uri: str) -> dict[str, Any]:
             manifest["files"] = {
                 "heldout": HELDOUT_FILE,
                 "quarantine": QUARANTINE_FILE,
-                "report": REPORT_FILE,
+                "report": DATA_REPORT_FILE,
             }
-            storage.write_json(str(out / "manifest.json"), manifest)
-            (out / REPORT_FILE).write_text(report.markdown(manifest))
+            storage.write_json(str(out / MANIFEST_FILE), manifest)
+            (out / DATA_REPORT_FILE).write_text(report.markdown(manifest))
         storage.upload_dir(tok_dir, storage.join(output_uri, "tokenizer"))
     return manifest
 
@@ -266,7 +264,7 @@ def run(ctx: StageContext) -> StageOutput:
     cfg = ctx.config
     manifest = prepare(cfg, ctx.output_uri)
     data_uri = storage.join(ctx.output_uri, "data")
-    tracking.log_json_artifact(cfg.tracking, ctx.mlflow_run_id, "manifest.json", manifest)
+    tracking.log_json_artifact(cfg.tracking, ctx.mlflow_run_id, MANIFEST_FILE, manifest)
     report.log_to_mlflow(cfg, ctx.mlflow_run_id, data_uri, manifest)
     log.info("data report:\n%s", report.markdown(manifest))
     return StageOutput(

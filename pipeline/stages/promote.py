@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import storage, tracking
 from pipeline.config import TrackingConfig
-from pipeline.data.shards import MANIFEST_FILE
-from pipeline.stages.common import StageContext, StageOutput, code_version, stage_main
-from pipeline.stages.evaluate import model_metrics
+from pipeline.contract import MANIFEST_FILE, model_metrics
+from pipeline.identity import code_version
+from pipeline.stages.entrypoint import StageContext, StageOutput, stage_main
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -203,7 +203,8 @@ class TrainingRecipe:
         import torch
         from transformers.integrations import HfDeepSpeedConfig
 
-        from pipeline.train.model import fetch_model, load_training_model
+        from pipeline.models import fetch_model
+        from pipeline.train.model import load_training_model
         from pipeline.train.objective import make_objective, resolve_cross_entropy
         from pipeline.train.zero import deepspeed_config, initialize_engine, optimizer_param_groups
 

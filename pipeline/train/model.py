@@ -1,112 +1,18 @@
-"""Fetch, build or load the causal LM the trainer works on.
-
-A base model is a local folder, an ``s3://`` folder or a registered version (``models:/``);
-remote ones are fetched once per node into a node-local cache that every rank then reads.
-"""
+"""Build or load the causal LM the trainer works on (``pipeline.models`` fetches it)."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import storage
-from pipeline.config import ModelConfig, TrackingConfig
+from pipeline.config import ModelConfig
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-MODEL_CACHE_ENV = "PIPELINE_MODEL_CACHE"
-"""Node-local folder for fetched models; the system temp dir when unset (on KubeRay, point it
-at the pod's largest local volume)."""
-COMPLETE_MARKER = ".fetch-complete"
-REGISTRY_PREFIX = "models:/"
-
-
-def resolve_model_uri(uri: str, tracking: TrackingConfig) -> str:
-    """Where a model's files are: ``models:/<name>@<alias>`` and ``models:/<name>/<version>``
-    become the registered version's storage URI (an alias is resolved now, so a run keeps the
-    version it started from); other URIs are returned as they are (``file://`` as a path).
-
-    Raises:
-        ValueError: a ``models:/`` URI names neither an alias nor a version.
-    """
-    if not uri.startswith(REGISTRY_PREFIX):
-        return uri.removeprefix("file://")
-    from pipeline import tracking as mlflow_tracking
-
-    ref = uri.removeprefix(REGISTRY_PREFIX).strip("/")
-    mlc = mlflow_tracking.client(tracking)
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = str(mlc.get_model_version_by_alias(name, alias).version)
-    elif "/" in ref:
-        name, version = ref.split("/", 1)
-    else:
-        raise ValueError(
-            f"model URI {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>"
-        )
-    source = str(mlc.get_model_version_download_uri(name, version))
-    log.info("%s is version %s of %s at %s", uri, version, name, source)
-    return source.removeprefix("file://")
-
-
-def fetch_model(uri: str, tracking: TrackingConfig) -> Path:
-    """A local folder with the model files of ``uri``.
-
-    Local folders are used in place. ``s3://`` folders and registered versions are downloaded
-    once per node into ``$PIPELINE_MODEL_CACHE`` (keyed by the resolved URI and, for ``s3://``,
-    the folder's listing, so a folder rewritten in place is fetched again): every
-    rank may call this at once; a file lock lets one download while the others wait, and a
-    marker written last makes a half-finished download (a killed rank) count as absent.
-
-    Raises:
-        FileNotFoundError: the local folder or remote prefix does not exist.
-    """
-    source = resolve_model_uri(uri, tracking)
-    # A registered version lives wherever MLflow's artifact store puts it (a local path,
-    # mlflow-artifacts:/, s3://): it is always fetched through MLflow, which also lays out the
-    # transformers flavour's weights and tokenizer as one from_pretrained folder.
-    from_registry = uri.startswith(REGISTRY_PREFIX)
-    if not from_registry and "://" not in source:
-        if not Path(source).is_dir():
-            raise FileNotFoundError(f"model folder not found: {source} (model URI {uri})")
-        return Path(source)
-    cache = Path(os.environ.get(MODEL_CACHE_ENV) or Path(tempfile.gettempdir()) / "pipeline-models")
-    cache.mkdir(parents=True, exist_ok=True)
-    # The content fingerprint keys the cache too: an s3:// folder rewritten in place (a rerun
-    # that rebuilt base_model/) must not be served from last time's copy.
-    version = (
-        storage.content_fingerprint(source) if storage.is_s3(source) and not from_registry else ""
-    )
-    key = hashlib.sha256(f"{source}|{version}".encode()).hexdigest()[:24]
-    target = cache / key
-    with (cache / f"{key}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / COMPLETE_MARKER).is_file():
-            return target
-        partial = cache / f"{key}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)
-        log.info("fetching %s into %s", source, target)
-        if from_registry:
-            from pipeline import tracking as mlflow_tracking
-
-            fetched = Path(mlflow_tracking.download_model_version(tracking, source, str(partial)))
-        else:
-            fetched = storage.download_dir(source, partial)
-        fetched.rename(target)
-        shutil.rmtree(partial, ignore_errors=True)
-        (target / COMPLETE_MARKER).write_text(source)
-    return target
 
 
 def _decoder_fields(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seq_len: int) -> dict[str, Any]:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 SUBMISSION_ID_STATE_KEY = "ray_submission_id"
 """The task's last Ray submission id in its ``task_state_store`` (read by its next try)."""
 CODE_VERSION_MISMATCH = "code version mismatch:"
-"""How a stage's error starts when the run's code changed under it (pipeline.stages.common
+"""How a stage's error starts when the run's code changed under it (pipeline.identity
 prints it; the plugin does not import the pipeline package)."""
 
 if TYPE_CHECKING:

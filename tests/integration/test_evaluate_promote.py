@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from pipeline.config import REPO_ROOT, JudgeConfig, PipelineConfig, load_config
+from pipeline.identity import write_resolved_config
 from pipeline.stages import evaluate, prepare_data, promote
-from pipeline.stages.common import stage_main, write_resolved_config
+from pipeline.stages.entrypoint import stage_main
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

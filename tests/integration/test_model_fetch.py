@@ -14,7 +14,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.config import REPO_ROOT, TrackingConfig, load_config
-from pipeline.train.model import COMPLETE_MARKER, fetch_model, resolve_model_uri
+from pipeline.models import COMPLETE_MARKER, fetch_model, resolve_model_uri
 from tests.tiny_presets import llama2_style_tokenizer, save_base_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -26,7 +26,7 @@ RANK_SCRIPT = """
 import sys, time
 from pipeline import storage
 from pipeline.config import TrackingConfig
-from pipeline.train.model import fetch_model
+from pipeline.models import fetch_model
 
 real = storage.download_dir
 

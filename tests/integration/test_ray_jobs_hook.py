@@ -333,8 +333,8 @@ def test_a_run_whose_code_changed_under_it_fails_at_once_naming_both_versions(
 ) -> None:
     """The image was redeployed mid-run: the stage exits 2 and the task fails without retries,
     saying which versions differ and how to go on (the policy of check_code_version)."""
-    from pipeline.stages.common import CODE_VERSION_MISMATCH as STAGE_MARKER
-    from pipeline.stages.common import code_version
+    from pipeline.identity import CODE_VERSION_MISMATCH as STAGE_MARKER
+    from pipeline.identity import code_version
     from ray_jobs.operators import CODE_VERSION_MISMATCH
 
     assert STAGE_MARKER == CODE_VERSION_MISMATCH  # the plugin does not import the pipeline

@@ -17,8 +17,9 @@ import pytest
 from pipeline import tracking
 from pipeline.config import PipelineConfig, load_config
 from pipeline.data.tokenizer import train_bpe_tokenizer
+from pipeline.identity import code_version
 from pipeline.stages import promote
-from pipeline.stages.common import StageContext, StageOutput, code_version
+from pipeline.stages.entrypoint import StageContext, StageOutput
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -210,7 +211,7 @@ def test_champion_files_download_as_a_pretrained_folder(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.train.model import MODEL_CACHE_ENV, fetch_model
+    from pipeline.models import MODEL_CACHE_ENV, fetch_model
 
     champion = tracking.champion_version(config.tracking)
     assert champion is not None

@@ -19,9 +19,10 @@ import pytest
 
 from pipeline import storage
 from pipeline.config import load_config
+from pipeline.identity import write_resolved_config
 from pipeline.localstack import RayHead
 from pipeline.stages import prepare_data
-from pipeline.stages.common import stage_main, write_resolved_config
+from pipeline.stages.entrypoint import stage_main
 from ray_jobs.hooks import RayJobsHook
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]

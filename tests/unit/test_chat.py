@@ -230,6 +230,22 @@ def test_byte_level_batches_give_the_labels_of_character_offsets(
     assert len(ids) > 60 and 0 < (labels != IGNORE_INDEX).sum() < len(ids)
 
 
+def test_markers_stay_control_tokens_after_a_call_that_split_special_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """``tok(..., split_special_tokens=True)`` (how evaluation scores documents) leaves the
+    backend splitting special tokens; the batched chat encoding must not inherit that."""
+    expected = _offset_labels(tokenizer, MULTI_TURN)
+    tokenizer(["<|im_start|> in a document"], add_special_tokens=False, split_special_tokens=True)
+    assert tokenizer.backend_tokenizer.encode_special_tokens  # the state this guards against
+    try:
+        ((ids, labels),) = encode_chats([render_chat(MULTI_TURN, tokenizer, "chatml")], tokenizer)
+        assert [ids.tolist(), labels.tolist()] == expected
+        assert tokenizer.backend_tokenizer.encode_special_tokens  # left as it was found
+    finally:
+        tokenizer.backend_tokenizer.encode_special_tokens = False
+
+
 def test_a_normalizing_tokenizer_takes_character_offsets(domain_texts: list[str]) -> None:
     from tokenizers import normalizers
 

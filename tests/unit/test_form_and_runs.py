@@ -190,8 +190,8 @@ def test_plan_auto_is_applied_before_any_job_and_logged_to_the_parent_run(tmp_pa
     resolved config every Ray job reads, and attaches the plan to the MLflow parent run."""
     from mlflow import MlflowClient
 
+    from pipeline.identity import read_resolved_config
     from pipeline.runs import resolve_run
-    from pipeline.stages.common import read_resolved_config
 
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = {
@@ -243,8 +243,8 @@ def _demo_overrides(tmp_path: Path, data: Path | None = None) -> dict[str, objec
 def test_resolve_run_returns_code_version_jobs_and_the_parent_run_url(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
+    from pipeline.identity import code_version
     from pipeline.runs import STAGES, resolve_run
-    from pipeline.stages.common import code_version
 
     resolved = resolve_run(str(DEMO), _demo_overrides(tmp_path), "keys-run")
     assert resolved["code_version"] == code_version()

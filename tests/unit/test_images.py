@@ -67,7 +67,7 @@ def test_the_image_tag_is_the_code_version_spelled_for_a_registry() -> None:
     import subprocess
     import sys
 
-    from pipeline.stages.common import code_version
+    from pipeline.identity import code_version
 
     out = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "image-tag"], capture_output=True, text=True

@@ -22,10 +22,10 @@ import pytest
 import yaml
 
 from pipeline.config import REPO_ROOT, PipelineConfig, load_config
+from pipeline.models import MODEL_CACHE_ENV
 from pipeline.planning.architecture import architecture_for
 from pipeline.planning.hardware import GIB, POOLS, Pool, pool_for
 from pipeline.planning.search import HOST_SAFETY, configured_setting, predict, workload_for
-from pipeline.train.model import MODEL_CACHE_ENV
 from pipeline.train.ray_train import worker_resources
 
 KUBERAY = REPO_ROOT / "docker" / "kuberay"

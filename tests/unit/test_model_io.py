@@ -13,8 +13,9 @@ import pytest
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.data.chat import IGNORE_INDEX, render_segments, tokenize_chat
 from pipeline.data.tokenizer import load_tokenizer, training_tokenizer
+from pipeline.models import fetch_model
 from pipeline.train.export import export_pretrained
-from pipeline.train.model import fetch_model, load_training_model
+from pipeline.train.model import load_training_model
 from tests.tiny_presets import llama2_style_tokenizer, save_base_model
 
 if TYPE_CHECKING:

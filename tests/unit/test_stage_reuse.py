@@ -11,14 +11,8 @@ from typing import Any
 import pytest
 
 from pipeline.config import REPO_ROOT, load_config
-from pipeline.stages.common import (
-    StageContext,
-    StageOutput,
-    code_version,
-    result_digest,
-    stage_main,
-    write_resolved_config,
-)
+from pipeline.identity import code_version, result_digest, write_resolved_config
+from pipeline.stages.entrypoint import StageContext, StageOutput, stage_main
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +109,7 @@ def test_code_version_is_a_hash_of_the_package_source() -> None:
     assert version.startswith("0.1.0+src.")
     # The same code gives the same version in a fresh interpreter (as in a Ray job).
     out = subprocess.run(
-        [sys.executable, "-c", "from pipeline.stages.common import code_version as v; print(v())"],
+        [sys.executable, "-c", "from pipeline.identity import code_version as v; print(v())"],
         capture_output=True,
         text=True,
         check=True,
