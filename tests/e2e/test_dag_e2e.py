@@ -97,15 +97,33 @@ def first_run(
     return _stage_results(raw, run_key(dag_run.dag_id, dag_run.run_id))
 
 
-def test_losses_fall_in_cpt_and_sft(first_run: dict[str, Any]) -> None:
+# The demo run's whole loss histories at seed 0 (2 gloo workers, ZeRO-3, the demo tokenizer
+# trained on the scrubbed demo corpus), from the clean-clone suite of 2026-12-03. A change to
+# data preparation, the model, the loop or the optimizer moves them; re-pin only for a change
+# meant to change training.
+# fmt: off
+PINNED_CPT = [
+    6.943106, 6.823287, 6.644735, 6.445851, 6.221192, 5.994409, 5.745798, 5.569599, 5.339801,
+    5.169832, 4.959507, 4.805293, 4.647281, 4.513076, 4.339019, 4.185526, 4.084296, 3.992535,
+    3.86712, 3.802539, 3.744293, 3.634703, 3.573793, 3.510307, 3.474611, 3.455762, 3.378103,
+    3.365414, 3.329452, 3.315666,
+]
+PINNED_SFT = [
+    6.422349, 6.057219, 5.985116, 5.546862, 5.244254, 5.079888, 4.884374, 4.736016, 4.610866,
+    4.429367, 4.383354, 4.313069, 4.228164, 4.084987, 4.1424, 3.988356, 4.025628, 3.9572,
+    3.916629, 3.861279,
+]
+# fmt: on
+
+
+def test_losses_are_the_pinned_histories(first_run: dict[str, Any]) -> None:
     cpt = first_run["continued_pretraining"]["metrics"]
     sft = first_run["instruction_finetuning"]["metrics"]
-    assert cpt["steps"] == 30 and len(cpt["loss_history"]) == 30
-    assert sft["steps"] == 20
-    # Random init starts near ln(vocab) ~ 6.5 nats; the templated corpus is learnable fast.
-    assert cpt["first_loss"] > 6.0
-    assert cpt["final_loss"] < 0.7 * cpt["first_loss"]
-    assert sft["final_loss"] < 0.8 * sft["first_loss"]
+    assert (cpt["steps"], sft["steps"]) == (30, 20)
+    for name, metrics, pinned in (("cpt", cpt, PINNED_CPT), ("sft", sft, PINNED_SFT)):
+        assert metrics["loss_history"] == pytest.approx(pinned, abs=1e-5), (
+            name, [round(x, 6) for x in metrics["loss_history"]],
+        )  # fmt: skip
     # demo.yaml asks for sdpa: per-document masks over packed rows, no cross-document attention.
     assert cpt["attention"] == DOCUMENT_SDPA
 
