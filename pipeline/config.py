@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.contract import INSTRUCTION_METRICS, JUDGE_METRIC, STAGES
 
 
 class ConfigError(ValueError):
@@ -336,17 +345,6 @@ class TrainConfig(_Section):
         return self
 
 
-INSTRUCTION_METRICS = (
-    "exact_match",
-    "rouge_l",
-    "json_valid",
-    "json_keys",
-    "keywords",
-    "judge_win_rate",
-)
-"""Instruction metrics the evaluate stage computes (``eval.max_instruction_regression`` keys)."""
-
-
 class JudgeConfig(_Section):
     endpoint: str
     """Base URL of an OpenAI-compatible API (``.../v1``); ``POST {endpoint}/chat/completions``."""
@@ -481,11 +479,11 @@ class EvalConfig(_Section):
 
     @model_validator(mode="after")
     def _known_instruction_metrics(self) -> EvalConfig:
-        unknown = sorted(set(self.max_instruction_regression) - set(INSTRUCTION_METRICS))
+        known = [*INSTRUCTION_METRICS, JUDGE_METRIC]
+        unknown = sorted(set(self.max_instruction_regression) - set(known))
         if unknown:
             raise ValueError(
-                f"max_instruction_regression: unknown metric(s) {unknown}; "
-                f"expected some of {list(INSTRUCTION_METRICS)}"
+                f"max_instruction_regression: unknown metric(s) {unknown}; expected some of {known}"
             )
         return self
 
@@ -667,6 +665,14 @@ class OrchestrationConfig(_Section):
     )
     """Deadline of each stage's Ray job, from submission; when it passes the job is stopped
     and the task fails. Stages not listed get no deadline."""
+
+    @field_validator("stage_timeout_minutes")
+    @classmethod
+    def _known_stages(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; expected some of {list(STAGES)}")
+        return value
 
     dagrun_timeout_hours: float | None = Field(168.0, gt=0)
     """Airflow ``dagrun_timeout``: a DAG run still going after this long is failed (its

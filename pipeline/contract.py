@@ -37,6 +37,10 @@ EVAL_REPORT_FILE = "eval_report.json"
 """Scores of every model, the gates and the verdict (promote reads)."""
 BPB_CORPORA = ("domain", "general", "answer_loss")
 """The corpora scored in bits per byte."""
+INSTRUCTION_METRICS = ("exact_match", "rouge_l", "json_valid", "json_keys", "keywords")
+"""Per-example instruction metrics in ``scores[model]["instructions"]["examples"]``."""
+JUDGE_METRIC = "judge_win_rate"
+"""The judge's pairwise win rate of the candidate against the champion (candidate only)."""
 
 
 def read_heldout(data_uri: str) -> dict[str, Any]:

@@ -131,6 +131,24 @@ def test_preset_choices_match_the_memory_arithmetic() -> None:
 # --- unknown keys and bad values ------------------------------------------------------------
 
 
+def test_names_that_stand_for_stages_and_metrics_are_checked_against_the_contract() -> None:
+    with pytest.raises(ConfigError) as stage:
+        load_config(DEMO, {"orchestration.stage_timeout_minutes": {"prepare_dta": 5}})
+    assert "orchestration.stage_timeout_minutes" in str(stage.value)
+    assert "unknown stage(s) ['prepare_dta']; expected some of ['prepare_data'," in str(stage.value)
+    with pytest.raises(ConfigError) as metric:
+        load_config(DEMO, {"eval.max_instruction_regression": {"rouge": 0.1}})
+    assert "unknown metric(s) ['rouge']" in str(metric.value)
+    assert "'judge_win_rate']" in str(metric.value)
+    timeouts = {"evaluate": 30.0}
+    assert (
+        load_config(
+            DEMO, {"orchestration.stage_timeout_minutes": timeouts}
+        ).orchestration.stage_timeout_minutes
+        == timeouts
+    )
+
+
 def test_unknown_key_names_key_allowed_keys_and_line(tmp_path: Path) -> None:
     text = BASE_YAML.replace("  seq_len: 64\n", "  seq_len: 64\n  seqlen: 128\n")
     message = error_of(write(tmp_path, text))
