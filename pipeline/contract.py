@@ -7,15 +7,12 @@ It imports only ``pipeline.storage``, so the Airflow side may use it too.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pipeline import storage
 
 STAGES = ("prepare_data", "continued_pretraining", "instruction_finetuning", "evaluate", "promote")
 """The Ray job stages of one run, in order; each is ``python -m pipeline.stages.<stage>``."""
-Stage = Literal[
-    "prepare_data", "continued_pretraining", "instruction_finetuning", "evaluate", "promote"
-]
 
 # Every stage folder ends with ``pipeline.storage``'s commit: ``result.json``, then ``_SUCCESS``.
 CONFIG_FILE = "config.yaml"

@@ -8,9 +8,9 @@ serving time). With ``chat_format: tokenizer`` the tokenizer's own template rend
 A conversation is tokenized as one string, exactly as ``apply_chat_template`` would, so a
 SentencePiece tokenizer sees the same word boundaries in training as in serving; a token belongs
 to the segment it starts in (found from byte lengths for a byte-level tokenizer, from character
-offsets otherwise). Only the template's own
-markers become special tokens: a ``<|im_start|>`` typed inside a message's content is encoded as
-plain text (special tokens split), so raw data cannot fake a turn.
+offsets otherwise). Only the template's own markers become special tokens: a ``<|im_start|>``
+typed inside a message's content is encoded as plain text (special tokens split), so raw data
+cannot fake a turn.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -242,19 +242,10 @@ def encode_chats(
     """
     results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(chats)
     widths = _token_bytes(tok, len(tok))
-    plain = [i for i, c in enumerate(chats) if not c.protected] if widths is not None else []
+    plain = [i for i, c in enumerate(chats) if not c.protected]
     if widths is not None and plain:
-        backend = tok.backend_tokenizer
-        before = backend.encode_special_tokens
-        # The template's markers are control tokens. The flag is the backend's state: a call
-        # as tok(..., split_special_tokens=True) leaves it set, and this call bypasses tok().
-        backend.encode_special_tokens = False
-        try:
-            encodings = backend.encode_batch_fast(
-                [chats[i].text for i in plain], add_special_tokens=False
-            )
-        finally:
-            backend.encode_special_tokens = before
+        # The template's markers are control tokens.
+        encodings = encode_batch(tok, [chats[i].text for i in plain], split_special_tokens=False)
         for i, encoding in zip(plain, encodings, strict=True):
             ids = np.array(encoding.ids, dtype=np.int64)
             ends = np.cumsum(widths[ids])
@@ -271,6 +262,22 @@ def encode_chats(
             begins = np.fromiter((b for b, _ in offsets), dtype=np.int64, count=len(offsets))
             results[i] = ids, _labels(ids, begins, rendered.trainable)
     return [r for r in results if r is not None]
+
+
+def encode_batch(
+    tok: PreTrainedTokenizerBase, texts: list[str], split_special_tokens: bool
+) -> list[Any]:
+    """The backend's ``encode_batch_fast`` (no offsets, no BOS/EOS), special-token strings in
+    ``texts`` split into text or not. The flag is the backend's state, and a call as
+    ``tok(..., split_special_tokens=True)`` leaves it set: it is set here for this call and put
+    back as it was."""
+    backend = tok.backend_tokenizer
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = split_special_tokens
+    try:
+        return list(backend.encode_batch_fast(texts, add_special_tokens=False))
+    finally:
+        backend.encode_special_tokens = before
 
 
 def tokenize_chat(

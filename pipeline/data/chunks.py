@@ -99,14 +99,7 @@ def encode_texts(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[in
     split_special_tokens=True)`` gives: no BOS/EOS added, and a special token's string inside
     the text (``<|im_start|>``, ``<|end_of_text|>``) is encoded as plain text, never as the
     control token (a document must not fake a turn or an end of text)."""
-    backend = tok.backend_tokenizer
-    before = backend.encode_special_tokens
-    backend.encode_special_tokens = True
-    try:
-        encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
-    finally:
-        backend.encode_special_tokens = before  # the cached tokenizer also encodes chat turns
-    return [e.ids for e in encodings]
+    return [e.ids for e in chat.encode_batch(tok, texts, split_special_tokens=True)]
 
 
 class _Spill:

@@ -531,24 +531,28 @@ def find_phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> It
 
 
 @lru_cache(maxsize=65536)
-def _phones_in(candidate: str, region: str, whole: bool, labelled: bool = False) -> list[Span]:
+def _phones_in(
+    candidate: str, region: str, whole: bool, labelled: bool = False
+) -> tuple[Span, ...]:
     """Valid numbers in one digit run, found by ``PhoneNumberMatcher`` at leniency VALID.
 
     A phone-sized run (``whole``) that does not even parse as a valid number is dropped first:
     parsing is ~30x cheaper than the matcher, and most digit runs in text are not phones.
     Cached: a corpus repeats its numbers (a hotline in every signature, a shop's own number),
-    and the answer depends on the arguments only. Callers must not change the returned list.
+    and the answer depends on the arguments only (a tuple: a cached value cannot be changed).
     """
     if whole:
         try:
             number = phonenumbers.parse(candidate, region)
         except phonenumbers.NumberParseException:
-            return []
+            return ()
         if not phonenumbers.is_valid_number(number):
-            return []
+            return ()
     leniency = phonenumbers.Leniency.VALID
     matches = phonenumbers.PhoneNumberMatcher(candidate, region, leniency=leniency)
-    return [(m.start, m.end) for m in matches if not _looks_like_a_list(m.raw_string, labelled)]
+    return tuple(
+        (m.start, m.end) for m in matches if not _looks_like_a_list(m.raw_string, labelled)
+    )
 
 
 def _looks_like_a_list(number: str, labelled: bool = False) -> bool:
