@@ -204,7 +204,7 @@ def set_cuda_arch(facts: dict[str, Any]) -> None:
 
 
 def project_backend(cuda: bool) -> str:
-    """The backend Ray Train and launch.py give a training process group here:
+    """The backend Ray Train and devstack/local_training.py give a training process group here:
     ``cpu:gloo,cuda:nccl`` on CUDA (the loop's GPU tensors reduce through NCCL), gloo on CPU."""
     from pipeline.train.collectives import process_group_backend
 
@@ -216,7 +216,7 @@ def init_process_group(backend: str, cuda: bool) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.localstack import free_port
+    from pipeline.devstack.host import free_port
 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     env |= {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}

@@ -101,7 +101,7 @@ def run_stage(
 @contextlib.contextmanager
 def private_ray(workdir: Path) -> Iterator[None]:
     """A Ray head of our own (free ports, token auth), connected for this process."""
-    from pipeline.localstack import ray_head
+    from pipeline.devstack.ray_cluster import ray_head
 
     with ray_head(workdir / "ray") as head:
         os.environ["RAY_ADDRESS"] = head.gcs_address

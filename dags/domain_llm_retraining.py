@@ -104,7 +104,7 @@ with DAG(
 
         from pipeline.config import ConfigError
         from pipeline.form import allowed_config_dirs, trigger_overrides
-        from pipeline.runs import is_local_host, resolve_run, run_key
+        from pipeline.preflight import is_local_host, resolve_run, run_key
 
         context = get_current_context()
         dag_run = context["dag_run"]

@@ -58,17 +58,44 @@ AttentionKernel = Literal["flash_attention_2", "flex_attention", "sdpa", "eager"
 """The attention kernels ``compute.attention`` may name (besides ``auto``)."""
 
 
+class RecordFields(_Section):
+    """Field names of the input records (JSONL, JSON and Parquet): ``data.fields.*``."""
+
+    text: str = "text"
+    """Field holding a document's text."""
+
+    messages: str = "messages"
+    """Field holding a chat's list of turns."""
+
+    role: str = "role"
+    """Field of a turn holding its role (``system``, ``user`` or ``assistant``)."""
+
+    content: str = "content"
+    """Field of a turn holding its text."""
+
+    prompt: str = "prompt"
+    """For prompt/response records (no ``messages`` field): the user's prompt."""
+
+    response: str = "response"
+    """For prompt/response records: the assistant's answer."""
+
+
+_FORMER_FIELD_KEYS = {
+    f"{name}_field": name for name in ("text", "messages", "role", "content", "prompt", "response")
+}
+
+
 class DataConfig(_Section):
     domain_corpus: str | list[str]
     """JSONL file (local path or s3:// URI) of domain documents, or a list of files, globs
     (``data/*.jsonl``), folders and ``s3://`` prefixes. JSONL, JSON arrays (``.json``), Parquet
     and plain text (``.txt``: one document per file) are read; records carry the
-    ``text_field``. Relative paths resolve against the config file's folder."""
+    ``fields.text`` field. Relative paths resolve against the config file's folder."""
 
     instructions: str | list[str]
     """Chat examples, as paths, globs or ``s3://`` prefixes like ``domain_corpus``: records with
-    ``messages_field`` (a list of ``{role_field, content_field}`` turns, roles system, user,
-    assistant) or with ``prompt_field`` and ``response_field``."""
+    ``fields.messages`` (a list of ``{fields.role, fields.content}`` turns, roles system,
+    user, assistant) or with ``fields.prompt`` and ``fields.response``."""
 
     replay_corpus: str | list[str] | None = None
     """Optional general-domain documents mixed into continued pre-training, read like
@@ -80,23 +107,8 @@ class DataConfig(_Section):
     """Share of CPT training tokens taken from ``replay_corpus`` (0.2: one token in five); fewer
     when the replay corpus runs out, and the manifest records the share reached."""
 
-    text_field: str = "text"
-    """Field holding a document's text in JSONL, JSON and Parquet records."""
-
-    messages_field: str = "messages"
-    """Field holding a chat's list of turns."""
-
-    role_field: str = "role"
-    """Field of a turn holding its role (``system``, ``user`` or ``assistant``)."""
-
-    content_field: str = "content"
-    """Field of a turn holding its text."""
-
-    prompt_field: str = "prompt"
-    """For prompt/response records (no ``messages_field``): the user's prompt."""
-
-    response_field: str = "response"
-    """For prompt/response records: the assistant's answer."""
+    fields: RecordFields = Field(default_factory=lambda: RecordFields())
+    """The names of the fields records carry, for inputs whose fields are named differently."""
 
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     """Largest share of bad records (invalid UTF-8 or JSON, missing or wrong fields, unusable
@@ -128,6 +140,18 @@ class DataConfig(_Section):
     phone_regions: list[str] = Field(default_factory=lambda: list(_DEFAULT_PHONE_REGIONS))
     """ISO 3166 regions (phonenumbers' codes) national-format phone numbers are parsed in, in
     order; numbers written with ``+`` and a country code are found whatever the list."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fields_moved(cls, data: Any) -> Any:
+        """The record field names were ``data.<name>_field`` before ``data.fields``."""
+        former = sorted(set(data) & set(_FORMER_FIELD_KEYS)) if isinstance(data, dict) else []
+        if former:
+            moved = ", ".join(
+                f"data.{key} -> data.fields.{_FORMER_FIELD_KEYS[key]}" for key in former
+            )
+            raise ValueError(f"record field names moved under data.fields: {moved}")
+        return data
 
     @model_validator(mode="after")
     def _pii_settings_valid(self) -> DataConfig:
@@ -852,7 +876,14 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"override {dotted!r}: section {section!r} is not a mapping")
-    target[field] = value
+    # ``data.fields.text``: a nested section is walked (and created) one key at a time.
+    *parents, leaf = field.split(".")
+    for depth, key in enumerate(parents):
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            where = ".".join([section, *parents[: depth + 1]])
+            raise ConfigError(f"override {dotted!r}: {where!r} is not a mapping")
+    target[leaf] = value
 
 
 def _shown_input(item: Any) -> str:

@@ -213,7 +213,7 @@ def _parse_dags(dags_folder: str) -> dict[str, Any]:
 
 
 def _resolve(spec: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.runs import resolve_run
+    from pipeline.preflight import resolve_run
 
     resolved = resolve_run(spec["config"], spec["overrides"], spec["key"])
     return {k: resolved.get(k) for k in ("mlflow_run_url", "plan", "code_version")}

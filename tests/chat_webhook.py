@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
-from pipeline.localstack import free_port
+from pipeline.devstack.host import free_port
 
 
 @dataclass

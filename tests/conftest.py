@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.localstack import PostgresServer, RayHead, free_port
-from pipeline.localstack import mlflow_server as start_mlflow_server
-from pipeline.localstack import postgres_server as start_postgres_server
-from pipeline.localstack import ray_head as start_ray_head
+from pipeline.devstack.host import free_port
+from pipeline.devstack.mlflow_server import mlflow_server as start_mlflow_server
+from pipeline.devstack.postgres import PostgresServer
+from pipeline.devstack.postgres import postgres_server as start_postgres_server
+from pipeline.devstack.ray_cluster import RayHead
+from pipeline.devstack.ray_cluster import ray_head as start_ray_head
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AIRFLOW_HOME = REPO_ROOT / ".local" / "airflow-test"

@@ -23,7 +23,7 @@ from pipeline.config import REPO_ROOT, PipelineConfig, load_config
 from pipeline.contract import MANIFEST_FILE
 from pipeline.data.pack import FLAG_START, FLAG_TRAIN
 from pipeline.data.shards import ShardWriter, token_dtype
-from pipeline.localstack import free_port
+from pipeline.devstack.host import free_port
 from pipeline.train.checkpoint import LATEST_POINTER, tag_for
 from pipeline.train.loop import TRAIN_METRICS_FILE, LoopSpec, spec_dict, train_worker
 from tests.tiny_presets import tiny_model_config

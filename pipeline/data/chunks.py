@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from pipeline.config import RecordFields
 from pipeline.data import chat, dedup, ingest, sources
 from pipeline.data.clean import split_long_document
 from pipeline.data.pii import DEFAULT_PHONE_REGIONS, PII_TYPES, PiiScrubber
@@ -36,7 +37,7 @@ class ChunkSettings:
 
     tokenizer_dir: str
     scratch: str
-    fields: ingest.Fields
+    fields: RecordFields
     chat_format: chat.ChatFormat
     scrub_pii: bool
     pii_patterns: dict[str, str]
@@ -241,7 +242,7 @@ def _process_unit(job: ChunkJob) -> ChunkResult:
 
 
 def _parse(
-    record: sources.Record | sources.BadRecord, kind: Kind, fields: ingest.Fields
+    record: sources.Record | sources.BadRecord, kind: Kind, fields: RecordFields
 ) -> sources.BadRecord | str | list[dict[str, str]]:
     if isinstance(record, sources.BadRecord):
         return record

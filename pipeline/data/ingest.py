@@ -13,26 +13,15 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import RecordFields
 from pipeline.data.clean import clean_text
 from pipeline.data.sources import DataError
 
-__all__ = ["ROLES", "DataError", "Fields", "Rejection", "chat_messages", "document_text"]
+__all__ = ["ROLES", "DataError", "Rejection", "chat_messages", "document_text"]
 
 ROLES = ("system", "user", "assistant")
 # JSON's \ud83d escapes decode to lone surrogates, which no UTF-8 tokenizer can take.
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-@dataclass(frozen=True)
-class Fields:
-    """Record field names (``data.*_field`` in the config)."""
-
-    text: str = "text"
-    messages: str = "messages"
-    role: str = "role"
-    content: str = "content"
-    prompt: str = "prompt"
-    response: str = "response"
 
 
 @dataclass(frozen=True)
@@ -55,7 +44,7 @@ def _lone_surrogate(text: str, where: str) -> Rejection | None:
     )
 
 
-def document_text(value: Any, fields: Fields) -> str | Rejection:
+def document_text(value: Any, fields: RecordFields) -> str | Rejection:
     """The cleaned text of a document record (a plain-text file's value is the text itself).
 
     Returns:
@@ -75,7 +64,7 @@ def document_text(value: Any, fields: Fields) -> str | Rejection:
     return _lone_surrogate(text, f"field {fields.text!r}") or clean_text(text)
 
 
-def chat_messages(value: Any, fields: Fields) -> list[dict[str, str]] | Rejection:
+def chat_messages(value: Any, fields: RecordFields) -> list[dict[str, str]] | Rejection:
     """The cleaned turns of a chat record (``messages`` or a prompt/response pair)."""
     if not isinstance(value, dict):
         return Rejection("not_an_object", f"expected a JSON object, got {type(value).__name__}")
@@ -116,7 +105,7 @@ def chat_messages(value: Any, fields: Fields) -> list[dict[str, str]] | Rejectio
 
 
 def _check_turns(
-    messages: list[dict[str, str]], fields: Fields
+    messages: list[dict[str, str]], fields: RecordFields
 ) -> list[dict[str, str]] | Rejection:
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not answers:

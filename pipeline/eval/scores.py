@@ -60,16 +60,12 @@ def read_general_corpus(
 
     from pipeline.data import ingest, sources
 
-    fields = ingest.Fields(
-        cfg.data.text_field, cfg.data.messages_field, cfg.data.role_field,
-        cfg.data.content_field, cfg.data.prompt_field, cfg.data.response_field,
-    )  # fmt: skip
     kept: list[tuple[str, str]] = []  # (sha256, text), trimmed to the smallest digests
     for unit in sources.plan_units(sources.expand_inputs(spec, field), 1 << 26):
         for record in sources.read_unit(unit)[1]:
             if not isinstance(record, sources.Record):
                 continue
-            text = ingest.document_text(record.value, fields)
+            text = ingest.document_text(record.value, cfg.data.fields)
             if not isinstance(text, str) or not text.strip():
                 continue
             digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -78,8 +74,8 @@ def read_general_corpus(
                 kept = heapq.nsmallest(limit, kept)
     if not kept:
         raise sources.DataError(
-            f"{field}: no documents with a {cfg.data.text_field!r} text in {spec}; point it at "
-            "JSONL/JSON/Parquet records with that field (data.text_field) or text files"
+            f"{field}: no documents with a {cfg.data.fields.text!r} text in {spec}; point it at "
+            "JSONL/JSON/Parquet records with that field (data.fields.text) or text files"
         )
     return perplexity.fixed_sample([text for _, text in heapq.nsmallest(limit, kept)], limit)
 

@@ -51,7 +51,7 @@ def build_tokenizer(
     from pipeline.data import tokenizer
     from pipeline.data.pii import PiiScrubber
 
-    fields = _fields(cfg)
+    fields = cfg.data.fields
     d = cfg.data
     scrubber = (
         PiiScrubber(
@@ -80,18 +80,6 @@ def build_tokenizer(
 
     # Base tokenizer files only (or a BPE trained on the sample), chat tokens added, template on.
     return tokenizer.training_tokenizer(cfg, scratch, sample())
-
-
-def _fields(cfg: PipelineConfig) -> ingest.Fields:
-    d = cfg.data
-    return ingest.Fields(
-        d.text_field,
-        d.messages_field,
-        d.role_field,
-        d.content_field,
-        d.prompt_field,
-        d.response_field,
-    )
 
 
 def plan_jobs(
@@ -190,7 +178,7 @@ def prepare(cfg: PipelineConfig, output_uri: str) -> dict[str, Any]:
             spill = Path(scratch) / "spill"
             spill.mkdir()
             settings = chunks.ChunkSettings(
-                str(tok_dir), str(spill), _fields(cfg), d.chat_format, d.scrub_pii,
+                str(tok_dir), str(spill), d.fields, d.chat_format, d.scrub_pii,
                 dict(d.pii_patterns), d.min_chars, d.max_doc_chars, d.long_doc_action,
                 d.max_record_bytes, tuple(d.pii_types), dict(d.pii_placeholders),
                 tuple(d.phone_regions),

@@ -1,4 +1,5 @@
-"""Where the training loop's collectives run: one module decides, for Ray Train and launch.py.
+"""Where the training loop's collectives run: one module decides, for Ray Train and the local
+launcher (``devstack/local_training.py``).
 
 An NCCL process group has no backend for CPU tensors: an all-reduce of a CPU tensor raises
 ``No backend type associated with device type cpu``. GPU workers therefore get one process

@@ -28,25 +28,18 @@ def save_model(
     output_uri: str,
     tokenizer_uri: str,
     chat_format: ChatFormat,
-    zero3: bool,
+    zero_stage: int,
     rank: int,
 ) -> None:
     """Gather the full weights onto rank 0 and write a Hugging Face model folder with tokenizer.
 
-    ``engine.module`` is the training objective; its ``model`` is the causal LM that is saved.
-    Under ZeRO-3 every rank must take part in the gather (one layer at a time, to CPU). Only
-    rank 0 writes, and the other ranks return without waiting for it: a 140 GB export can take
-    longer than the process group's collective timeout, so no barrier follows the gather.
+    Every rank must call this (under ZeRO-3 all take part in the gather). Only rank 0 writes,
+    and the other ranks return without waiting for it: a 140 GB export can take longer than the
+    process group's collective timeout, so no barrier follows the gather.
     """
-    model = engine.module.model
-    if zero3:
-        gathered = engine._zero3_consolidated_16bit_state_dict()
-        # The objective names the LM's parameters "model.<name>"; the LM folder wants "<name>".
-        state = (
-            None if gathered is None else {k.removeprefix("model."): v for k, v in gathered.items()}
-        )
-    else:
-        state = model.state_dict()
+    from pipeline.train.zero import full_state_dict
+
+    state = full_state_dict(engine, zero_stage)
     if rank != 0:
         return
     with (
@@ -54,7 +47,7 @@ def save_model(
         tempfile.TemporaryDirectory() as scratch,
     ):
         tok_dir = storage.download_dir(tokenizer_uri, Path(scratch))
-        export_pretrained(model, state, tok_dir, chat_format, out)
+        export_pretrained(engine.module.model, state, tok_dir, chat_format, out)
 
 
 def export_pretrained(

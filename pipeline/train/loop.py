@@ -201,23 +201,21 @@ class TrainingRecipe:
     def _build_engine(self) -> Any:
         import deepspeed
         import torch
-        from transformers.integrations import HfDeepSpeedConfig
 
         from pipeline.models import fetch_model
+        from pipeline.train import zero
         from pipeline.train.model import load_training_model
         from pipeline.train.objective import make_objective, resolve_cross_entropy
-        from pipeline.train.zero import deepspeed_config, initialize_engine, optimizer_param_groups
 
         config, compute = self.config, self.config.compute
-        ds_config = deepspeed_config(compute, self.train_cfg, self.world)
-        # Alive during from_pretrained: ZeRO-3 partitions weights as they load.
-        self._hf_ds = HfDeepSpeedConfig(ds_config) if compute.zero_stage == 3 else None
+        ds_config = zero.deepspeed_config(compute, self.train_cfg, self.world)
+        # Alive from loading to the export (ZeRO-3 only).
+        self._partitioned_loading = zero.partitioned_loading(ds_config)
         dtype = torch.bfloat16 if compute.precision == "bf16" else torch.float32
         model_dir = fetch_model(self.spec.model_uri, config.tracking)
         tokenizer_dir = fetch_model(self.spec.tokenizer_uri, config.tracking)
-        model = load_training_model(
-            model_dir, tokenizer_dir, self.attention, dtype, compute.zero_stage
-        )
+        model = load_training_model(model_dir, tokenizer_dir, self.attention, dtype)
+        zero.partition_loaded_model(model, compute.zero_stage)
         layers = model.get_decoder().layers
         if compute.activation_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -235,9 +233,9 @@ class TrainingRecipe:
         objective = make_objective(model, self.cross_entropy, compute.loss_chunk_tokens)
         self.aux_coef: float | None = objective.aux_coef
         del deepspeed  # imported first so that its accelerator choice sees DS_ACCELERATOR
-        return initialize_engine(
+        return zero.initialize_engine(
             objective,
-            optimizer_param_groups(model, self.train_cfg.weight_decay),
+            zero.optimizer_param_groups(model, self.train_cfg.weight_decay),
             ds_config,
             lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.train_cfg)),
         )
@@ -573,10 +571,10 @@ class TrainingRecipe:
             output_uri=self.spec.output_uri,
             tokenizer_uri=self.spec.tokenizer_uri,
             chat_format=self.config.data.chat_format,
-            zero3=self.config.compute.zero_stage == 3,
+            zero_stage=self.config.compute.zero_stage,
             rank=self.rank,
         )
-        del self._hf_ds
+        del self._partitioned_loading
         if self.rank == 0:
             storage.write_json(
                 storage.join(self.spec.output_uri, TRAIN_METRICS_FILE), self._final_metrics()

@@ -90,15 +90,15 @@ def build_model(
 
 
 def load_training_model(
-    model_dir: Path, tokenizer_dir: Path, attention: str, dtype: torch.dtype, zero_stage: int
+    model_dir: Path, tokenizer_dir: Path, attention: str, dtype: torch.dtype
 ) -> PreTrainedModel:
     """Load a model folder for training with the tokenizer prepare_data wrote.
 
     The KV cache is off (see ``load_causal_lm``). When the tokenizer has more tokens than the
     model (chat tokens added to a base tokenizer) the embeddings and LM head grow to
     ``len(tokenizer)``; new rows start at the mean of the old ones. Under ZeRO-3 the caller
-    keeps an ``HfDeepSpeedConfig`` alive, so loading and resizing work on partitioned weights,
-    and MoE blocks become ZeRO-3 leaf modules.
+    keeps an ``HfDeepSpeedConfig`` alive, so loading and resizing work on partitioned weights;
+    ``zero.partition_loaded_model`` then handles what was created whole.
     """
     from pipeline.data.tokenizer import load_tokenizer
 
@@ -108,58 +108,7 @@ def load_training_model(
     if len(tok) > vocab:
         log.info("growing the embeddings from %d to %d tokens", vocab, len(tok))
         model.resize_token_embeddings(len(tok))
-    if zero_stage == 3:
-        _partition_new_parameters(model)
-        set_moe_leaf_modules(model)
     return model
-
-
-def _partition_new_parameters(model: PreTrainedModel) -> None:
-    """Partition parameters that were created whole (transformers builds resized embeddings
-    outside ``zero.Init``); DeepSpeed broadcasts rank 0's values first, so every rank starts
-    from the same new rows."""
-    from transformers.integrations.deepspeed import deepspeed_config
-
-    whole = [name for name, p in model.named_parameters() if not hasattr(p, "ds_id")]
-    if not whole:
-        return
-    ds_config = deepspeed_config()
-    if ds_config is None:
-        raise RuntimeError(
-            "zero_stage 3 needs an HfDeepSpeedConfig alive while the model loads (see loop.py)"
-        )
-    import deepspeed
-
-    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
-    log.info("partitioned %d parameters created after loading: %s", len(whole), whole)
-
-
-def moe_block_classes() -> list[type[torch.nn.Module]]:
-    """The sparse MoE block classes of the MoE architectures the pipeline trains."""
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-    return [MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock]
-
-
-def set_moe_leaf_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Make every sparse MoE block a ZeRO-3 leaf module; returns the blocks marked.
-
-    ZeRO-3 fetches a module's partitioned weights when the module runs and prefetches by the
-    order modules ran before. Routing changes which experts run from step to step and rank to
-    rank, which breaks that order (and, with one module per expert, leaves ranks waiting in a
-    collective for an expert another rank never ran). A leaf block fetches all its experts on
-    entry instead.
-    """
-    from deepspeed.utils import set_z3_leaf_modules
-
-    present = {type(m) for m in model.modules()} & set(moe_block_classes())
-    if not present:
-        return []
-    blocks: list[torch.nn.Module] = set_z3_leaf_modules(model, list(present))
-    log.info("%d MoE blocks set as ZeRO-3 leaf modules", len(blocks))
-    return blocks
 
 
 def count_parameters(model: torch.nn.Module) -> int:

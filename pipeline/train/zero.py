@@ -1,12 +1,25 @@
-"""DeepSpeed configs built from the pipeline config (no JSON files to keep in sync)."""
+"""DeepSpeed as the trainer uses it: the config built from the pipeline config (no JSON files
+to keep in sync), the engine and its optimizer, and everything ZeRO-3 changes about loading,
+training and saving a model. ZeRO-3 partitions every parameter across the ranks, so the model
+must be loaded partitioned, parameters created after loading must be partitioned too, MoE
+blocks fetch their experts as one unit, and saving gathers the weights from every rank; the
+rest of the trainer does not branch on the ZeRO stage.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ComputeConfig, TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
 
 
 def deepspeed_config(compute: ComputeConfig, train: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -155,3 +168,94 @@ def discard_step_gradients(engine: Any, micro_steps_taken: int) -> None:
         optimizer.clear_lp_grads(set_to_none=True)
     engine.zero_grad()
     engine.micro_steps -= micro_steps_taken
+
+
+# -- ZeRO-3: loading partitioned, saving gathered -------------------------------------------------
+
+
+def partitioned_loading(ds_config: dict[str, Any]) -> Any | None:
+    """Under ZeRO-3, the ``HfDeepSpeedConfig`` that makes ``from_pretrained`` partition the
+    weights as they load instead of materialising the whole model on every rank; None otherwise.
+
+    The caller keeps it alive until the model is saved: transformers holds it by weak reference
+    and asks it whether ZeRO-3 is on (resizing embeddings, gathering for the export).
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def partition_loaded_model(model: PreTrainedModel, zero_stage: int) -> None:
+    """Under ZeRO-3, partition the parameters loading created whole and make every sparse MoE
+    block a leaf module; nothing to do at stages 0-2, where each rank holds the whole model."""
+    if zero_stage != 3:
+        return
+    _partition_new_parameters(model)
+    set_moe_leaf_modules(model)
+
+
+def _partition_new_parameters(model: PreTrainedModel) -> None:
+    """Partition parameters that were created whole (transformers builds resized embeddings
+    outside ``zero.Init``); DeepSpeed broadcasts rank 0's values first, so every rank starts
+    from the same new rows."""
+    from transformers.integrations.deepspeed import deepspeed_config as loading_config
+
+    whole = [name for name, p in model.named_parameters() if not hasattr(p, "ds_id")]
+    if not whole:
+        return
+    ds_config = loading_config()
+    if ds_config is None:
+        raise RuntimeError(
+            "zero_stage 3 needs an HfDeepSpeedConfig alive while the model loads (zero.partitioned_loading)"
+        )
+    import deepspeed
+
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    log.info("partitioned %d parameters created after loading: %s", len(whole), whole)
+
+
+def moe_block_classes() -> list[type[torch.nn.Module]]:
+    """The sparse MoE block classes of the MoE architectures the pipeline trains."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    return [MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock]
+
+
+def set_moe_leaf_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Make every sparse MoE block a ZeRO-3 leaf module; returns the blocks marked.
+
+    ZeRO-3 fetches a module's partitioned weights when the module runs and prefetches by the
+    order modules ran before. Routing changes which experts run from step to step and rank to
+    rank, which breaks that order (and, with one module per expert, leaves ranks waiting in a
+    collective for an expert another rank never ran). A leaf block fetches all its experts on
+    entry instead.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    present = {type(m) for m in model.modules()} & set(moe_block_classes())
+    if not present:
+        return []
+    blocks: list[torch.nn.Module] = set_z3_leaf_modules(model, list(present))
+    log.info("%d MoE blocks set as ZeRO-3 leaf modules", len(blocks))
+    return blocks
+
+
+def full_state_dict(engine: Any, zero_stage: int) -> dict[str, Any] | None:
+    """The trained causal LM's whole weights, named as in its model folder.
+
+    ``engine.module`` is the training objective and its ``model`` the LM. Under ZeRO-3 every
+    rank must call this: the weights are gathered one layer at a time, to rank 0's CPU, and the
+    other ranks get None.
+    """
+    if zero_stage != 3:
+        state: dict[str, Any] = engine.module.model.state_dict()
+        return state
+    gathered = engine._zero3_consolidated_16bit_state_dict()
+    if gathered is None:
+        return None
+    # The objective names the LM's parameters "model.<name>"; the LM folder wants "<name>".
+    return {name.removeprefix("model."): value for name, value in gathered.items()}

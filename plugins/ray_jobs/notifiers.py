@@ -39,13 +39,13 @@ def _pull(ti: Any, task_id: str, key: str) -> Any:
 
 
 def run_outcome_of(context: Context) -> dict[str, Any] | None:
-    """The run's decision and parent run link, read from its artifacts (``runs.run_outcome``),
+    """The run's decision and parent run link, read from its artifacts (``preflight.run_outcome``),
     which a DAG callback can read under ``dag.test()`` and in the DAG processor alike; its
     artifact root comes from the run's own config (file + form fields, as the first task
     resolved them). None when that config cannot be read: the run failed validating it."""
     from pipeline.config import load_config
     from pipeline.form import allowed_config_dirs, trigger_overrides
-    from pipeline.runs import run_key, run_outcome
+    from pipeline.preflight import run_key, run_outcome
 
     dag = context["dag"]
     dag_run = context.get("dag_run")

@@ -29,7 +29,7 @@ JOB_KEY_METADATA_FIELD = "airflow_job_key"
 SUBMIT_NONCE_METADATA_FIELD = "airflow_submit_nonce"
 DEPLOYMENT_ENV = "PIPELINE_DEPLOYMENT"
 """Names this Airflow deployment where several share one Ray cluster and artifact root
-(``pipeline.runs.run_key`` reads it too)."""
+(``pipeline.preflight.run_key`` reads it too)."""
 MAX_JOB_KEY_LENGTH = 96
 """Room is left for the ``-t<try>-<suffix>`` tail; Ray names driver log files after the id."""
 _NOT_ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")

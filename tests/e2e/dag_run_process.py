@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import run_dag
-from pipeline.localstack import RayHead
+from pipeline.devstack.demo import run_dag
+from pipeline.devstack.ray_cluster import RayHead
 
 
 def _name(state: Any) -> str:
@@ -33,7 +33,7 @@ def summarize(dag_run: Any) -> dict[str, Any]:
     from airflow import settings
     from airflow.sdk import BaseHook
 
-    from pipeline.runs import run_key
+    from pipeline.preflight import run_key
 
     return {
         "run_id": dag_run.run_id,

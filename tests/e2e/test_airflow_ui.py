@@ -28,7 +28,8 @@ import httpx
 import pytest
 import yaml
 
-from pipeline.localstack import RayHead, free_port
+from pipeline.devstack.host import free_port
+from pipeline.devstack.ray_cluster import RayHead
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 

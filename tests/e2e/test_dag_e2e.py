@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.cli import run_dag
-from pipeline.localstack import RayHead
+from pipeline.devstack.demo import run_dag
+from pipeline.devstack.ray_cluster import RayHead
 from pipeline.train.attention import DOCUMENT_SDPA
 from tests.chat_webhook import ChatWebhook, chat_webhook
 
@@ -92,7 +92,7 @@ def first_run(
         f"domain_llm_retraining run {dag_run.run_id} succeeded: domain-llm v1 promoted to champion."
     )
     assert message[1].startswith("MLflow parent run: http://127.0.0.1:5000/#/experiments/")
-    from pipeline.runs import run_key
+    from pipeline.preflight import run_key
 
     return _stage_results(raw, run_key(dag_run.dag_id, dag_run.run_id))
 
@@ -193,7 +193,7 @@ def test_second_run_compares_with_champion_and_keeps_it(
     overrides = {"config": str(path), "cpt.max_steps": 4, "sft.max_steps": 3}
     dag_run = run_dag(overrides, ray_head)
     assert str(dag_run.state).endswith("success"), dag_run.state
-    from pipeline.runs import run_key
+    from pipeline.preflight import run_key
 
     results = _stage_results(raw, run_key(dag_run.dag_id, dag_run.run_id))
     report = json.loads(Path(results["evaluate"]["outputs"]["eval_report"]).read_text())

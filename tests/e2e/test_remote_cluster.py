@@ -28,14 +28,11 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.localstack import (
-    PostgresServer,
-    RayHead,
-    mlflow_server,
-    ray_head,
-    this_host_address,
-)
-from pipeline.runs import STAGES, is_local_host
+from pipeline.devstack.host import this_host_address
+from pipeline.devstack.mlflow_server import mlflow_server
+from pipeline.devstack.postgres import PostgresServer
+from pipeline.devstack.ray_cluster import RayHead, ray_head
+from pipeline.preflight import STAGES, is_local_host
 from tests.chat_webhook import ChatWebhook, chat_webhook
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.localstack import RayHead
+from pipeline.devstack.ray_cluster import RayHead
 from tests.airflow_image import REPO_ROOT, ImageLayout, lay_out_image, refused_modules
 
 pytestmark = pytest.mark.integration

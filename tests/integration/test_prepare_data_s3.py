@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.data.shards import read_manifest, read_split
-from pipeline.runs import check_inputs
+from pipeline.preflight import check_inputs
 from pipeline.stages.prepare_data import prepare
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from pipeline.config import load_config
+from pipeline.devstack.ray_cluster import RayHead
 from pipeline.identity import write_resolved_config
-from pipeline.localstack import RayHead
 from ray_jobs.hooks import RayJobsHook
 from tests.tiny_presets import llama2_style_tokenizer, save_base_model
 

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowException, TaskDeferred
 
-from pipeline.localstack import RayHead, free_port
+from pipeline.devstack.host import free_port
+from pipeline.devstack.ray_cluster import RayHead
 from ray_jobs.hooks import RayJobsHook, RayJobStillRunningError
 from ray_jobs.operators import RayJobOperator
 from ray_jobs.submission import JobOptions, base_submission_id, plan_submission, submit_new_job

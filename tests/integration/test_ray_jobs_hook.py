@@ -14,7 +14,8 @@ import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 from airflow.triggers.base import TriggerEvent
 
-from pipeline.localstack import RayHead, free_port
+from pipeline.devstack.host import free_port
+from pipeline.devstack.ray_cluster import RayHead
 from ray_jobs.hooks import (
     TERMINAL_STATUSES,
     RayJobsAuthError,

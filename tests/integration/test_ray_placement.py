@@ -25,7 +25,13 @@ from typing import Any
 import pytest
 
 from pipeline.config import ComputeConfig, OrchestrationConfig
-from pipeline.localstack import RayHead, alive_nodes, ray_head, ray_worker_node, wait_for_nodes
+from pipeline.devstack.ray_cluster import (
+    RayHead,
+    alive_nodes,
+    ray_head,
+    ray_worker_node,
+    wait_for_nodes,
+)
 from pipeline.train.ray_train import worker_resources
 from ray_jobs.hooks import TERMINAL_STATUSES, RayJobsHook
 

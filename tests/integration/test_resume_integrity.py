@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.localstack import free_port
+from pipeline.devstack.host import free_port
 from pipeline.train.checkpoint import (
     COMPLETE_MARKER,
     CheckpointRefused,

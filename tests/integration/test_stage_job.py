@@ -14,8 +14,8 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.data.shards import read_manifest, read_split
+from pipeline.devstack.ray_cluster import RayHead
 from pipeline.identity import write_resolved_config
-from pipeline.localstack import RayHead
 from ray_jobs.hooks import RayJobsHook
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

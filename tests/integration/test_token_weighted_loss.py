@@ -21,7 +21,7 @@ from pipeline.config import REPO_ROOT, ModelConfig, load_config
 from pipeline.contract import MANIFEST_FILE
 from pipeline.data.pack import FLAG_START, FLAG_TRAIN
 from pipeline.data.shards import ShardWriter, token_dtype
-from pipeline.train.launch import run_local
+from pipeline.devstack.local_training import run_local
 from pipeline.train.loop import TRAIN_METRICS_FILE, LoopSpec
 
 if TYPE_CHECKING:

@@ -19,8 +19,8 @@ import pytest
 
 from pipeline import storage
 from pipeline.config import load_config
+from pipeline.devstack.ray_cluster import RayHead
 from pipeline.identity import write_resolved_config
-from pipeline.localstack import RayHead
 from pipeline.stages import prepare_data
 from pipeline.stages.entrypoint import stage_main
 from ray_jobs.hooks import RayJobsHook

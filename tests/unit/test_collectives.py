@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import REPO_ROOT
-from pipeline.localstack import free_port
+from pipeline.devstack.host import free_port
 from pipeline.train.collectives import host_gather, host_sums, process_group_backend, step_totals
 
 COLLECTIVES = {

@@ -9,11 +9,24 @@ import pytest
 import yaml
 
 from pipeline.config import REPO_ROOT, ConfigError, PipelineConfig, load_config
+from pipeline.planning.search import apply_plan
 
 CONFIGS = REPO_ROOT / "configs"
 DEMO = CONFIGS / "demo.yaml"
 # The GPU presets: every config but the two that run the tiny model on CPU workers.
 PRESETS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in ("demo.yaml", "compose.yaml"))
+# The fields `apply_plan` writes: a preset holds the planner's choice for each of them.
+PLANNED_FIELDS = {
+    "compute": (
+        "zero_stage",
+        "offload_optimizer",
+        "offload_params",
+        "activation_checkpointing",
+        "checkpoint_every_n_layers",
+    ),
+    "cpt": ("micro_batch_size", "grad_accum_steps"),
+    "sft": ("micro_batch_size", "grad_accum_steps"),
+}
 
 # A small config whose line numbers the tests rely on: keep it exactly as is.
 BASE_YAML = """\
@@ -99,10 +112,8 @@ def test_preset_loads_and_targets_a_gpu_pool_with_remote_stores(preset: Path) ->
     config = load_config(preset)
     gpus_per_host = {"a100": 4, "h100": 8}[config.compute.pool]
     assert config.compute.num_workers % gpus_per_host == 0, "whole hosts only"
-    assert config.compute.zero_stage == 3
     assert config.compute.precision == "bf16"
     assert config.compute.attention == "auto"
-    assert config.compute.activation_checkpointing is True
     assert config.model.base is not None and config.model.base.startswith("s3://models/")
     assert config.data.domain_corpus.startswith("s3://")
     assert config.storage.artifact_root.startswith("s3://")
@@ -114,18 +125,28 @@ def test_preset_loads_and_targets_a_gpu_pool_with_remote_stores(preset: Path) ->
     assert config.storage.artifact_root == raw["storage"]["artifact_root"]
 
 
-def test_preset_choices_match_the_memory_arithmetic() -> None:
-    llama3_h100 = load_config(CONFIGS / "llama3-8b-h100.yaml")
-    assert (llama3_h100.compute.num_workers, llama3_h100.compute.offload_optimizer) == (8, False)
-    assert (llama3_h100.data.seq_len, llama3_h100.data.chat_format) == (8192, "llama3")
-    assert llama3_h100.model.base == "s3://models/meta-llama/Meta-Llama-3-8B"
-
-    llama2_70b = load_config(CONFIGS / "llama2-70b-h100.yaml")
-    assert (llama2_70b.compute.num_workers, llama2_70b.compute.offload_optimizer) == (32, True)
-    assert llama2_70b.data.seq_len == 4096
-
-    assert load_config(CONFIGS / "llama3-8b-a100.yaml").compute.pool == "a100"
-    assert load_config(CONFIGS / "mixtral-8x7b-h100.yaml").compute.offload_optimizer is True
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_holds_the_plan_the_planner_chooses_for_it(preset: Path) -> None:
+    """ZeRO stage, offload, checkpointing and each stage's micro-batch are not picked by hand:
+    a preset holds what ``apply_plan`` chooses for it, and that setting is predicted to fit."""
+    config = load_config(preset)
+    planned, document = apply_plan(config)
+    differ = {
+        f"{section}.{key}": (
+            getattr(getattr(config, section), key),
+            getattr(getattr(planned, section), key),
+        )
+        for section, keys in PLANNED_FIELDS.items()
+        for key in keys
+        if getattr(getattr(config, section), key) != getattr(getattr(planned, section), key)
+    }
+    assert differ == {}, (
+        f"{preset.name} (configured, planned): {differ}; set the chosen row of "
+        f"`pipeline plan configs/{preset.name}` in the file"
+    )
+    for section in ("cpt", "sft"):
+        configured = document[section]["configured"]
+        assert configured["fits"], f"{section}: {configured['why']}"
 
 
 # --- unknown keys and bad values ------------------------------------------------------------
@@ -307,6 +328,24 @@ def test_override_is_validated_and_blamed_on_the_override(tmp_path: Path) -> Non
     assert "'max_steps'" in message
     # A cross-field rule broken by an override still names the section.
     assert "warmup_steps (2) must be below max_steps (2)" in error_of(path, {"cpt.max_steps": 2})
+
+
+def test_record_field_names_nest_under_data_fields_and_the_former_keys_say_where(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, BASE_YAML)
+    config = load_config(path, {"data.fields.text": "body", "data.fields.role": "from"})
+    assert (config.data.fields.text, config.data.fields.role) == ("body", "from")
+    assert config.data.fields.messages == "messages"  # the others keep their defaults
+    message = error_of(path, {"data.text_field": "body", "data.role_field": "from"})
+    assert (
+        "record field names moved under data.fields: "
+        "data.role_field -> data.fields.role, data.text_field -> data.fields.text"
+    ) in message
+    assert "data.fields.txt (from override): unknown key" in error_of(path, {"data.fields.txt": 1})
+    assert "override 'data.seq_len.x': 'data.seq_len' is not a mapping" in error_of(
+        path, {"data.seq_len.x": 1}
+    )
 
 
 def test_override_with_unknown_section_or_no_field_is_rejected(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from airflow.sdk import Connection
 from airflow.sdk.exceptions import AirflowException
 
 from pipeline.config import REPO_ROOT, ConfigError, load_config
-from pipeline.runs import check_no_literal_secrets, check_remote_safe
+from pipeline.preflight import check_no_literal_secrets, check_remote_safe
 from ray_jobs.hooks import dashboard_base_url, public_dashboard_url
 
 VALUES_FILE = REPO_ROOT / "docker" / "helm" / "airflow-values.yaml"

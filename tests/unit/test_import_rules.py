@@ -1,6 +1,8 @@
 """The import rules of the layout, over the real import graph (every ``import``, also inside
 functions): stages share only the library and ``pipeline.contract``; the libraries never reach
-up into stages; the Airflow side never pulls in training or evaluation; no cycles."""
+up into stages; the Airflow side never pulls in training or evaluation; the dev stack
+(``pipeline.devstack``: local Ray head, PostgreSQL, MLflow, the demo) may import the library, but
+nothing deployed (a stage, the Airflow side) reaches it; no cycles."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-AIRFLOW_SIDE = ("dags.", "plugins.", "pipeline.form", "pipeline.runs", "pipeline.data_watch")
+AIRFLOW_SIDE = ("dags.", "plugins.", "pipeline.form", "pipeline.preflight", "pipeline.data_watch")
 HEAVY = ("pipeline.stages.", "pipeline.train.", "pipeline.eval.")
+DEV_STACK = "pipeline.devstack"  # dev tooling: what `make demo` and the tests start locally
 SHARED_BY_STAGES = "pipeline.stages.entrypoint"  # the harness every stage runs under
 
 
@@ -57,6 +60,9 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
         if module.startswith(AIRFLOW_SIDE):
             found += [f"Airflow side reaches {m}: {module}" for m in _reach(graph, module)
                       if m.startswith(HEAVY)]  # fmt: skip
+        if module.startswith((*AIRFLOW_SIDE, "pipeline.stages.")):
+            found += [f"deployed code reaches the dev stack {m}: {module}"
+                      for m in _reach(graph, module) if m.startswith(DEV_STACK)]  # fmt: skip
     found += [
         f"import cycle through {module}" for module in graph if module in _reach(graph, module)
     ]
@@ -77,6 +83,7 @@ def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_the_layout_keeps_its_import_rules() -> None:
     graph = import_graph()
     assert {"pipeline.contract", "pipeline.models", "pipeline.identity"} <= set(graph)
+    assert {"pipeline.preflight", "pipeline.devstack.host", "pipeline.devstack.demo"} <= set(graph)
     assert "ray_jobs.operators" not in graph and "plugins.ray_jobs.operators" in graph
     assert violations(graph) == []
 
@@ -89,8 +96,14 @@ def test_the_layout_keeps_its_import_rules() -> None:
           "pipeline.train.model": {"pipeline.data.tokenizer"}}, "data imports train"),
         ({"pipeline.stages.evaluate": {"pipeline.stages.prepare_data"}}, "stage imports stage"),
         ({"pipeline.stages.promote": {"pipeline.stages.evaluate"}}, "stage imports stage"),
-        ({"pipeline.runs": {"pipeline.identity"},
+        ({"pipeline.preflight": {"pipeline.identity"},
           "pipeline.identity": {"pipeline.stages.entrypoint"}}, "Airflow side reaches"),
+        # The dev stack stays out of what is deployed, directly or through the library.
+        ({"pipeline.stages.entrypoint": {"pipeline.devstack.host"}}, "deployed code reaches"),
+        ({"pipeline.stages.continued_pretraining": {"pipeline.train.ray_train"},
+          "pipeline.train.ray_train": {"pipeline.devstack.local_training"}},
+         "deployed code reaches"),
+        ({"pipeline.preflight": {"pipeline.devstack.demo"}}, "deployed code reaches"),
         ({"pipeline.contract": {"pipeline.storage"},
           "pipeline.storage": {"pipeline.contract"}}, "import cycle"),
     ],

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import RecordFields
 from pipeline.data import sources
 from pipeline.data.ingest import (
-    Fields,
     Rejection,
     chat_messages,
     document_text,
@@ -24,7 +24,7 @@ from pipeline.data.sources import BadRecord, DataError, Record, WorkUnit
 
 ANSWER = {"role": "assistant", "content": "Your refund is on its way."}
 QUESTION = {"role": "user", "content": "Where is my refund?"}
-FIELDS = Fields()
+FIELDS = RecordFields()
 
 
 def _records(unit: WorkUnit) -> list[Record | BadRecord]:
@@ -106,7 +106,7 @@ def test_document_fields_are_checked() -> None:
     assert document_text([1, 2], FIELDS) == Rejection(
         "not_an_object", "expected a JSON object, got list"
     )
-    assert document_text({"body": "x"}, Fields(text="body")) == "x"
+    assert document_text({"body": "x"}, RecordFields(text="body")) == "x"
 
 
 @pytest.mark.parametrize(
@@ -135,7 +135,7 @@ def test_prompt_response_pairs_and_custom_field_names() -> None:
         {"role": "user", "content": "Where?"},
         {"role": "assistant", "content": "Here."},
     ]
-    custom = Fields(messages="turns", role="from", content="value")
+    custom = RecordFields(messages="turns", role="from", content="value")
     turns = {"turns": [{"from": "user", "value": "Q"}, {"from": "assistant", "value": "A"}]}
     assert chat_messages(turns, custom) == [
         {"role": "user", "content": "Q"},

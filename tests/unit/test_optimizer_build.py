@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
     from pipeline.config import ComputeConfig, TrainConfig
-    from pipeline.localstack import free_port
+    from pipeline.devstack.host import free_port
     from pipeline.train.zero import deepspeed_config, initialize_engine, optimizer_param_groups
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",

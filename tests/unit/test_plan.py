@@ -211,7 +211,10 @@ def test_70b_on_32_a100_offload_frees_a_third_and_allows_a_several_times_larger_
 
 
 def test_7b_on_one_4_gpu_a100_host_chooses_no_offload() -> None:
-    config = load_config(CONFIGS / "llama3-8b-a100.yaml", {"compute.num_workers": 4})
+    # The 80GB card (the preset plans for 40GB, where one host of four needs offload).
+    config = load_config(
+        CONFIGS / "llama3-8b-a100.yaml", {"compute.num_workers": 4, "compute.gpu_memory_gib": 80}
+    )
     plan = make_plan(config)
     assert plan.work.pool.num_nodes == 1
     assert plan.chosen is not None
@@ -242,10 +245,22 @@ def test_a_plan_that_cannot_fit_says_which_resource_is_short() -> None:
         apply_plan(config)
 
 
+# Llama 2 70B as configured by hand before the planner: optimizer offload at micro-batch 1.
+HAND_PICKED_70B = {
+    "compute.plan": "auto",
+    "compute.offload_optimizer": True,
+    "cpt.micro_batch_size": 1,
+    "cpt.grad_accum_steps": 8,
+}
+
+
 def test_apply_plan_keeps_each_sections_global_batch() -> None:
-    config = load_config(CONFIGS / "llama2-70b-h100.yaml", {"compute.plan": "auto"})
+    config = load_config(CONFIGS / "llama2-70b-h100.yaml", HAND_PICKED_70B)
     applied, document = apply_plan(config)
     chosen = document["cpt"]["chosen"]
+    # It changes the setting (no offload, micro-batch 4), not the tokens per step.
+    assert (applied.compute.offload_optimizer, applied.cpt.micro_batch_size) == (False, 4)
+    assert applied.cpt.grad_accum_steps == 2
     assert applied.compute.zero_stage == chosen["zero_stage"]
     assert applied.compute.offload_optimizer == chosen["offload_optimizer"]
     assert applied.compute.activation_checkpointing == chosen["activation_checkpointing"]
@@ -439,7 +454,12 @@ def test_checkpointing_every_2nd_layer_keeps_half_the_layers_and_recomputes_half
 
 
 def test_apply_plan_writes_selective_checkpointing() -> None:
-    config = load_config(CONFIGS / "llama3-8b-h100.yaml", {"compute.plan": "auto"})
+    overrides = {
+        "compute.plan": "auto",
+        "compute.zero_stage": 3,
+        "compute.checkpoint_every_n_layers": 1,
+    }
+    config = load_config(CONFIGS / "llama3-8b-h100.yaml", overrides)
     applied, document = apply_plan(config)
     c = applied.compute
     assert (c.zero_stage, c.offload_optimizer, c.activation_checkpointing) == (2, False, True)

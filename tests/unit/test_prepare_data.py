@@ -186,7 +186,7 @@ def test_replay_corpus_is_mixed_at_the_token_ratio(tmp_path: Path) -> None:
     config = load_config(REPO / "configs" / "demo.yaml", overrides)
     with pytest.raises(DataError, match="missing_field"):
         prepare(config, str(tmp_path / "out"))  # replay records need the configured field
-    overrides["data.text_field"] = "text"
+    overrides["data.fields.text"] = "text"
     config = load_config(REPO / "configs" / "demo.yaml", overrides)
     replay.unlink()
     pq.write_table(pa.table({"text": [f"general {i} " + _doc(rng) for i in range(300)]}), replay)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.config import REPO_ROOT, load_config
-from pipeline.runs import check_no_literal_secrets, check_remote_safe, is_local_host
+from pipeline.preflight import check_no_literal_secrets, check_remote_safe, is_local_host
 
 COMPOSE = REPO_ROOT / "docker" / "compose.yaml"
 EXAMPLE = REPO_ROOT / "configs" / "production.example.yaml"

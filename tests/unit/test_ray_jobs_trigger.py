@@ -92,7 +92,7 @@ def test_base_submission_id_separates_what_sanitizing_would_merge() -> None:
 def test_two_deployments_sharing_a_cluster_never_share_a_run_or_job_key(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from pipeline.runs import DEPLOYMENT_ENV, run_key
+    from pipeline.preflight import DEPLOYMENT_ENV, run_key
     from ray_jobs.submission import DEPLOYMENT_ENV as PLUGIN_DEPLOYMENT_ENV
 
     assert DEPLOYMENT_ENV == PLUGIN_DEPLOYMENT_ENV == "PIPELINE_DEPLOYMENT"

@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.config import REPO_ROOT, ConfigError, load_config
 from pipeline.form import FORM_FIELDS, allowed_config_dirs, trigger_overrides
-from pipeline.runs import check_remote_safe, is_local_host, resolve_run
+from pipeline.preflight import check_remote_safe, is_local_host, resolve_run
 from tests.chat_webhook import ChatWebhook, chat_webhook
 
 DEMO = REPO_ROOT / "configs" / "demo.yaml"
@@ -372,7 +372,7 @@ def test_the_run_notification_says_what_the_run_decided(
     from airflow.dag_processing.dagbag import DagBag
 
     from pipeline import storage
-    from pipeline.runs import RUN_FILE, run_key
+    from pipeline.preflight import RUN_FILE, run_key
     from ray_jobs.notifiers import run_message
 
     config = _secret_config(tmp_path, "sqlite:///x.db", "${HF_TOKEN}")

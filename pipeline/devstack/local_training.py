@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pipeline.localstack import free_port
+from pipeline.devstack.host import free_port
 from pipeline.train.collectives import process_group_backend
 from pipeline.train.loop import LoopSpec, spec_dict, train_worker
 

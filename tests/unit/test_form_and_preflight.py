@@ -10,7 +10,7 @@ import yaml
 
 from pipeline.config import REPO_ROOT, ConfigError, PipelineConfig, load_config
 from pipeline.form import FORM_FIELDS, field_schema, form_fields
-from pipeline.runs import check_inputs, run_key
+from pipeline.preflight import check_inputs, run_key
 
 DEMO = REPO_ROOT / "configs" / "demo.yaml"
 
@@ -191,7 +191,7 @@ def test_plan_auto_is_applied_before_any_job_and_logged_to_the_parent_run(tmp_pa
     from mlflow import MlflowClient
 
     from pipeline.identity import read_resolved_config
-    from pipeline.runs import resolve_run
+    from pipeline.preflight import resolve_run
 
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = {
@@ -244,7 +244,7 @@ def test_resolve_run_returns_code_version_jobs_and_the_parent_run_url(tmp_path: 
     from mlflow import MlflowClient
 
     from pipeline.identity import code_version
-    from pipeline.runs import STAGES, resolve_run
+    from pipeline.preflight import STAGES, resolve_run
 
     resolved = resolve_run(str(DEMO), _demo_overrides(tmp_path), "keys-run")
     assert resolved["code_version"] == code_version()
@@ -273,7 +273,7 @@ def test_resolve_run_returns_code_version_jobs_and_the_parent_run_url(tmp_path: 
 
 
 def test_inputs_fingerprint_follows_the_data_files_and_the_config(tmp_path: Path) -> None:
-    from pipeline.runs import resolve_run
+    from pipeline.preflight import resolve_run
 
     data = tmp_path / "domain.jsonl"
     data.write_text((REPO_ROOT / "configs" / "demo_data" / "domain.jsonl").read_text())

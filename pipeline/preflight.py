@@ -1,8 +1,13 @@
-"""Turn a DAG run into a pipeline run: run key, validated config, written next to the artifacts.
+"""Preflight of a pipeline run, on the Airflow side: the checks and decisions made before any
+Ray job starts.
 
-Runs in the first Airflow task, so a bad config, a missing data file or a setting that cannot
-work on a remote Ray cluster fails there, before any Ray job or GPU is involved. What it returns
-is the run's XCom: small, and with secrets redacted.
+The first Airflow task turns a DAG run into a pipeline run here (``resolve_run``): the run key,
+the config checked (``check_inputs``, ``check_remote_safe``, ``check_no_literal_secrets``), the
+plan applied under ``compute.plan: auto``, the resolved config written next to the artifacts,
+the code version and the Ray job options. So a bad config, a missing data file or a setting
+that cannot work on a remote Ray cluster fails there, before any Ray job or GPU is involved.
+What it returns is the run's XCom: small, and with secrets redacted. After the run,
+``run_outcome`` reads what it decided back for the notifications.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Local stand-ins for production services: a Ray head with token authentication, extra nodes
-joined to it, and a PostgreSQL server.
+"""A local Ray cluster with token authentication: a head, and worker nodes joined to it on this
+machine the way KubeRay worker groups join a production head.
 
 ``make demo`` and the test suite start their own head here and stop it afterwards; nothing is
 assumed to be running. The head runs in its own process group (``ray start --block``) so that
@@ -8,18 +8,11 @@ stopping it never touches another Ray cluster on the same machine, which ``ray s
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import pwd
 import secrets
-import shlex
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-LOOPBACK = "127.0.0.1"
+from pipeline.devstack.host import LOOPBACK, free_port, stop_process_group
 
 
 @dataclass(frozen=True)
@@ -45,31 +38,6 @@ class RayHead:
         """Value for ``AIRFLOW_CONN_RAY_DEFAULT``: the token travels as a file path, not a secret."""
         host = self.dashboard_url.removeprefix("http://")
         return f"http://{host}?auth_token_path={self.token_path}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def this_host_address() -> str | None:
-    """A non-loopback IPv4 address of this machine's own interfaces, or None when it has none.
-
-    A service bound to it is reached the way another machine reaches it: the Airflow side
-    (``pipeline.runs.is_local_host``) counts it as a remote cluster.
-    """
-    import psutil
-
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if (
-                address.family == socket.AF_INET
-                and not ipaddress.ip_address(address.address).is_loopback
-            ):
-                return str(address.address)
-    return None
 
 
 def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -167,7 +135,7 @@ def ray_head(
         num_gpus: GPUs the head advertises (0: CPU only, whatever the machine has).
         resources: custom Ray resources of the head; None: ``DEV_DRIVER_RESOURCES``.
         host: the address the node, its GCS and its dashboard (Jobs API) bind to and announce;
-            ``this_host_address()`` makes it a cluster Airflow treats as remote.
+            ``host.this_host_address()`` makes it a cluster Airflow treats as remote.
         env: environment of the head's processes over this one's, as a KubeRay pod spec's
             ``env`` gives them (S3 credentials, say); every job inherits it.
         cwd: working directory of the head's processes and so of job drivers (default: this
@@ -217,7 +185,7 @@ def ray_head(
         _wait_for_dashboard(head.dashboard_url, token, proc, log)
         yield head
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 def alive_nodes(head: RayHead) -> list[dict[str, Any]]:
@@ -269,7 +237,7 @@ def ray_worker_node(
     try:
         yield _wait_for_new_node(head, before, proc, log)
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 def _wait_for_new_node(
@@ -298,161 +266,3 @@ def wait_for_nodes(head: RayHead, count: int, timeout: float = 60) -> list[dict[
             )
         time.sleep(0.5)
     return nodes
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        # `ray start --block` does not always exit on SIGTERM; don't wait long for it.
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-POSTGRES_BIN = Path(os.environ.get("PIPELINE_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
-"""Where ``initdb`` and ``pg_ctl`` are (Debian's postgresql-15 package by default)."""
-
-
-@dataclass(frozen=True)
-class PostgresServer:
-    host: str
-    port: int
-    user: str
-    """Superuser; connections from ``host`` are trusted (no password)."""
-
-    def dsn(self, database: str) -> str:
-        """libpq URL of ``database`` (``psql``, ``psycopg2.connect``)."""
-        return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
-
-    def sqlalchemy_url(self, database: str) -> str:
-        """SQLAlchemy URL of ``database`` through psycopg2 (Airflow's and MLflow's stores);
-        SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3, which is not installed."""
-        return f"postgresql+psycopg2://{self.user}@{self.host}:{self.port}/{database}"
-
-    def create_database(self, name: str) -> None:
-        createdb = str(POSTGRES_BIN / "createdb")
-        cmd = [createdb, "-h", self.host, "-p", str(self.port), "-U", self.user, name]
-        subprocess.run(cmd, check=True, capture_output=True)
-
-
-def _as_postgres_user(cmd: list[str]) -> None:
-    """Run a server command as the data dir's owner: PostgreSQL refuses to run as root."""
-    if os.geteuid() == 0:
-        cmd = ["su", "postgres", "-s", "/bin/bash", "-c", shlex.join(cmd)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"{shlex.join(cmd)} failed ({result.returncode}): {result.stderr or result.stdout}"
-        )
-
-
-@contextmanager
-def postgres_server(workdir: Path) -> Iterator[PostgresServer]:
-    """Start a private PostgreSQL server on a free loopback port and stop it on exit.
-
-    The cluster lives in a fresh folder under /tmp (as root, owned by the ``postgres`` user,
-    who cannot enter root's pytest folders), with its socket there too, so it touches no
-    system cluster; it is deleted on exit, after its log is copied to ``workdir``.
-
-    Yields:
-        The server: connect as its superuser without a password; ``create_database`` per use.
-    """
-    if not (POSTGRES_BIN / "initdb").is_file():
-        raise RuntimeError(
-            f"no PostgreSQL server binaries in {POSTGRES_BIN}: install the server (Debian: "
-            "apt-get install postgresql-15) or set PIPELINE_POSTGRES_BIN to its bin folder"
-        )
-    workdir = workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
-    if os.geteuid() == 0:
-        owner = pwd.getpwnam("postgres")
-        os.chown(data_dir, owner.pw_uid, owner.pw_gid)
-        user = "postgres"
-    else:
-        user = pwd.getpwuid(os.geteuid()).pw_name
-    port = free_port()
-    log = data_dir / "server.log"
-    pg_ctl = str(POSTGRES_BIN / "pg_ctl")
-    options = f"-p {port} -k {data_dir} -c listen_addresses={LOOPBACK}"
-    initdb = [str(POSTGRES_BIN / "initdb"), "-D", str(data_dir), "-A", "trust", "-U", user]
-    try:
-        _as_postgres_user(initdb)
-        _as_postgres_user(
-            [pg_ctl, "-D", str(data_dir), "-o", options, "-l", str(log), "-w", "start"]
-        )
-        try:
-            yield PostgresServer(host=LOOPBACK, port=port, user=user)
-        finally:
-            _as_postgres_user([pg_ctl, "-D", str(data_dir), "-m", "fast", "-w", "stop"])
-    finally:
-        if log.exists():
-            shutil.copyfile(log, workdir / f"postgres-{port}.log")
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-
-@contextmanager
-def mlflow_server(
-    workdir: Path,
-    backend_store_uri: str,
-    artifacts_destination: str,
-    *,
-    host: str = LOOPBACK,
-    env: dict[str, str] | None = None,
-) -> Iterator[str]:
-    """Run ``mlflow server`` (one worker, serving artifacts) on a free port; stop it on exit.
-
-    Args:
-        workdir: the server's working directory and log folder.
-        backend_store_uri: runs and registry (``sqlite:///...``, ``postgresql://...``).
-        artifacts_destination: where the server stores the artifacts it proxies (a folder or
-            ``s3://bucket/prefix``; for S3 ``env`` carries ``MLFLOW_S3_ENDPOINT_URL`` and keys).
-        host: address to bind; clients must call it by that address (the server refuses
-            other ``Host`` headers).
-        env: environment of the server over this one's.
-
-    Yields:
-        The server's URL, once ``/health`` answers.
-    """
-    workdir = workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://{host}:{port}"
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        f"--backend-store-uri={backend_store_uri}",
-        f"--artifacts-destination={artifacts_destination}",
-        f"--host={host}",
-        f"--port={port}",
-        "--workers=1",
-    ]
-    if host != LOOPBACK:  # MLflow's default allows loopback and private addresses only
-        cmd.append(f"--allowed-hosts={host}:{port},{host}")
-    log = workdir / f"mlflow-server-{port}.log"
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(
-            cmd,
-            env={**os.environ, **(env or {})},
-            cwd=workdir,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError) as err:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start; see {log}") from err
-                time.sleep(1)
-        yield url
-    finally:
-        _stop(proc)
