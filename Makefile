@@ -20,8 +20,9 @@ install: $(STAMP)
 
 # torch first: deepspeed is an sdist that builds against the installed torch, without build
 # isolation (an isolated build would fetch an unpinned, multi-GB CUDA torch). Last, DeepSpeed's
-# CPU Adam (optimizer offload) op, which it JIT-builds on first use (a minute or more on two
-# cores): built once here so that the first training job and its timeouts do not pay for it,
+# CPU Adam (optimizer offload) and shared-memory collectives ops, which it JIT-builds on first
+# use (a minute or more each on two cores): built once here so that the first training job and
+# its timeouts do not pay for them,
 # in the trainer's environment (CPU accelerator, this venv's ninja first on PATH).
 $(STAMP): requirements/cpu.txt requirements/dev.txt requirements/constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,14 +31,16 @@ $(STAMP): requirements/cpu.txt requirements/dev.txt requirements/constraints.txt
 	$(PIP) --no-build-isolation -r requirements/dev.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	DS_ACCELERATOR=cpu PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -c \
-		"from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" > /dev/null
+		"from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(); \
+		from deepspeed.accelerator import get_accelerator; \
+		get_accelerator().create_op_builder('ShareMemCommBuilder').load()" > /dev/null
 	touch $@
 
 $(AIRFLOW_HOME)/airflow.db: | $(STAMP)
 	mkdir -p $(AIRFLOW_HOME)
 	$(VENV)/bin/airflow db migrate > $(AIRFLOW_HOME)/migrate.log
 
-# `pipeline demo` migrates .local/airflow itself; the tests migrate their own .local/airflow-test.
+# `pipeline demo` migrates .local/airflow itself; the tests migrate their own .local/airflow-test-*.
 demo: $(STAMP)
 	$(VENV)/bin/pipeline demo
 
@@ -51,8 +54,12 @@ browser:
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 	@test -x $(CHROMIUM) || { echo "$(CHROMIUM) is still missing after installing chromium"; exit 1; }
 
+# Two pytest-xdist workers, each taking whole files (module fixtures such as the e2e DAG run are
+# built once): much of the suite waits on one core (imports, in-process training, servers
+# starting), so two lanes fill the CI's two cores. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	PIPELINE_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest -ra --durations=25
+	PIPELINE_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: $(STAMP)
 	$(VENV)/bin/pytest -ra tests/unit

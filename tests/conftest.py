@@ -2,6 +2,8 @@
 
 Airflow reads its settings when first imported, so the test AIRFLOW_HOME (its own SQLite DB,
 separate from the demo's) is set at import time of this file, before any test module loads.
+``make test`` runs the suite in two pytest-xdist workers, whole files to one worker: each worker
+starts its own services and has its own AIRFLOW_HOME (one SQLite file takes one writer).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from pipeline.devstack.ray_cluster import RayHead
 from pipeline.devstack.ray_cluster import ray_head as start_ray_head
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-AIRFLOW_HOME = REPO_ROOT / ".local" / "airflow-test"
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+AIRFLOW_HOME = (
+    REPO_ROOT / ".local" / (f"airflow-test-{_XDIST_WORKER}" if _XDIST_WORKER else "airflow-test")
+)
 os.environ.update(
     {
         "AIRFLOW_HOME": str(AIRFLOW_HOME),

@@ -158,6 +158,10 @@ class TrainingRecipe:
             os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
         import deepspeed
 
+        from pipeline.train.zero import cache_cpu_info
+
+        cache_cpu_info()
+
         torch.set_num_threads(config.compute.cpus_per_worker)
         # Wrap Ray Train's process group so ZeRO-3's partitioned loading sees the real world size.
         deepspeed.init_distributed(dist_backend=dist.get_backend())

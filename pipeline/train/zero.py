@@ -8,6 +8,7 @@ rest of the trainer does not branch on the ZeRO stage.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import subprocess
@@ -88,6 +89,20 @@ def optimizer_param_groups(model: Any, weight_decay: float) -> list[dict[str, An
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def cache_cpu_info() -> None:
+    """Make py-cpuinfo's ``get_cpu_info`` answer once per process.
+
+    DeepSpeed asks it three times while it starts an engine with its CPU ops (the build flags
+    of the shared-memory comm op and of CPU Adam, then CPU Adam's vendor check), and each call
+    starts a Python subprocess to read the CPU: about 1.2 s, on every rank of every job. The
+    CPU does not change within a process.
+    """
+    import cpuinfo
+
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
 
 
 # Messages of DeepSpeed's JIT op builds (FusedAdam on GPUs, CPUAdam for optimizer offload).

@@ -31,7 +31,7 @@ import yaml
 from pipeline.devstack.host import free_port
 from pipeline.devstack.ray_cluster import RayHead
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DAG_ID = "domain_llm_retraining"

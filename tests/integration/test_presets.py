@@ -1,6 +1,7 @@
 """The preset families through the real stages on CPU: a Llama 2-style base (SentencePiece
-tokenizer without ChatML tokens) and a tiny Mixtral (MoE under ZeRO-3), each run as Ray jobs
-through prepare_data, continued_pretraining and instruction_finetuning for a few steps."""
+tokenizer without ChatML tokens) and a tiny Mixtral (MoE under ZeRO-3), run as Ray jobs through
+prepare_data (once: both bases share the tokenizer), continued_pretraining and
+instruction_finetuning for a few steps, the two families' training jobs side by side."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -32,75 +32,94 @@ def hook(ray_head: RayHead, monkeypatch: pytest.MonkeyPatch) -> RayJobsHook:
     return RayJobsHook("ray_stage")
 
 
-def _run_stage(hook: RayJobsHook, stage: str, args: str, submission_id: str) -> dict[str, Any]:
-    hook.submit_job(
-        entrypoint=f"python -m pipeline.stages.{stage} {args}", submission_id=submission_id
-    )
+FAMILIES = ("llama", "mixtral")
+
+
+def _run_stages(hook: RayJobsHook, jobs: dict[str, str]) -> None:
+    """Submit every ``{submission_id: entrypoint}`` at once (the head fits two training jobs)
+    and wait until all have succeeded."""
+    for submission_id, entrypoint in jobs.items():
+        hook.submit_job(entrypoint=entrypoint, submission_id=submission_id)
+    waiting = set(jobs)
     deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        job = hook.get_job(submission_id)
-        assert job is not None
-        if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
-            assert job["status"] == "SUCCEEDED", hook.get_job_logs(submission_id)[-4000:]
-            return job
+    while waiting and time.monotonic() < deadline:
+        for submission_id in sorted(waiting):
+            job = hook.get_job(submission_id)
+            assert job is not None
+            if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                assert job["status"] == "SUCCEEDED", hook.get_job_logs(submission_id)[-4000:]
+                waiting.remove(submission_id)
         time.sleep(2)
-    raise AssertionError(f"{stage} did not finish in time")
+    assert not waiting, f"{sorted(waiting)} did not finish in time"
 
 
-@pytest.mark.parametrize("architecture", ["llama", "mixtral"])
-def test_preset_family_trains_through_the_real_stages(
-    architecture: str, hook: RayJobsHook, tmp_path: Path
-) -> None:
+def test_preset_families_train_through_the_real_stages(hook: RayJobsHook, tmp_path: Path) -> None:
+    """Both families from the same prepared data (one tokenizer), their CPT jobs and then
+    their SFT jobs running side by side."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.data.chat import render_segments
 
     lines = (REPO_ROOT / "configs" / "demo_data" / "domain.jsonl").read_text().splitlines()
     tok = llama2_style_tokenizer([json.loads(line)["text"] for line in lines[:300]], 600)
-    base = save_base_model(tmp_path / "base", architecture, tok, seq_len=128)  # type: ignore[arg-type]
-    config = load_config(
-        REPO_ROOT / "configs" / "demo.yaml",
+    args: dict[str, str] = {}
+    for architecture in FAMILIES:
+        base = save_base_model(tmp_path / f"base-{architecture}", architecture, tok, seq_len=128)
+        config = load_config(
+            REPO_ROOT / "configs" / "demo.yaml",
+            {
+                "model.base": str(base),
+                "data.seq_len": 128,
+                "cpt.max_steps": 3,
+                "cpt.warmup_steps": 0,
+                "sft.max_steps": 2,
+                "sft.warmup_steps": 0,
+                "compute.num_workers": 2,
+                "compute.zero_stage": 3,
+                "storage.artifact_root": str(tmp_path / "artifacts"),
+                "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                "tracking.artifact_location": str(tmp_path / "mlruns"),
+            },
+        )
+        key = f"preset-{architecture}"
+        args[architecture] = f"--config {write_resolved_config(config, key)} --run-key {key}"
+    run_dirs = {arch: tmp_path / "artifacts" / f"preset-{arch}" for arch in FAMILIES}
+    stage = "python -m pipeline.stages."
+    # The data does not depend on the architecture: the bases share their tokenizer files.
+    _run_stages(hook, {"preset-prepare": f"{stage}prepare_data {args['llama']}"})
+    prepared = run_dirs["llama"] / "prepare_data"
+    _run_stages(
+        hook,
         {
-            "model.base": str(base),
-            "data.seq_len": 128,
-            "cpt.max_steps": 3,
-            "cpt.warmup_steps": 0,
-            "sft.max_steps": 2,
-            "sft.warmup_steps": 0,
-            "compute.num_workers": 2,
-            "compute.zero_stage": 3,
-            "storage.artifact_root": str(tmp_path / "artifacts"),
-            "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
-            "tracking.artifact_location": str(tmp_path / "mlruns"),
+            f"preset-{arch}-cpt": f"{stage}continued_pretraining {args[arch]} --input {prepared}"
+            for arch in FAMILIES
         },
     )
-    key = f"preset-{architecture}"
-    args = f"--config {write_resolved_config(config, key)} --run-key {key}"
-    run_dir = tmp_path / "artifacts" / key
-    _run_stage(hook, "prepare_data", args, f"{key}-prepare")
-    _run_stage(
-        hook, "continued_pretraining", f"{args} --input {run_dir / 'prepare_data'}", f"{key}-cpt"
-    )
-    _run_stage(
+    _run_stages(
         hook,
-        "instruction_finetuning",
-        f"{args} --input {run_dir / 'continued_pretraining'}",
-        f"{key}-sft",
+        {
+            f"preset-{arch}-sft": f"{stage}instruction_finetuning {args[arch]} "
+            f"--input {run_dirs[arch] / 'continued_pretraining'}"
+            for arch in FAMILIES
+        },
     )
 
-    cpt = json.loads((run_dir / "continued_pretraining" / "result.json").read_text())["metrics"]
-    sft = json.loads((run_dir / "instruction_finetuning" / "result.json").read_text())["metrics"]
-    assert (cpt["steps"], sft["steps"]) == (3, 2)
-    # A freshly initialised model over 602 tokens starts near ln(602) = 6.40 nats.
-    assert cpt["first_loss"] == pytest.approx(math.log(602), abs=0.3)
-    assert cpt["final_loss"] < cpt["first_loss"]
+    for architecture, run_dir in run_dirs.items():
+        cpt, sft = (
+            json.loads((run_dir / name / "result.json").read_text())["metrics"]
+            for name in ("continued_pretraining", "instruction_finetuning")
+        )
+        assert (cpt["steps"], sft["steps"]) == (3, 2), architecture
+        # A freshly initialised model over 602 tokens starts near ln(602) = 6.40 nats.
+        assert cpt["first_loss"] == pytest.approx(math.log(602), abs=0.3), architecture
+        assert cpt["final_loss"] < cpt["first_loss"], architecture
 
-    exported = run_dir / "instruction_finetuning" / "model"
-    model = AutoModelForCausalLM.from_pretrained(str(exported))
-    assert model.config.model_type == architecture
-    assert model.config.vocab_size == 602 and model.config.use_cache is True
-    served = AutoTokenizer.from_pretrained(str(exported))
-    assert len(served) == 602
-    assert served.apply_chat_template(CONVERSATION, tokenize=False) == "".join(
-        text for text, _ in render_segments(CONVERSATION, "chatml")
-    )
+        exported = run_dir / "instruction_finetuning" / "model"
+        model = AutoModelForCausalLM.from_pretrained(str(exported))
+        assert model.config.model_type == architecture
+        assert model.config.vocab_size == 602 and model.config.use_cache is True
+        served = AutoTokenizer.from_pretrained(str(exported))
+        assert len(served) == 602
+        assert served.apply_chat_template(CONVERSATION, tokenize=False) == "".join(
+            text for text, _ in render_segments(CONVERSATION, "chatml")
+        )

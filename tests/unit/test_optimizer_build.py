@@ -62,3 +62,20 @@ def test_a_failed_optimizer_build_names_the_op_the_cause_and_the_fix(tmp_path: P
     assert "DeepSpeed could not build its 'deepspeed_shm_comm' op" in message
     assert "Error building extension 'deepspeed_shm_comm'" in message  # the cause, verbatim
     assert "TORCH_CUDA_ARCH_LIST" in message and "'9.0' for H100" in message  # the fix
+
+
+def test_cpu_info_is_read_once_per_process() -> None:
+    """DeepSpeed reads the CPU three times per engine; each read is a subprocess."""
+    import cpuinfo
+
+    from pipeline.train.zero import cache_cpu_info
+
+    original = cpuinfo.get_cpu_info
+    try:
+        cache_cpu_info()
+        cache_cpu_info()  # a second wrap would hide the first cache's counts
+        first, second = cpuinfo.get_cpu_info(), cpuinfo.get_cpu_info()
+        assert first is second and first["arch"]
+        assert cpuinfo.get_cpu_info.cache_info().misses == 1
+    finally:
+        cpuinfo.get_cpu_info = original
