@@ -57,7 +57,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     import time
 
     from pipeline import storage
-    from pipeline.contract import DATA_REPORT_FILE
+    from pipeline.contract import DATA, DATA_REPORT_FILE
     from pipeline.identity import write_resolved_config
     from pipeline.preflight import check_inputs
     from pipeline.stages import prepare_data
@@ -70,7 +70,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     result = stage_main(
         prepare_data.STAGE, prepare_data.run, ["--config", config_uri, "--run-key", key]
     )
-    data_uri = result["outputs"]["data"]
+    data_uri = result["outputs"][DATA]
     print(storage.read_bytes(storage.join(data_uri, DATA_REPORT_FILE)).decode())
     print(f"data: {data_uri}")
     return 0

@@ -14,6 +14,28 @@ from pipeline import storage
 STAGES = ("prepare_data", "continued_pretraining", "instruction_finetuning", "evaluate", "promote")
 """The Ray job stages of one run, in order; each is ``python -m pipeline.stages.<stage>``."""
 
+# --- what each stage hands on: keys of ``outputs`` in its ``result.json`` -----------------------
+# A stage's outputs are merged over the earlier stages' (``StageContext.previous``), so a later
+# stage reads any of them.
+DATA = "data"
+"""prepare_data: the folder of the shards, the manifest and the held-out set."""
+TOKENIZER = "tokenizer"
+"""prepare_data: the training tokenizer's folder (chat tokens added, template attached)."""
+BASE_MODEL = "base_model"
+"""continued_pretraining: the model CPT started from (the base, or one built from config)."""
+CPT_MODEL = "cpt_model"
+"""continued_pretraining: the exported CPT model."""
+SFT_MODEL = "sft_model"
+"""instruction_finetuning: the exported SFT model, the candidate."""
+EVAL_REPORT = "eval_report"
+"""evaluate: the ``EVAL_REPORT_FILE`` with every score and gate."""
+EVAL_REPORT_HTML = "eval_report_html"
+"""evaluate: the report page with its plots."""
+REGISTERED_MODEL = "registered_model"
+"""promote: the registered model's name."""
+MODEL_VERSION = "model_version"
+"""promote: the version the candidate was registered as."""
+
 # Every stage folder ends with ``pipeline.storage``'s commit: ``result.json``, then ``_SUCCESS``.
 CONFIG_FILE = "config.yaml"
 """The run's resolved config, in the run's folder; every stage reads it."""

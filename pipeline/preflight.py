@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from pipeline import storage
 from pipeline.config import ConfigError, PipelineConfig, load_config
-from pipeline.contract import STAGES
+from pipeline.contract import MODEL_VERSION, REGISTERED_MODEL, STAGES
 from pipeline.identity import code_version, write_resolved_config
 from pipeline.redact import is_secret_key, literal_secrets, redact
 
@@ -293,7 +293,7 @@ def run_outcome(artifact_root: str, key: str) -> dict[str, Any]:
     if promote is None:
         return {**outcome, "decision": "none"}
     outputs = promote.get("outputs", {})
-    model = f"{outputs.get('registered_model', '?')} v{outputs.get('model_version', '?')}"
+    model = f"{outputs.get(REGISTERED_MODEL, '?')} v{outputs.get(MODEL_VERSION, '?')}"
     if promote.get("skip_reason"):
         return {**outcome, "decision": "refused", "model": model, "reason": promote["skip_reason"]}
     return {**outcome, "decision": "promoted", "model": model}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 
 from pipeline import storage
+from pipeline.contract import BASE_MODEL, CPT_MODEL, DATA, TOKENIZER
 from pipeline.stages.entrypoint import StageContext, StageOutput, stage_main
 
 STAGE = "continued_pretraining"
@@ -31,7 +32,7 @@ def initial_model(ctx: StageContext) -> str:
 
     base_uri = storage.join(ctx.output_uri, "base_model")
     with storage.local_staging(base_uri) as out, tempfile.TemporaryDirectory() as scratch:
-        tok = load_tokenizer(storage.download_dir(ctx.previous["tokenizer"], scratch))
+        tok = load_tokenizer(storage.download_dir(ctx.previous[TOKENIZER], scratch))
         model = build_model(cfg.model, tok, cfg.data.seq_len, cfg.cpt.seed)
         model.save_pretrained(str(out), safe_serialization=True)
         tok.save_pretrained(str(out))
@@ -48,8 +49,8 @@ def run(ctx: StageContext) -> StageOutput:
         config=ctx.config.model_dump(mode="json"),
         section="cpt",
         model_uri=base_uri,
-        tokenizer_uri=ctx.previous["tokenizer"],
-        data_uri=ctx.previous["data"],
+        tokenizer_uri=ctx.previous[TOKENIZER],
+        data_uri=ctx.previous[DATA],
         split="cpt_train",
         output_uri=model_uri,
         checkpoint_uri=storage.join(ctx.output_uri, "checkpoints"),
@@ -57,7 +58,7 @@ def run(ctx: StageContext) -> StageOutput:
     )
     metrics = fit(spec, ctx.config.compute, name=f"{ctx.run_key}-{STAGE}")
     return StageOutput(
-        outputs={"base_model": base_uri, "cpt_model": model_uri},
+        outputs={BASE_MODEL: base_uri, CPT_MODEL: model_uri},
         metrics=metrics,
         summary=training_summary(metrics),
     )

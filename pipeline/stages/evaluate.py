@@ -19,7 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import storage, tracking
 from pipeline.config import PipelineConfig
-from pipeline.contract import EVAL_REPORT_FILE, model_metrics, read_heldout
+from pipeline.contract import (
+    BASE_MODEL,
+    CPT_MODEL,
+    DATA,
+    EVAL_REPORT,
+    EVAL_REPORT_FILE,
+    EVAL_REPORT_HTML,
+    SFT_MODEL,
+    model_metrics,
+    read_heldout,
+)
 from pipeline.placement import reserve
 from pipeline.stages.entrypoint import StageContext, StageOutput, stage_main
 
@@ -206,9 +216,9 @@ def run(ctx: StageContext) -> StageOutput:
     from pipeline.eval.scores import general_documents
 
     cfg, prev = ctx.config, ctx.previous
-    heldout = read_heldout(prev["data"])
+    heldout = read_heldout(prev[DATA])
     general = general_documents(cfg, heldout)
-    models = {"base": prev["base_model"], "cpt": prev["cpt_model"], "candidate": prev["sft_model"]}
+    models = {"base": prev[BASE_MODEL], "cpt": prev[CPT_MODEL], "candidate": prev[SFT_MODEL]}
     champion = tracking.champion_version(cfg.tracking)
     if champion is not None:
         models["champion"] = f"models:/{cfg.tracking.registered_model}/{champion.version}"
@@ -234,7 +244,7 @@ def run(ctx: StageContext) -> StageOutput:
     for line in summary:
         log.info("%s", line)
     return StageOutput(
-        outputs={"eval_report": report_uri, "eval_report_html": report["report_html"]},
+        outputs={EVAL_REPORT: report_uri, EVAL_REPORT_HTML: report["report_html"]},
         metrics=headline_metrics(report),
         summary=summary,
         report_url=report_page_url(ctx, report["report_html"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline import storage
+from pipeline.contract import CPT_MODEL, DATA, SFT_MODEL, TOKENIZER
 from pipeline.stages.entrypoint import StageContext, StageOutput, stage_main
 
 STAGE = "instruction_finetuning"
@@ -16,9 +17,9 @@ def run(ctx: StageContext) -> StageOutput:
     spec = LoopSpec(
         config=ctx.config.model_dump(mode="json"),
         section="sft",
-        model_uri=ctx.previous["cpt_model"],
-        tokenizer_uri=ctx.previous["tokenizer"],
-        data_uri=ctx.previous["data"],
+        model_uri=ctx.previous[CPT_MODEL],
+        tokenizer_uri=ctx.previous[TOKENIZER],
+        data_uri=ctx.previous[DATA],
         split="sft_train",
         output_uri=model_uri,
         checkpoint_uri=storage.join(ctx.output_uri, "checkpoints"),
@@ -26,7 +27,7 @@ def run(ctx: StageContext) -> StageOutput:
     )
     metrics = fit(spec, ctx.config.compute, name=f"{ctx.run_key}-{STAGE}")
     return StageOutput(
-        outputs={"sft_model": model_uri},
+        outputs={SFT_MODEL: model_uri},
         metrics=metrics,
         summary=training_summary(metrics),
     )

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import storage
 from pipeline.config import PipelineConfig
-from pipeline.contract import DATA_REPORT_FILE, HELDOUT_FILE, MANIFEST_FILE, QUARANTINE_FILE
+from pipeline.contract import (
+    DATA,
+    DATA_REPORT_FILE,
+    HELDOUT_FILE,
+    MANIFEST_FILE,
+    QUARANTINE_FILE,
+    TOKENIZER,
+)
 from pipeline.cpus import usable_cpus
 from pipeline.data import chat, chunks, ingest, report, select, sources
 from pipeline.data.assemble import assemble
@@ -256,7 +263,7 @@ def run(ctx: StageContext) -> StageOutput:
     report.log_to_mlflow(cfg, ctx.mlflow_run_id, data_uri, manifest)
     log.info("data report:\n%s", report.markdown(manifest))
     return StageOutput(
-        outputs={"tokenizer": storage.join(ctx.output_uri, "tokenizer"), "data": data_uri},
+        outputs={TOKENIZER: storage.join(ctx.output_uri, "tokenizer"), DATA: data_uri},
         metrics=report.metrics(manifest),
         summary=report.summary(manifest),
     )

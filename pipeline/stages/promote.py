@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import storage, tracking
 from pipeline.config import TrackingConfig
-from pipeline.contract import MANIFEST_FILE, model_metrics
+from pipeline.contract import (
+    DATA,
+    EVAL_REPORT,
+    MANIFEST_FILE,
+    MODEL_VERSION,
+    REGISTERED_MODEL,
+    SFT_MODEL,
+    model_metrics,
+)
 from pipeline.identity import code_version
 from pipeline.stages.entrypoint import StageContext, StageOutput, stage_main
 
@@ -52,7 +60,7 @@ def lineage_tags(ctx: StageContext, report: dict[str, Any]) -> dict[str, str]:
             "promote needs the prepared data folder (outputs['data'] of prepare_data) for the "
             f"lineage tags; the previous outputs hold only {sorted(ctx.previous)}"
         )
-    manifest = storage.read_json(storage.join(ctx.previous["data"], MANIFEST_FILE))
+    manifest = storage.read_json(storage.join(ctx.previous[DATA], MANIFEST_FILE))
     return {
         tracking.RUN_KEY_TAG: ctx.run_key,
         DATA_DIGEST_TAG: str(manifest.get("sources_digest", "unknown")),
@@ -101,7 +109,7 @@ def log_transformers_model(ctx: StageContext, tags: dict[str, str]) -> Any:
     )
     mlflow.set_experiment(experiment_id=tracking.experiment_id(ctx.config.tracking))
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = storage.download_dir(ctx.previous["sft_model"], scratch)
+        model_dir = storage.download_dir(ctx.previous[SFT_MODEL], scratch)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         return mlflow.transformers.log_model(
@@ -175,7 +183,7 @@ def move_aliases(config: TrackingConfig, version: str, passed: bool) -> list[str
 def run(ctx: StageContext) -> StageOutput:
     cfg = ctx.config
     name = cfg.tracking.registered_model
-    report = storage.read_json(ctx.previous["eval_report"])
+    report = storage.read_json(ctx.previous[EVAL_REPORT])
     passed = bool(report["passed"])
     failed = [g["name"] for g in report.get("gates", []) if not g["passed"]]
     version, reused = register_model(ctx, lineage_tags(ctx, report))
@@ -209,7 +217,7 @@ def run(ctx: StageContext) -> StageOutput:
     tracking.client(cfg.tracking).set_tag(parent, tracking.DECISION_TAG, decision)
     tracking.finish_parent(cfg.tracking, ctx.run_key)
     return StageOutput(
-        outputs={"registered_model": name, "model_version": version},
+        outputs={REGISTERED_MODEL: name, MODEL_VERSION: version},
         metrics=metrics,
         summary=summary,
         skip_reason=None if passed else f"promotion refused: {why}",
