@@ -56,10 +56,12 @@ browser:
 
 # Two pytest-xdist workers, each taking whole files (module fixtures such as the e2e DAG run are
 # built once): much of the suite waits on one core (imports, in-process training, servers
-# starting), so two lanes fill the CI's two cores. TEST_WORKERS=0 runs it in one process.
+# starting), so two lanes fill the CI's two cores. Files go out in collection order (not
+# largest first): the end-to-end files start first, and in-process ray.init modules run before
+# the ones that leave DeepSpeed engines mapped. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	PIPELINE_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
+	PIPELINE_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-unit: $(STAMP)
 	$(VENV)/bin/pytest -ra tests/unit

@@ -49,7 +49,9 @@ def _rank(rank: int, port: int, roots: list[str], errors: Any, check: str) -> No
 def _run_two_ranks(roots: list[str], check: str) -> list[str]:
     import torch.multiprocessing as mp
 
-    manager = mp.Manager()
+    # Spawned, not forked (the default): a fork of this process can be refused (ENOMEM) once
+    # earlier in-process training has left it with tens of GB mapped.
+    manager = mp.get_context("spawn").Manager()
     errors = manager.dict()
     mp.start_processes(
         _rank, args=(free_port(), roots, errors, check), nprocs=2, start_method="spawn"

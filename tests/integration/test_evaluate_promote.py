@@ -86,7 +86,8 @@ def local_ray() -> Iterator[None]:
 
     ``ray.init`` forks its GCS from this process: this module must run before the modules that
     train many DeepSpeed engines in-process (``test_resume_integrity.py`` leaves ~37 GB mapped,
-    and the fork then fails with ENOMEM), which alphabetical order gives."""
+    and the fork then fails with ENOMEM), which alphabetical order gives, also within each
+    pytest-xdist worker (``make test`` keeps the files in collection order)."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
