@@ -80,9 +80,7 @@ class RecordFields(_Section):
     """For prompt/response records: the assistant's answer."""
 
 
-_FORMER_FIELD_KEYS = {
-    f"{name}_field": name for name in ("text", "messages", "role", "content", "prompt", "response")
-}
+_FORMER_FIELD_KEYS = {f"{name}_field": name for name in RecordFields.model_fields}
 
 
 class DataConfig(_Section):
@@ -107,7 +105,7 @@ class DataConfig(_Section):
     """Share of CPT training tokens taken from ``replay_corpus`` (0.2: one token in five); fewer
     when the replay corpus runs out, and the manifest records the share reached."""
 
-    fields: RecordFields = Field(default_factory=lambda: RecordFields())
+    fields: RecordFields = Field(default_factory=RecordFields)
     """The names of the fields records carry, for inputs whose fields are named differently."""
 
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
