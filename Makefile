@@ -44,7 +44,7 @@ $(AIRFLOW_HOME)/airflow.db: | $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pipeline demo
 
-# The browser test (tests/e2e/test_airflow_ui.py) drives Debian's chromium through Playwright;
+# The browser test (the second run of tests/e2e/test_dag_e2e.py) drives Debian's chromium through Playwright;
 # nothing downloads a browser. Installed here when missing (as root, else with sudo).
 CHROMIUM ?= /usr/bin/chromium
 browser:
@@ -61,7 +61,7 @@ browser:
 # the ones that leave DeepSpeed engines mapped. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	PIPELINE_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	PIPELINE_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest -ra --durations=40 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-unit: $(STAMP)
 	$(VENV)/bin/pytest -ra tests/unit

@@ -103,11 +103,10 @@ def _run(
     run_key: str,
     job_id: str,
     faults: str = "",
-    env: dict[str, str] | None = None,
     **overrides: Any,
 ) -> tuple[str, str]:
     config_uri = _config_uri(workdir, run_key, **overrides)
-    _submit(hook, config_uri, run_key, prepared, job_id, {"PIPELINE_FAULTS": faults, **(env or {})})
+    _submit(hook, config_uri, run_key, prepared, job_id, {"PIPELINE_FAULTS": faults})
     return _wait(hook, job_id)
 
 
@@ -181,36 +180,6 @@ def test_sigkilled_worker_restarts_in_the_same_job_and_matches_the_clean_run(
     assert resumes == {4.0}
 
 
-def test_stopped_job_is_resumed_by_a_new_job_in_the_same_data_order(
-    hook: RayJobsHook, workdir: Path, prepared: str, uninterrupted: dict[str, Any]
-) -> None:
-    """What an Airflow retry does: the first job hangs at step 6 and is stopped."""
-    config_uri = _config_uri(workdir, "stopped")
-    _submit(
-        hook,
-        config_uri,
-        "stopped",
-        prepared,
-        "resilience-stop-1",
-        {"PIPELINE_FAULTS": "stall:rank=0:step=6"},
-    )
-    folder = workdir / "artifacts" / "stopped" / STAGE / "checkpoints"
-    deadline = time.monotonic() + 300
-    while not any(p.read_text() == "step-0000006" for p in folder.glob("*/latest")):
-        assert time.monotonic() < deadline, hook.get_job_logs("resilience-stop-1")[-3000:]
-        time.sleep(0.5)
-    hook.stop_job("resilience-stop-1")
-    assert _wait(hook, "resilience-stop-1")[0] == "STOPPED"
-
-    _submit(hook, config_uri, "stopped", prepared, "resilience-stop-2", {})
-    status, logs = _wait(hook, "resilience-stop-2")
-    assert status == "SUCCEEDED", logs[-3000:]
-    assert "resumed from step 6 of 8" in logs
-    metrics = _metrics(str(workdir / "artifacts"), "stopped")
-    assert metrics["data_order"] == uninterrupted["data_order"]
-    assert metrics["loss_history"] == pytest.approx(uninterrupted["loss_history"], abs=1e-5)
-
-
 def test_non_finite_losses_are_skipped_then_abort_without_a_bad_checkpoint(
     hook: RayJobsHook, workdir: Path, prepared: str, uninterrupted: dict[str, Any]
 ) -> None:
@@ -252,27 +221,30 @@ def s3_env(s3_server: dict[str, str]) -> Iterator[dict[str, str]]:
         yield s3_server
 
 
-def test_kill_during_an_s3_checkpoint_save_resumes_from_the_previous_one(
+def test_on_s3_a_kill_mid_save_and_a_stopped_job_each_resume_from_the_last_complete_checkpoint(
     hook: RayJobsHook,
     workdir: Path,
     prepared: str,
     uninterrupted: dict[str, Any],
     s3_env: dict[str, str],
 ) -> None:
+    """Three jobs of one run on S3: the first dies inside a checkpoint save; the second
+    discards the half-written checkpoint, resumes before it, hangs at step 6 and is stopped
+    (what an Airflow retry follows); the third resumes from step 6 and finishes the
+    uninterrupted run's trajectory."""
     root = "s3://checkpoints/artifacts"
     overrides = {"storage.artifact_root": root, "compute.max_failures": 0}
+    config_uri = _config_uri(workdir, "s3", **overrides)
     # Rank 1 dies after uploading its first shard of step 4: step 4 is on S3, but incomplete.
-    status, logs = _run(
+    _submit(
         hook,
-        workdir,
-        prepared,
+        config_uri,
         "s3",
+        prepared,
         "resilience-s3-1",
-        "sigkill_in_checkpoint:rank=1:step=4",
-        s3_env,
-        **overrides,
+        {"PIPELINE_FAULTS": "sigkill_in_checkpoint:rank=1:step=4", **s3_env},
     )
-    assert status == "FAILED"
+    assert _wait(hook, "resilience-s3-1")[0] == "FAILED"
     folder, names = _checkpoints(root, "s3")
     assert names == ["latest", "step-0000002", "step-0000004"]
     assert storage.read_bytes(storage.join(folder, "latest")) == b"step-0000002"
@@ -280,10 +252,29 @@ def test_kill_during_an_s3_checkpoint_save_resumes_from_the_previous_one(
     # Rank 1 uploads its files in name order and died after the first, its RNG state.
     assert "_COMPLETE" not in half and "rank1_rng.pt" in half
 
-    status, logs = _run(hook, workdir, prepared, "s3", "resilience-s3-2", "", s3_env, **overrides)
-    assert status == "SUCCEEDED", logs[-3000:]
+    _submit(
+        hook,
+        config_uri,
+        "s3",
+        prepared,
+        "resilience-s3-2",
+        {"PIPELINE_FAULTS": "stall:rank=0:step=6", **s3_env},
+    )
+    latest = storage.join(folder, "latest")
+    deadline = time.monotonic() + 300
+    while storage.read_bytes(latest) != b"step-0000006":
+        assert time.monotonic() < deadline, hook.get_job_logs("resilience-s3-2")[-3000:]
+        time.sleep(0.5)
+    hook.stop_job("resilience-s3-2")
+    status, logs = _wait(hook, "resilience-s3-2")
+    assert status == "STOPPED"
     assert "removed incomplete checkpoint step-0000004" in logs
     assert "resumed from step 2 of 8" in logs
+
+    _submit(hook, config_uri, "s3", prepared, "resilience-s3-3", s3_env)
+    status, logs = _wait(hook, "resilience-s3-3")
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "resumed from step 6 of 8" in logs
     metrics = _metrics(root, "s3")
     assert metrics["data_order"] == uninterrupted["data_order"]
     assert metrics["loss_history"] == pytest.approx(uninterrupted["loss_history"], abs=1e-5)
