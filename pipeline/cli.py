@@ -40,15 +40,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the memory and throughput plan of a config (no torch, no GPU)."""
-    from pipeline.planning.report import format_plan
+    from pipeline.planning.adapters import METHODS, Adapter
+    from pipeline.planning.report import format_methods, format_plan
     from pipeline.planning.search import make_plan
 
     config = load_config(args.config, _parse_overrides(args.set))
-    plan = make_plan(config, args.section)
+    methods = METHODS if args.compare_methods else (args.method,)
+    try:
+        adapters = {
+            m: Adapter(method=m, rank=args.rank, dropout=args.lora_dropout) for m in methods
+        }
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    plans = {m: make_plan(config, args.section, adapter) for m, adapter in adapters.items()}
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        document = {m: plan.to_dict() for m, plan in plans.items()}
+        print(json.dumps(document if args.compare_methods else document[args.method], indent=2))
+    elif args.compare_methods:
+        print(format_methods(plans))
     else:
-        print(format_plan(plan, limit=None if args.all else 12))
+        print(format_plan(plans[args.method], limit=None if args.all else 12))
     return 0
 
 
@@ -140,6 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--section", choices=("cpt", "sft"), default="cpt", help="training stage")
     plan.add_argument("--json", action="store_true", help="configured, candidates, chosen as JSON")
     plan.add_argument("--all", action="store_true", help="show every candidate, not the top 12")
+    plan.add_argument(
+        "--method",
+        choices=("full", "lora", "qlora"),
+        default="full",
+        help="plan full-weight training (default) or a LoRA / QLoRA adapter",
+    )
+    plan.add_argument("--rank", type=int, default=16, help="adapter rank (--method lora/qlora)")
+    plan.add_argument(
+        "--lora-dropout", type=float, default=0.05, help="adapter dropout (--method lora/qlora)"
+    )
+    plan.add_argument(
+        "--compare-methods",
+        action="store_true",
+        help="one row per method (full, lora, qlora): each one's plan on this model and pool",
+    )
     plan.set_defaults(func=cmd_plan)
 
     demo_data = sub.add_parser("demo-data", help="regenerate the demo corpus and instruction set")

@@ -19,6 +19,12 @@ vocab x seq_len x micro-batch fp32 log-probabilities and their gradient; ``chunk
 of ``loss_chunk_tokens`` tokens at a time; ``fused`` (liger-kernel) one chunk of about
 tokens x hidden / vocab tokens (so its logits are about as big as the hidden states) plus the
 input and weight gradients it computes in the forward pass.
+
+Adapters (LoRA, QLoRA; ``pipeline.planning.adapters``) keep optimizer states, gradients and
+buckets for the adapter's parameters only, and the frozen weights beside them (16-bit, or
+NF4 for QLoRA's targets). Their activations are full training's (the frozen layers still
+pass input gradients back) plus, with adapter dropout, one dropped-out copy of each targeted
+layer's input.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pipeline.planning.adapters import adapter_params, dropout_copy_elements, frozen_bytes
 from pipeline.planning.hardware import GIB
 from pipeline.planning.workload import Setting, Workload
 
@@ -80,17 +87,40 @@ class MemoryEstimate:
 def state_bytes(work: Workload, setting: Setting) -> tuple[float, float]:
     """Model-state bytes per GPU: (at the optimizer step, during backward).
 
+    Full training: the trainable states of every parameter (``trainable_state_bytes``) and,
+    under ZeRO-3, the largest module gathered with its gradient. Adapters: the trainable states
+    of the adapter alone, plus the frozen weights (``adapters.frozen_bytes``): replicated under
+    ZeRO 0-2, partitioned under ZeRO-3 (QLoRA's 4-bit storage too: the trainer stores it in
+    bf16 elements, which ZeRO shards), gathered one module at a time without a gradient.
+    """
+    arch, e, n = work.arch, work.element_bytes, work.num_workers
+    adapter = work.adapter
+    if adapter.trains_full_weights:
+        gathered = 2 * e * arch.largest_module_params() if setting.zero_stage == 3 else 0.0
+        step, backward = trainable_state_bytes(work, setting, arch.total_params())
+        return gathered + step, gathered + backward
+    frozen = frozen_bytes(arch, adapter, e)
+    if setting.zero_stage == 3:
+        resident = 0.0 if setting.offload_params else frozen / n
+        gathered = e * arch.largest_module_params()
+    else:
+        resident, gathered = frozen, 0.0
+    step, backward = trainable_state_bytes(work, setting, adapter_params(arch, adapter))
+    return resident + gathered + step, resident + gathered + backward
+
+
+def trainable_state_bytes(work: Workload, setting: Setting, params: int) -> tuple[float, float]:
+    """Bytes per GPU of ``params`` trained parameters: (at the optimizer step, in backward).
+
     At the step the figure equals DeepSpeed's estimator; during backward the fp32 gradient
     partition (18 - 16 or 18 - 14 bytes per param in bf16) does not exist yet, except under
     ZeRO-0, whose bf16 optimizer keeps it.
     """
-    params = work.arch.total_params()
     n = work.num_workers
     e = work.element_bytes
     mixed = work.precision == "bf16"
     partition = 18 if mixed else 12  # grads, master copy, Adam m and v, fp32 grads (bf16)
     if setting.zero_stage == 3:
-        gathered = 2 * e * work.arch.largest_module_params()
         if setting.offload_params:
             resident = 0.0
         elif setting.offload_optimizer:
@@ -98,7 +128,7 @@ def state_bytes(work: Workload, setting: Setting) -> tuple[float, float]:
         else:
             resident = (partition + e) * params / n if not mixed else partition * params / n
         step_only = 2 * params / n if mixed and not setting.offload_optimizer else 0.0
-        return gathered + resident, gathered + resident - step_only
+        return resident, resident - step_only
     # ZeRO-0/1 keep whole 16-bit gradients too; ZeRO-0 partitions nothing (one "partition").
     grads_replicated = setting.zero_stage <= 1
     replicated = e * params * (2 if grads_replicated else 1)
@@ -120,8 +150,10 @@ def host_state_bytes(work: Workload, setting: Setting) -> float:
     ZeRO-2 with offload: DeepSpeed's estimator charges ``max(4 x total GPUs, 16)`` bytes per
     param to every node; the offloaded state is partitioned over nodes and only the ranks of one
     node load the model there, so this uses ``max(4 x GPUs per node, 16 / nodes)``; the two
-    agree on one node.
+    agree on one node. Adapters: see ``adapter_host_bytes``.
     """
+    if not work.adapter.trains_full_weights:
+        return adapter_host_bytes(work, setting) * DS_HOST_BUFFER_FACTOR
     params = work.arch.total_params()
     nodes = work.pool.num_nodes
     per_node = work.pool.devices_per_node
@@ -137,6 +169,35 @@ def host_state_bytes(work: Workload, setting: Setting) -> float:
     else:
         state = 4 * params * per_node
     return state * DS_HOST_BUFFER_FACTOR
+
+
+def adapter_host_bytes(work: Workload, setting: Setting) -> float:
+    """Host bytes per node of adapter training, before DeepSpeed's buffer factor: loading plus
+    what is offloaded.
+
+    Loading: ZeRO-3 partitions while loading (``zero_init``, as for full training); under
+    ZeRO 0-2 every rank of the node holds the 16-bit model on the host before moving it to its
+    GPU, except QLoRA, which quantizes each weight onto the GPU as it loads (one module on the
+    host at a time). Offloaded: the adapter's optimizer states (as DeepSpeed's estimator counts
+    them for full training, on the adapter's parameters) and, with ``offload_params``, the
+    frozen weights' partition.
+    """
+    arch, adapter, e = work.arch, work.adapter, work.element_bytes
+    nodes, per_node = work.pool.num_nodes, work.pool.devices_per_node
+    trained = adapter_params(arch, adapter)
+    if setting.zero_stage == 3:
+        loading = 4.0 * arch.largest_module_params() * per_node
+    elif adapter.method == "qlora":
+        loading = float(e * arch.largest_module_params() * per_node)
+    else:
+        loading = float(e * arch.total_params() * per_node)
+    offloaded = 0.0
+    if setting.offload_optimizer:
+        per_param = 16 / nodes if setting.zero_stage == 3 else max(4 * per_node, 16 / nodes)
+        offloaded += trained * per_param
+    if setting.offload_params:
+        offloaded += frozen_bytes(arch, adapter, e) / nodes
+    return loading + offloaded
 
 
 def layer_activation_bytes(work: Workload, micro: int) -> float:
@@ -156,7 +217,9 @@ def layer_activation_bytes(work: Workload, micro: int) -> float:
     mlp = k * 4 * e * sb * arch.intermediate_size  # gate, SiLU(gate), up, product
     if arch.num_experts > 1:
         mlp += k * 2 * e * sb * d  # tokens gathered per expert, weighted outputs
-    return norms + attention + mlp
+    # The adapters' dropped-out inputs and their boolean masks (none without dropout).
+    dropout = (e + 1) * sb * dropout_copy_elements(arch, work.adapter)
+    return norms + attention + mlp + dropout
 
 
 def loss_bytes(work: Workload, setting: Setting) -> float:
@@ -199,14 +262,18 @@ def buffer_bytes(work: Workload, setting: Setting) -> tuple[float, float]:
     """(backward buffers, extra at the optimizer step): DeepSpeed's bucket allocations."""
     params = work.arch.total_params()
     e = work.element_bytes
-    reduce = e * min(REDUCE_BUCKET, params)
+    # Buckets hold trained parameters (or their gradients): the adapter's alone when it trains.
+    trained = (
+        params if work.adapter.trains_full_weights else adapter_params(work.arch, work.adapter)
+    )
+    reduce = e * min(REDUCE_BUCKET, trained)
     if setting.zero_stage == 3:
         # The gathered layer being computed and the prefetched next one, up to max_live.
         gathered = e * min(STAGE3_MAX_LIVE_PARAMETERS, 2 * work.arch.layer_params())
         return reduce + e * min(STAGE3_PREFETCH_BUCKET, params) + gathered, 0.0
     if setting.zero_stage == 0:
         return 0.0, 0.0
-    return reduce, e * min(ALLGATHER_BUCKET, params)
+    return reduce, e * min(ALLGATHER_BUCKET, trained)
 
 
 def estimate_memory(work: Workload, setting: Setting) -> MemoryEstimate:

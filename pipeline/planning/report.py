@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.planning.adapters import adapter_params
 from pipeline.planning.flops import model_flops_per_token
 from pipeline.planning.search import Plan, Prediction
 from pipeline.planning.workload import Setting
@@ -61,4 +62,50 @@ def format_plan(plan: Plan, limit: int | None = 12) -> str:
         lines.append(f"no candidate fits; the smallest ({least.setting.label()}): {least.why}")
     else:
         lines.append(f"chosen (*): {plan.chosen.setting.label()}; c = as configured")
+    return "\n".join(lines)
+
+
+def format_methods(plans: dict[str, Plan]) -> str:
+    """One row per training method (full, LoRA, QLoRA): the plan each gets on the same model,
+    pool and section, with its trainable parameters, memory, step time and MFU.
+
+    Args:
+        plans: ``make_plan`` of one config and section per method, keyed by method.
+    """
+    work = next(iter(plans.values())).work
+    arch, pool = work.arch, work.pool
+    lines = [
+        f"model {arch.name}: {arch.total_params() / 1e9:.2f}B params; pool {pool.name}: "
+        f"{work.num_workers} workers, {pool.device_memory_gib:g} GiB per GPU; seq_len "
+        f"{work.seq_len}, {work.blocks_per_worker} block(s) per worker per step",
+        "",
+        "method  rank  trainable  zero   offload ckpt micro GPU GiB host GiB    step s"
+        "   tokens/s    MFU",
+    ]
+    for method, plan in plans.items():
+        adapter = plan.work.adapter
+        trained = (
+            arch.total_params() if adapter.trains_full_weights else adapter_params(arch, adapter)
+        )
+        rank = "-" if adapter.trains_full_weights else str(adapter.rank)
+        p = plan.chosen
+        head = f"{method:<6} {rank:>5} {trained / 1e9:9.3f}B"
+        if p is None:
+            least = min(plan.candidates, key=lambda c: c.memory.gpu_peak + c.memory.host_peak)
+            lines.append(f"{head}  nothing fits: {least.why}")
+            continue
+        s, m, t = p.setting, p.memory, p.step
+        offload = "+".join(
+            n for n, on in (("opt", s.offload_optimizer), ("param", s.offload_params)) if on
+        )
+        gpu = f"{m.gib('gpu_peak'):7.1f}" if pool.has_gpu else "      -"
+        lines.append(
+            f"{head} {s.zero_stage:>5} {offload or '-':>9} {_checkpointing(s):>4} "
+            f"{s.micro_batch_size:>5} {gpu} {m.gib('host_peak'):8.1f} {t.step_time_s:9.3g} "
+            f"{t.tokens_per_s:10.4g} {t.mfu:6.1%}"
+        )
+    lines += [
+        "",
+        "MFU counts the FLOPs each method needs: adapters skip the frozen weights' gradients.",
+    ]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig, config_from_dict
+from pipeline.planning.adapters import Adapter, adapter_params
 from pipeline.planning.architecture import architecture_for
 from pipeline.planning.flops import matmul_params_per_token, model_flops_per_token
 from pipeline.planning.hardware import GIB, pool_for
@@ -80,8 +81,19 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         pool, arch = self.work.pool, self.work.arch
+        adapter = self.work.adapter
         return {
             "section": self.section,
+            "method": adapter.method,
+            "adapter": None
+            if adapter.trains_full_weights
+            else {
+                "rank": adapter.rank,
+                "targets": list(adapter.targets),
+                "dropout": adapter.dropout,
+                "double_quant": adapter.double_quant,
+                "trainable_params": adapter_params(arch, adapter),
+            },
             "model": {
                 "name": arch.name,
                 "params": arch.total_params(),
@@ -106,8 +118,9 @@ class Plan:
         }
 
 
-def workload_for(config: PipelineConfig, section: str) -> Workload:
-    """The fixed part of the plan: model, pool, sequence length, kernel, batch per worker.
+def workload_for(config: PipelineConfig, section: str, adapter: Adapter | None = None) -> Workload:
+    """The fixed part of the plan: model, pool, sequence length, kernel, batch per worker, and
+    what trains (``adapter``; full weights when None).
 
     Raises:
         ConfigError: the architecture cannot be read (see ``architecture_for``), or
@@ -132,6 +145,7 @@ def workload_for(config: PipelineConfig, section: str) -> Workload:
         blocks_per_worker=train.micro_batch_size * train.grad_accum_steps,
         cross_entropy=compute.cross_entropy,
         loss_chunk_tokens=compute.loss_chunk_tokens,
+        adapter=adapter or Adapter(),
     )
 
 
@@ -157,7 +171,9 @@ def candidate_settings(work: Workload) -> list[Setting]:
     (off, or every 1st, 2nd or 4th layer) x micro-batch sizes that divide the section's blocks
     per worker (its global batch stays the same). ZeRO-3 is left out when the loss is
     ``fused``, which cannot run on ZeRO-3's partitioned LM head, and ZeRO-0 in bf16, which
-    DeepSpeed can only run with bf16 gradients (config validation refuses both).
+    DeepSpeed can only run with bf16 gradients (config validation refuses both). QLoRA runs
+    without parameter offload: ZeRO-Infinity moves 16-bit partitions to the host, not
+    bitsandbytes' packed 4-bit weights and their quantization state.
     """
     micros = [
         m
@@ -170,6 +186,8 @@ def candidate_settings(work: Workload) -> list[Setting]:
         2: [(False, False), (True, False)],
         3: [(False, False), (True, False), (True, True)],
     }
+    if work.adapter.method == "qlora":
+        offloads[3] = [(False, False), (True, False)]
     stages = [0, 1, 2] if work.cross_entropy == "fused" else [0, 1, 2, 3]
     if work.precision == "bf16":
         stages.remove(0)
@@ -264,14 +282,19 @@ def choose(fitting: list[Prediction]) -> Prediction | None:
     return fastest
 
 
-def make_plan(config: PipelineConfig, section: str = "cpt") -> Plan:
+def make_plan(config: PipelineConfig, section: str = "cpt", adapter: Adapter | None = None) -> Plan:
     """Predict the configured setting and every candidate; choose the fastest that fits
     (``choose``). Candidates are listed chosen first, then fitting, fastest first.
+
+    Args:
+        config: the run's config.
+        section: ``cpt`` or ``sft``.
+        adapter: plan LoRA or QLoRA training instead of full weights (None: full).
 
     Raises:
         ConfigError: the architecture cannot be read.
     """
-    work = workload_for(config, section)
+    work = workload_for(config, section, adapter)
     predictions = [predict(work, s) for s in candidate_settings(work)]
     chosen = choose([p for p in predictions if p.fits])
     first = chosen.setting if chosen else None

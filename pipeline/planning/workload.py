@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pipeline.planning.adapters import Adapter
 from pipeline.planning.architecture import Architecture
 from pipeline.planning.hardware import Pool
 
@@ -28,6 +29,8 @@ class Workload:
     """``compute.cross_entropy`` as configured: ``auto``, ``full``, ``chunked`` or ``fused``."""
     loss_chunk_tokens: int
     """Tokens per chunk of the ``chunked`` loss."""
+    adapter: Adapter = field(default_factory=Adapter)
+    """Full weights (the default), or a LoRA / QLoRA adapter over frozen ones."""
 
     @property
     def element_bytes(self) -> int:
