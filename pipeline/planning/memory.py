@@ -276,6 +276,16 @@ def buffer_bytes(work: Workload, setting: Setting) -> tuple[float, float]:
     return reduce, e * min(ALLGATHER_BUCKET, trained)
 
 
+def loading_bytes(work: Workload, setting: Setting) -> float:
+    """Bytes on one GPU while the model loads, when that is more than training holds: QLoRA
+    under ZeRO-3 quantizes the whole model onto every GPU before ZeRO partitions it
+    (bitsandbytes' weights are not created under ``zero.Init``: deepspeedai/DeepSpeed#5660).
+    0 otherwise: full and LoRA weights are partitioned as they load."""
+    if work.adapter.method != "qlora" or setting.zero_stage != 3:
+        return 0.0
+    return frozen_bytes(work.arch, work.adapter, work.element_bytes)
+
+
 def estimate_memory(work: Workload, setting: Setting) -> MemoryEstimate:
     """Peak memory of one GPU and one host for ``setting``."""
     states_step, states_backward = state_bytes(work, setting)
@@ -283,7 +293,11 @@ def estimate_memory(work: Workload, setting: Setting) -> MemoryEstimate:
     buffers, step_buffers = buffer_bytes(work, setting)
     fragmentation = FRAGMENTATION * activations
     runtime = work.pool.runtime_reserved_gib * GIB
-    peak = max(states_backward + activations + buffers, states_step + buffers + step_buffers)
+    peak = max(
+        states_backward + activations + buffers,
+        states_step + buffers + step_buffers,
+        loading_bytes(work, setting),
+    )
     gpu_peak = peak + fragmentation + runtime
     host_offload = host_state_bytes(work, setting)
     workers_here = work.pool.devices_per_node

@@ -22,7 +22,7 @@ from pipeline.planning.adapters import (
 from pipeline.planning.architecture import Architecture
 from pipeline.planning.flops import model_flops_per_token
 from pipeline.planning.hardware import POOLS
-from pipeline.planning.memory import activation_bytes, state_bytes
+from pipeline.planning.memory import activation_bytes, estimate_memory, state_bytes
 from pipeline.planning.search import candidate_settings, make_plan
 from pipeline.planning.throughput import estimate_step
 from pipeline.planning.workload import Setting, Workload
@@ -163,3 +163,16 @@ def test_pipeline_plan_compares_the_methods_and_refuses_a_bad_rank() -> None:
     assert plan["adapter"]["trainable_params"] == 4 * 207_093_760
     bad = subprocess.run([*base, "--method", "lora", "--rank", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "adapter rank 0" in bad.stderr
+
+
+def test_qlora_under_zero3_holds_the_whole_4bit_model_while_it_loads() -> None:
+    """bitsandbytes quantizes onto every GPU before ZeRO-3 partitions (DeepSpeed#5660): the
+    load, not training, sets QLoRA's peak of a 70B model on 8 GPUs, above 16-bit LoRA's, which
+    partitions as it loads."""
+    arch = Architecture("llama-2-70b", 32000, 8192, 28672, 80, 64, 8, 128)
+    zero3 = Setting(3, False, False, True, 1)
+    qlora = estimate_memory(_work(Adapter("qlora"), arch), zero3)
+    lora = estimate_memory(_work(Adapter("lora"), arch), zero3)
+    whole_4bit = frozen_bytes(arch, Adapter("qlora"), 2)
+    assert qlora.gpu_peak >= whole_4bit
+    assert qlora.gpu_peak > lora.gpu_peak
