@@ -53,6 +53,8 @@ class Adapter:
             raise ValueError(f"adapter targets {unknown}: the planner knows {list(ALL_LINEAR)}")
         if self.rank < 1:
             raise ValueError(f"adapter rank {self.rank}: must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"adapter dropout {self.dropout}: must be in [0, 1)")
 
     @property
     def trains_full_weights(self) -> bool:

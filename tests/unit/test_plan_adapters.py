@@ -163,6 +163,10 @@ def test_pipeline_plan_compares_the_methods_and_refuses_a_bad_rank() -> None:
     assert plan["adapter"]["trainable_params"] == 4 * 207_093_760
     bad = subprocess.run([*base, "--method", "lora", "--rank", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "adapter rank 0" in bad.stderr
+    bad = subprocess.run(
+        [*base, "--method", "lora", "--lora-dropout", "1.5"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "adapter dropout 1.5: must be in [0, 1)" in bad.stderr
 
 
 def test_qlora_under_zero3_holds_the_whole_4bit_model_while_it_loads() -> None:
