@@ -45,10 +45,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.planning.search import make_plan
 
     config = load_config(args.config, _parse_overrides(args.set))
-    methods = METHODS if args.compare_methods else (args.method,)
+    train = getattr(config, args.section)
+    method = args.method or train.method
+    methods = METHODS if args.compare_methods else (method,)
+    rank = train.adapter.rank if args.rank is None else args.rank
+    dropout = train.adapter.dropout if args.lora_dropout is None else args.lora_dropout
     try:
         adapters = {
-            m: Adapter(method=m, rank=args.rank, dropout=args.lora_dropout) for m in methods
+            m: Adapter(
+                method=m,
+                rank=rank,
+                targets=tuple(train.adapter.target_modules),
+                dropout=dropout,
+                double_quant=train.adapter.double_quant,
+            )
+            for m in methods
         }
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -56,11 +67,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plans = {m: make_plan(config, args.section, adapter) for m, adapter in adapters.items()}
     if args.json:
         document = {m: plan.to_dict() for m, plan in plans.items()}
-        print(json.dumps(document if args.compare_methods else document[args.method], indent=2))
+        print(json.dumps(document if args.compare_methods else document[method], indent=2))
     elif args.compare_methods:
         print(format_methods(plans))
     else:
-        print(format_plan(plans[args.method], limit=None if args.all else 12))
+        print(format_plan(plans[method], limit=None if args.all else 12))
     return 0
 
 
@@ -152,15 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--section", choices=("cpt", "sft"), default="cpt", help="training stage")
     plan.add_argument("--json", action="store_true", help="configured, candidates, chosen as JSON")
     plan.add_argument("--all", action="store_true", help="show every candidate, not the top 12")
+    from pipeline.planning.adapters import METHODS
+
     plan.add_argument(
         "--method",
-        choices=("full", "lora", "qlora"),
-        default="full",
-        help="plan full-weight training (default) or a LoRA / QLoRA adapter",
+        choices=METHODS,
+        default=None,
+        help="plan full-weight training or a LoRA / QLoRA adapter (default: the section's "
+        "method in the config)",
     )
-    plan.add_argument("--rank", type=int, default=16, help="adapter rank (--method lora/qlora)")
     plan.add_argument(
-        "--lora-dropout", type=float, default=0.05, help="adapter dropout (--method lora/qlora)"
+        "--rank", type=int, default=None, help="adapter rank (default: the section's adapter.rank)"
+    )
+    plan.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=None,
+        help="adapter dropout (default: the section's adapter.dropout)",
     )
     plan.add_argument(
         "--compare-methods",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -306,6 +307,62 @@ class ModelConfig(_Section):
         return self
 
 
+TrainingMethod = Literal["full", "lora", "qlora"]
+"""How a training section updates the model (``cpt.method``, ``sft.method``)."""
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""Every linear projection of a Llama-family decoder layer, as peft names them (not the router
+or the LM head): what QLoRA found necessary to match full fine-tuning."""
+
+
+class AdapterConfig(_Section):
+    """The LoRA adapter a section trains when its ``method`` is ``lora`` or ``qlora``."""
+
+    rank: int = Field(16, ge=1, le=1024)
+    """LoRA rank ``r``: each targeted ``d_in x d_out`` weight gets ``r (d_in + d_out)``
+    trainable parameters beside it."""
+
+    alpha: int = Field(32, ge=1)
+    """LoRA ``alpha``: the adapter's output is scaled by ``alpha / r`` (``alpha / sqrt(r)``
+    with ``rslora``)."""
+
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on each targeted layer's input, on the adapter's path only."""
+
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    """Module names that get an adapter; the default is every linear projection of the decoder.
+    A name no module of the model has is refused when training starts."""
+
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA): a trained magnitude per output row besides the low-rank
+    direction; slower per step."""
+
+    rslora: bool = False
+    """Rank-stabilised scaling ``alpha / sqrt(r)`` instead of ``alpha / r``."""
+
+    double_quant: bool = True
+    """QLoRA: quantize the 4-bit blocks' absmax values too (about 0.37 bits per weight saved)."""
+
+    train_chat_tokens: bool = True
+    """Also train the embedding and LM-head rows of the chat format's special tokens (added to
+    a base tokenizer, or never seen in pre-training): without it they stay as initialised. Every
+    other row stays frozen."""
+
+    merge: bool = True
+    """Write the merged full model (the base with the adapter folded in: what is evaluated,
+    trained on by the next stage, served and registered) beside the adapter. Must stay on for
+    now: no later stage applies an adapter to its base yet."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_named(cls, targets: list[str]) -> list[str]:
+        if not targets:
+            raise ValueError("name at least one module, e.g. q_proj")
+        bad = [t for t in targets if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t)]
+        if bad:
+            raise ValueError(f"{bad}: module names are identifiers such as q_proj")
+        return targets
+
+
 class TrainConfig(_Section):
     max_steps: int = Field(ge=1)
     """Optimizer steps."""
@@ -357,6 +414,24 @@ class TrainConfig(_Section):
 
     spike_steps: int = Field(5, ge=1)
     """Consecutive spiking steps that trip the loss-spike guard (see ``spike_factor``)."""
+
+    method: TrainingMethod = "full"
+    """``full`` trains every weight; ``lora`` trains a low-rank adapter over frozen weights;
+    ``qlora`` does the same over a base quantized to 4-bit NF4 (bitsandbytes)."""
+
+    adapter: AdapterConfig = AdapterConfig()
+    """The adapter's settings (read when ``method`` is ``lora`` or ``qlora``)."""
+
+    @model_validator(mode="after")
+    def _adapter_is_merged(self) -> TrainConfig:
+        if self.method != "full" and not self.adapter.merge:
+            raise ValueError(
+                "adapter.merge false: evaluation, the next training stage and promotion load the "
+                "stage's model as one folder of full weights, and none of them applies an "
+                "adapter to its base yet; keep merge: true (the adapter is written beside the "
+                "merged model, under adapter/)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:
@@ -741,6 +816,19 @@ class PipelineConfig(_Section):
     compute: ComputeConfig = ComputeConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _adapters_fit_compute(self) -> PipelineConfig:
+        for section in ("cpt", "sft"):
+            train: TrainConfig = getattr(self, section)
+            if train.method == "qlora" and self.compute.offload_params:
+                raise ValueError(
+                    f"{section}.method qlora with compute.offload_params: ZeRO-3 would move the "
+                    "4-bit weights to the host without their bitsandbytes quantization state. "
+                    "Set compute.offload_params: false (the 4-bit base is a quarter of the "
+                    "16-bit one) or use method lora"
+                )
+        return self
 
     def fingerprint(self) -> str:
         """Short hash of the resolved config; a stage retry reuses a result only when it matches."""

@@ -25,8 +25,12 @@ FORM_FIELDS = (
     "data.seq_len",
     "cpt.max_steps",
     "cpt.lr",
+    "cpt.method",
+    "cpt.adapter.rank",
     "sft.max_steps",
     "sft.lr",
+    "sft.method",
+    "sft.adapter.rank",
     "compute.pool",
     "compute.num_workers",
     "compute.zero_stage",
@@ -54,8 +58,12 @@ FIELD_TITLES = {
     "data.seq_len": "Sequence length",
     "cpt.max_steps": "CPT max steps",
     "cpt.lr": "CPT learning rate",
+    "cpt.method": "CPT method",
+    "cpt.adapter.rank": "CPT LoRA rank",
     "sft.max_steps": "SFT max steps",
     "sft.lr": "SFT learning rate",
+    "sft.method": "SFT method",
+    "sft.adapter.rank": "SFT LoRA rank",
     "compute.pool": "Worker pool",
     "compute.num_workers": "Training workers",
     "compute.zero_stage": "ZeRO stage",
@@ -83,11 +91,21 @@ def plain_text(doc: str) -> str:
 
 
 def _field_property(dotted: str) -> dict[str, Any]:
-    section, _, name = dotted.partition(".")
-    model = PipelineConfig.model_fields[section].annotation
-    assert isinstance(model, type) and issubclass(model, BaseModel), dotted
+    *sections, name = dotted.split(".")
+    model: Any = PipelineConfig
+    for section in sections:  # ``sft.adapter.rank``: nested sections, one at a time
+        model = model.model_fields[section].annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel), dotted
     prop: dict[str, Any] = model.model_json_schema()["properties"][name]
     return prop
+
+
+def _file_value(raw: dict[str, Any], dotted: str) -> Any:
+    """The value ``dotted`` has in a config file's mapping (None when it is not set there)."""
+    value: Any = raw
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def field_schema(dotted: str) -> dict[str, Any]:
@@ -128,9 +146,9 @@ def form_fields(default_config: str | Path) -> dict[str, dict[str, Any]]:
     raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
     fields = {}
     for dotted in FORM_FIELDS:
-        section, _, name = dotted.partition(".")
+        section = dotted.partition(".")[0]
         schema = field_schema(dotted)
-        value = (raw.get(section) or {}).get(name)
+        value = _file_value(raw, dotted)
         source = f"{path.name}'s value" if value is not None else "the default"
         if value is None:
             value = _field_property(dotted).get("default")

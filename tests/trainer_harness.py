@@ -66,9 +66,14 @@ def single_rank_group() -> Iterator[None]:
 
 
 def write_inputs(
-    root: Path, architecture: Literal["llama", "mixtral"] = "llama", n_blocks: int = 32
+    root: Path,
+    architecture: Literal["llama", "mixtral"] = "llama",
+    n_blocks: int = 32,
+    chat_markers: bool = False,
 ) -> dict[str, str]:
-    """A BPE tokenizer, a tiny model and a ``cpt_train`` split of two documents per block."""
+    """A BPE tokenizer, a tiny model and a ``cpt_train`` split of two documents per block;
+    with ``chat_markers`` each document is wrapped in ChatML's ``<|im_start|>`` and
+    ``<|im_end|>`` (tokens the model's other data never has)."""
     from pipeline.data.tokenizer import train_bpe_tokenizer
     from pipeline.train.model import build_model
 
@@ -83,8 +88,11 @@ def write_inputs(
     )
     # Demo documents back to back, EOS between them, cut into blocks: text a model can learn.
     stream: list[int] = []
+    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     for text in texts:
-        stream += [*tok(text)["input_ids"], tok.eos_token_id]
+        ids = tok(text)["input_ids"]
+        stream += [start, *ids, end] if chat_markers else ids
+        stream.append(tok.eos_token_id)
         if len(stream) >= n_blocks * SEQ:
             break
     ids = np.asarray(stream[: n_blocks * SEQ], dtype=np.int32).reshape(n_blocks, SEQ)

@@ -22,12 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pipeline.config import LORA_TARGETS
 from pipeline.planning.architecture import Architecture
 from pipeline.planning.flops import matmul_params_per_token, model_flops_per_token
 
 Method = Literal["full", "lora", "qlora"]
 METHODS: tuple[Method, ...] = ("full", "lora", "qlora")
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = tuple(LORA_TARGETS)
 """peft's module names of the decoder's linear projections (Llama, Mistral, Mixtral, Qwen)."""
 NF4_BLOCK = 64
 """Weights per quantization block (bitsandbytes' default for NF4)."""

@@ -118,9 +118,28 @@ class Plan:
         }
 
 
+def adapter_for(config: PipelineConfig, section: str) -> Adapter:
+    """What ``section`` trains, as its ``method`` and ``adapter`` settings say.
+
+    Raises:
+        ConfigError: a target module the planner does not know how to size.
+    """
+    train = config.cpt if section == "cpt" else config.sft
+    try:
+        return Adapter(
+            method=train.method,
+            rank=train.adapter.rank,
+            targets=tuple(train.adapter.target_modules),
+            dropout=train.adapter.dropout,
+            double_quant=train.adapter.double_quant,
+        )
+    except ValueError as err:
+        raise ConfigError(f"{section}.adapter: {err}") from err
+
+
 def workload_for(config: PipelineConfig, section: str, adapter: Adapter | None = None) -> Workload:
     """The fixed part of the plan: model, pool, sequence length, kernel, batch per worker, and
-    what trains (``adapter``; full weights when None).
+    what trains (``adapter``; the section's method and adapter settings when None).
 
     Raises:
         ConfigError: the architecture cannot be read (see ``architecture_for``), or
@@ -145,7 +164,7 @@ def workload_for(config: PipelineConfig, section: str, adapter: Adapter | None =
         blocks_per_worker=train.micro_batch_size * train.grad_accum_steps,
         cross_entropy=compute.cross_entropy,
         loss_chunk_tokens=compute.loss_chunk_tokens,
-        adapter=adapter or Adapter(),
+        adapter=adapter or adapter_for(config, section),
     )
 
 
@@ -289,7 +308,8 @@ def make_plan(config: PipelineConfig, section: str = "cpt", adapter: Adapter | N
     Args:
         config: the run's config.
         section: ``cpt`` or ``sft``.
-        adapter: plan LoRA or QLoRA training instead of full weights (None: full).
+        adapter: plan this adapter instead of the section's configured method (None: the
+            config's).
 
     Raises:
         ConfigError: the architecture cannot be read.

@@ -18,7 +18,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from pipeline import storage, tracking
-from pipeline.config import TrackingConfig
+from pipeline.config import PipelineConfig, TrackingConfig
 from pipeline.contract import (
     DATA,
     EVAL_REPORT,
@@ -68,7 +68,27 @@ def lineage_tags(ctx: StageContext, report: dict[str, Any]) -> dict[str, str]:
         CONFIG_TAG: cfg.fingerprint(),
         CODE_VERSION_TAG: code_version(),
         GATES_TAG: str(bool(report["passed"])).lower(),
+        **method_tags(cfg),
     }
+
+
+def method_tags(cfg: PipelineConfig) -> dict[str, str]:
+    """How each training section trained: ``pipeline.cpt_method`` and ``pipeline.sft_method``
+    (full, lora, qlora) and, for an adapter, its settings as ``pipeline.<section>_adapter``."""
+    tags: dict[str, str] = {}
+    for section in ("cpt", "sft"):
+        train = getattr(cfg, section)
+        tags[f"pipeline.{section}_method"] = train.method
+        if train.method != "full":
+            adapter = train.adapter.model_dump(mode="json", exclude={"merge"})
+            if train.method != "qlora":
+                del adapter["double_quant"]
+            adapter["target_modules"] = ",".join(adapter["target_modules"])
+            tags[f"pipeline.{section}_adapter"] = " ".join(
+                f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                for key, value in adapter.items()
+            )
+    return tags
 
 
 def find_version(mlc: MlflowClient, name: str, run_key: str) -> ModelVersion | None:

@@ -121,9 +121,18 @@ class CheckpointStore:
     """The checkpoints of one training stage attempt series (one rank's view of them)."""
 
     def __init__(
-        self, root_uri: str, keep_last: int, rank: int, world: int, scratch: str | None = None
+        self,
+        root_uri: str,
+        keep_last: int,
+        rank: int,
+        world: int,
+        scratch: str | None = None,
+        adapter_only: bool = False,
     ) -> None:
         self.root, self.keep_last, self.rank, self.world = root_uri, keep_last, rank, world
+        self.adapter_only = adapter_only
+        """Adapter training: checkpoints hold the trained parameters and their optimizer state,
+        not the frozen base, which every attempt loads again from the stage's input model."""
         self.remote = storage.is_s3(root_uri)
         digest = hashlib.sha256(root_uri.encode()).hexdigest()[:16]
         scratch_root = Path(scratch) if scratch else Path(tempfile.gettempdir())
@@ -314,7 +323,9 @@ class CheckpointStore:
         saver = engine.checkpoint_engine
         engine.checkpoint_engine = WeightsOnlyLoads(storage.join(self.root, tag))
         try:
-            load_path, _ = engine.load_checkpoint(str(folder), tag=tag)
+            load_path, _ = engine.load_checkpoint(
+                str(folder), tag=tag, load_module_strict=not self.adapter_only
+            )
         finally:
             engine.checkpoint_engine = saver
         if load_path is None:
@@ -348,7 +359,12 @@ class CheckpointStore:
         local_root = self.staging / "save" if self.remote else Path(self.root)
         if self.remote:
             shutil.rmtree(local_root / tag, ignore_errors=True)
-        engine.save_checkpoint(str(local_root), tag=tag, save_latest=False)
+        engine.save_checkpoint(
+            str(local_root),
+            tag=tag,
+            save_latest=False,
+            exclude_frozen_parameters=self.adapter_only,
+        )
         folder = local_root / tag
         folder.mkdir(parents=True, exist_ok=True)  # a rank without shards of its own (ZeRO-0)
         torch.save(rng_state, folder / f"rank{self.rank}_rng.pt")

@@ -50,6 +50,94 @@ def save_model(
         export_pretrained(engine.module.model, state, tok_dir, chat_format, out)
 
 
+def save_adapter_model(
+    engine: Any,
+    *,
+    output_uri: str,
+    model_dir: Path,
+    tokenizer_dir: Path,
+    base_uri: str,
+    chat_format: ChatFormat,
+    merge: bool,
+    zero_stage: int,
+    rank: int,
+) -> None:
+    """Write the trained LoRA adapter (peft format) to ``<output>/adapter`` and, with ``merge``,
+    the merged full model to ``<output>`` itself, where every later stage looks for a model.
+
+    Every rank must call this; only the adapter's weights are gathered (a few MB, not the
+    base). The merged model is built on rank 0's CPU from the base folder loaded again
+    unquantized in its own dtype, with the adapter applied and folded in: for QLoRA that is the
+    16-bit base the 4-bit one was quantized from, what serving loads.
+    """
+    from pipeline.train.lora import ADAPTER_DIR
+    from pipeline.train.zero import adapter_state_dict
+
+    state = adapter_state_dict(engine, zero_stage)
+    if rank != 0:
+        return
+    peft_model = engine.module.model
+    with storage.local_staging(output_uri) as out:
+        adapter_dir = out / ADAPTER_DIR
+        base_name = peft_model.peft_config["default"].base_model_name_or_path
+        peft_model.peft_config["default"].base_model_name_or_path = base_uri
+        try:
+            # The trained token rows are in the adapter; the whole tables are not.
+            peft_model.save_pretrained(
+                str(adapter_dir), state_dict=state, save_embedding_layers=False
+            )
+        finally:
+            peft_model.peft_config["default"].base_model_name_or_path = base_name
+        if merge:
+            from pipeline.train.zero import zero3_loading_off
+
+            with zero3_loading_off():  # a whole CPU copy, not partitioned across the ranks
+                merged = merge_adapter(model_dir, tokenizer_dir, adapter_dir)
+            export_pretrained(merged, None, tokenizer_dir, chat_format, out)
+        else:
+            from pipeline.data.tokenizer import attach_chat_template, load_tokenizer
+
+            tok = load_tokenizer(tokenizer_dir)
+            attach_chat_template(tok, chat_format)
+            tok.save_pretrained(str(out))
+
+
+def adapter_on_base(model_dir: Path, tokenizer_dir: Path, adapter_dir: Path) -> Any:
+    """The base model of ``model_dir`` (grown to the tokenizer, as training grew it) with the
+    adapter of ``adapter_dir`` applied, unmerged (peft ``PeftModel``, on CPU, in eval mode)."""
+    from peft import PeftModel
+
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.train.model import load_causal_lm
+
+    base = load_causal_lm(model_dir, "sdpa", dtype_of(model_dir))
+    tok = load_tokenizer(tokenizer_dir)
+    if len(tok) > int(base.config.get_text_config().vocab_size):
+        # The grown rows are all trained token rows (training refuses otherwise), which the
+        # adapter replaces: their starting values here do not matter.
+        base.resize_token_embeddings(len(tok))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def merge_adapter(model_dir: Path, tokenizer_dir: Path, adapter_dir: Path) -> PreTrainedModel:
+    """``adapter_on_base`` with the adapter folded into the weights: a plain causal LM."""
+    merged: PreTrainedModel = adapter_on_base(
+        model_dir, tokenizer_dir, adapter_dir
+    ).merge_and_unload()
+    return merged
+
+
+def dtype_of(model_dir: Path) -> Any:
+    """The dtype a model folder's ``config.json`` declares (fp32 when it declares none)."""
+    import torch
+    from transformers import AutoConfig
+
+    declared = getattr(AutoConfig.from_pretrained(str(model_dir)), "dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    return getattr(torch, str(declared)) if declared else torch.float32
+
+
 def export_pretrained(
     model: PreTrainedModel,
     state: dict[str, Any] | None,

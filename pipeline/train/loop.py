@@ -50,7 +50,7 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.collectives import host_sums, step_totals
 from pipeline.train.data_order import DataOrder
-from pipeline.train.export import save_model
+from pipeline.train.export import save_adapter_model, save_model
 from pipeline.train.objective import LossRows, loss_rows
 from pipeline.train.records import StepRecord, TrainState, is_loss_spike, summarize
 
@@ -140,6 +140,7 @@ class TrainingRecipe:
         import torch.distributed as dist
 
         from pipeline.train.attention import select_attention
+        from pipeline.train.lora import trainable_parameters
         from pipeline.train.model import count_parameters
         from pipeline.train.throughput import model_flops_per_token
 
@@ -177,6 +178,7 @@ class TrainingRecipe:
         )
         self.order = DataOrder(len(self.blocks), self.train_cfg.seed)
         self.n_params = count_parameters(self.model)
+        self.n_trainable = trainable_parameters(self.model)
         self.flops_per_token = model_flops_per_token(self.model.config, config.data.seq_len)
         inputs = [self.spec.model_uri, self.spec.data_uri, self.spec.split]
         fingerprint = trajectory.training_fingerprint(config, self.spec.section, inputs)
@@ -187,14 +189,20 @@ class TrainingRecipe:
             self.rank,
             self.world,
             config.compute.local_scratch,
+            adapter_only=self.train_cfg.method != "full",
         )
+        # Adapter dropout draws from torch's generator: start each rank's from the seed (a
+        # resume restores the checkpoint's state instead), not from whatever ran before.
+        torch.manual_seed(self.train_cfg.seed + self.rank)
         self._resume()
         if self.rank == 0:
             log.info(
-                "%s: %d params, %d blocks, world %d, attention %s, cross-entropy %s, "
-                "checkpoints %s",
+                "%s: %s, %d params (%d trained), %d blocks, world %d, attention %s, "
+                "cross-entropy %s, checkpoints %s",
                 self.spec.section,
+                self.train_cfg.method,
                 self.n_params,
+                self.n_trainable,
                 len(self.blocks),
                 self.world,
                 self.attention,
@@ -207,18 +215,26 @@ class TrainingRecipe:
         import torch
 
         from pipeline.models import fetch_model
-        from pipeline.train import zero
+        from pipeline.train import lora, zero
         from pipeline.train.model import load_training_model
         from pipeline.train.objective import make_objective, resolve_cross_entropy
 
-        config, compute = self.config, self.config.compute
-        ds_config = zero.deepspeed_config(compute, self.train_cfg, self.world)
+        config, compute, train = self.config, self.config.compute, self.train_cfg
+        ds_config = zero.deepspeed_config(compute, train, self.world)
         # Alive from loading to the export (ZeRO-3 only).
         self._partitioned_loading = zero.partitioned_loading(ds_config)
         dtype = torch.bfloat16 if compute.precision == "bf16" else torch.float32
-        model_dir = fetch_model(self.spec.model_uri, config.tracking)
-        tokenizer_dir = fetch_model(self.spec.tokenizer_uri, config.tracking)
-        model = load_training_model(model_dir, tokenizer_dir, self.attention, dtype)
+        self.model_dir = fetch_model(self.spec.model_uri, config.tracking)
+        self.tokenizer_dir = fetch_model(self.spec.tokenizer_uri, config.tracking)
+        model, base_vocab = load_training_model(
+            self.model_dir,
+            self.tokenizer_dir,
+            self.attention,
+            dtype,
+            lora.quantization_config(train, dtype),
+        )
+        if train.method != "full":
+            model = self._attach_adapter(model, base_vocab)
         zero.partition_loaded_model(model, compute.zero_stage)
         layers = model.get_decoder().layers
         if compute.activation_checkpointing:
@@ -239,9 +255,34 @@ class TrainingRecipe:
         del deepspeed  # imported first so that its accelerator choice sees DS_ACCELERATOR
         return zero.initialize_engine(
             objective,
-            zero.optimizer_param_groups(model, self.train_cfg.weight_decay),
+            zero.optimizer_param_groups(model, train.weight_decay),
             ds_config,
-            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.train_cfg)),
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train)),
+        )
+
+    def _attach_adapter(self, model: Any, base_vocab: int) -> Any:
+        """Freeze the loaded model and wrap it with the section's LoRA adapter (``lora.py``).
+
+        Raises:
+            ValueError: the tokenizer grew the embeddings and ``train_chat_tokens`` is off:
+                the new rows would stay random and the merged export could not reproduce them.
+        """
+        from pipeline.data.tokenizer import load_tokenizer
+        from pipeline.train import lora
+
+        adapter, section = self.train_cfg.adapter, self.spec.section
+        tok = load_tokenizer(self.tokenizer_dir)
+        grown = len(tok) - base_vocab
+        if grown > 0 and not adapter.train_chat_tokens:
+            raise ValueError(
+                f"{section}.adapter.train_chat_tokens is off, but the tokenizer adds {grown} "
+                f"tokens to the base model's {base_vocab}: their embedding and LM-head rows "
+                "would stay random. Turn train_chat_tokens on."
+            )
+        fmt = self.config.data.chat_format
+        token_ids = lora.chat_token_ids(tok, fmt, base_vocab) if adapter.train_chat_tokens else []
+        return lora.attach(
+            model, adapter, token_ids, self.train_cfg.seed, self._partitioned_loading
         )
 
     def _resume(self) -> None:
@@ -554,7 +595,10 @@ class TrainingRecipe:
         import torch
 
         bad = torch.zeros(1, dtype=torch.float64, device=self.device)
+        # Frozen weights cannot change (and QLoRA's packed 4-bit blocks are not floats).
         for param in self.engine.module.parameters():
+            if not param.requires_grad:
+                continue
             local = getattr(param, "ds_tensor", param)
             if local.numel():
                 bad += (~torch.isfinite(local.detach())).any().to(bad.device, torch.float64)
@@ -570,15 +614,34 @@ class TrainingRecipe:
         """Wait for checkpoint uploads, export the model, write the metrics (rank 0)."""
         self.checkpoints.wait()
         self._check_weights_finite("model export")
-        save_model(
-            self.engine,
-            output_uri=self.spec.output_uri,
-            tokenizer_uri=self.spec.tokenizer_uri,
-            chat_format=self.config.data.chat_format,
-            zero_stage=self.config.compute.zero_stage,
-            rank=self.rank,
-        )
-        del self._partitioned_loading
+        if self.train_cfg.method == "full":
+            save_model(
+                self.engine,
+                output_uri=self.spec.output_uri,
+                tokenizer_uri=self.spec.tokenizer_uri,
+                chat_format=self.config.data.chat_format,
+                zero_stage=self.config.compute.zero_stage,
+                rank=self.rank,
+            )
+        else:
+            save_adapter_model(
+                self.engine,
+                output_uri=self.spec.output_uri,
+                model_dir=self.model_dir,
+                tokenizer_dir=self.tokenizer_dir,
+                base_uri=self.spec.model_uri,
+                chat_format=self.config.data.chat_format,
+                merge=self.train_cfg.adapter.merge,
+                zero_stage=self.config.compute.zero_stage,
+                rank=self.rank,
+            )
+        if self._partitioned_loading is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            # Unregistered, not left to the garbage collector: a model loaded later in this
+            # process (an export, a test's own load) must not be partitioned by it.
+            unset_hf_deepspeed_config()
+            self._partitioned_loading = None
         if self.rank == 0:
             storage.write_json(
                 storage.join(self.spec.output_uri, TRAIN_METRICS_FILE), self._final_metrics()
@@ -596,6 +659,8 @@ class TrainingRecipe:
             "flops_per_token": self.flops_per_token,
             "peak_memory_gib": peak_memory_gib(self.device.type),
             "parameters": self.n_params,
+            "trainable_parameters": self.n_trainable,
+            "method": self.train_cfg.method,
             "attention": self.attention,
             "cross_entropy": self.cross_entropy,
             "resumed_from_step": self.resumed_from,

@@ -48,8 +48,11 @@ def build_llama(
     return LlamaForCausalLM(config)
 
 
-def load_causal_lm(path: str | Path, attention: str, dtype: torch.dtype) -> PreTrainedModel:
-    """Load a Hugging Face-format model folder with the chosen attention kernel.
+def load_causal_lm(
+    path: str | Path, attention: str, dtype: torch.dtype, quantization: Any | None = None
+) -> PreTrainedModel:
+    """Load a Hugging Face-format model folder with the chosen attention kernel, its linear
+    layers quantized when ``quantization`` (a ``BitsAndBytesConfig``) is given.
 
     Under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig`` alive first, so the weights are
     partitioned while loading instead of materialised whole on every rank.
@@ -57,7 +60,7 @@ def load_causal_lm(path: str | Path, attention: str, dtype: torch.dtype) -> PreT
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), attn_implementation=attention, dtype=dtype
+        str(path), attn_implementation=attention, dtype=dtype, quantization_config=quantization
     )
     # See _decoder_fields: with a cache, packed documents would attend across boundaries.
     model.config.use_cache = False
@@ -90,25 +93,30 @@ def build_model(
 
 
 def load_training_model(
-    model_dir: Path, tokenizer_dir: Path, attention: str, dtype: torch.dtype
-) -> PreTrainedModel:
-    """Load a model folder for training with the tokenizer prepare_data wrote.
+    model_dir: Path,
+    tokenizer_dir: Path,
+    attention: str,
+    dtype: torch.dtype,
+    quantization: Any | None = None,
+) -> tuple[PreTrainedModel, int]:
+    """Load a model folder for training with the tokenizer prepare_data wrote; returns the
+    model and the vocabulary size it had in its folder.
 
     The KV cache is off (see ``load_causal_lm``). When the tokenizer has more tokens than the
     model (chat tokens added to a base tokenizer) the embeddings and LM head grow to
-    ``len(tokenizer)``; new rows start at the mean of the old ones. Under ZeRO-3 the caller
+    ``len(tokenizer)``; new rows start near the mean of the old ones. Under ZeRO-3 the caller
     keeps an ``HfDeepSpeedConfig`` alive, so loading and resizing work on partitioned weights;
     ``zero.partition_loaded_model`` then handles what was created whole.
     """
     from pipeline.data.tokenizer import load_tokenizer
 
-    model = load_causal_lm(model_dir, attention, dtype)
+    model = load_causal_lm(model_dir, attention, dtype, quantization)
     tok = load_tokenizer(tokenizer_dir)
     vocab = int(model.config.get_text_config().vocab_size)
     if len(tok) > vocab:
         log.info("growing the embeddings from %d to %d tokens", vocab, len(tok))
         model.resize_token_embeddings(len(tok))
-    return model
+    return model, vocab
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -128,4 +128,6 @@ def training_summary(metrics: dict[str, Any]) -> list[str]:
         f"throughput {num('tokens_per_s', ',.0f')} tokens/s, MFU {num('mfu', '.1%')},"
         f" peak memory {num('peak_memory_gib', '.2f')} GiB, attention {metrics.get('attention')}",
         f"checkpoints at steps {metrics.get('checkpoint_steps') or '-'}",
+        f"method {metrics.get('method', 'full')}: {num('trainable_parameters', ',')} of "
+        f"{num('parameters', ',')} parameters trained",
     ]

@@ -23,9 +23,21 @@ from typing import Any
 from pipeline.config import PipelineConfig
 
 TRAIN_MATH = frozenset(
-    {"max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "seed"}
+    {
+        "max_steps",
+        "lr",
+        "min_lr_ratio",
+        "warmup_steps",
+        "weight_decay",
+        "grad_clip",
+        "seed",
+        "method",
+        "adapter",
+    }
 )
-"""Train-section fields that change the trajectory (``max_steps`` shapes the cosine)."""
+"""Train-section fields that change the trajectory (``max_steps`` shapes the cosine). The
+adapter's ``merge`` only changes what is exported, and a full-weight section leaves ``method``
+and ``adapter`` out, so its fingerprint is the one it had before adapters existed."""
 TRAIN_OPERATIONAL = frozenset(
     {
         "micro_batch_size",  # their product (the global batch) is in the fingerprint
@@ -70,9 +82,14 @@ DATA_OPERATIONAL = frozenset({"num_workers", "chunk_bytes", "shard_blocks"})
 def math_settings(config: PipelineConfig, section: str, inputs: list[str]) -> dict[str, Any]:
     """What determines the trajectory of ``section`` trained on ``inputs``."""
     train = getattr(config, section)
+    train_math = train.model_dump(mode="json", include=set(TRAIN_MATH))
+    if train.method == "full":
+        del train_math["method"], train_math["adapter"]
+    else:
+        del train_math["adapter"]["merge"]
     return {
         "section": section,
-        "train": train.model_dump(mode="json", include=set(TRAIN_MATH)),
+        "train": train_math,
         "global_blocks_per_worker": train.micro_batch_size * train.grad_accum_steps,
         "compute": config.compute.model_dump(mode="json", include=set(COMPUTE_MATH)),
         "model": config.model.model_dump(mode="json"),

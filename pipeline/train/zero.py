@@ -8,10 +8,12 @@ rest of the trainer does not branch on the ZeRO stage.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
 import subprocess
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ComputeConfig, TrainConfig
@@ -77,14 +79,16 @@ def optimizer_param_groups(model: Any, weight_decay: float) -> list[dict[str, An
 
     Shapes are read as ZeRO-3 knows them (``ds_shape``) when the model is partitioned.
     """
-    embedding = model.get_input_embeddings().weight
+    # By module, not by ``.weight``: an adapter's trainable token rows live inside the wrapped
+    # embedding, and the wrapper's ``weight`` is a merged copy, not a parameter.
+    embedding = {id(p) for p in model.get_input_embeddings().parameters()}
     decay: list[Any] = []
     no_decay: list[Any] = []
     for param in model.parameters():
         if not param.requires_grad:
             continue
         shape = getattr(param, "ds_shape", param.shape)
-        (no_decay if len(shape) < 2 or param is embedding else decay).append(param)
+        (no_decay if len(shape) < 2 or id(param) in embedding else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -202,6 +206,20 @@ def partitioned_loading(ds_config: dict[str, Any]) -> Any | None:
     return HfDeepSpeedConfig(ds_config)
 
 
+@contextlib.contextmanager
+def zero3_loading_off() -> Iterator[None]:
+    """Within it, transformers and peft see no ZeRO-3 (``partitioned_loading``'s config is
+    unregistered, and registered again after): a model loaded inside is whole, on this rank."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
 def partition_loaded_model(model: PreTrainedModel, zero_stage: int) -> None:
     """Under ZeRO-3, partition the parameters loading created whole and make every sparse MoE
     block a leaf module; nothing to do at stages 0-2, where each rank holds the whole model."""
@@ -273,4 +291,20 @@ def full_state_dict(engine: Any, zero_stage: int) -> dict[str, Any] | None:
     if gathered is None:
         return None
     # The objective names the LM's parameters "model.<name>"; the LM folder wants "<name>".
+    return {name.removeprefix("model."): value for name, value in gathered.items()}
+
+
+def adapter_state_dict(engine: Any, zero_stage: int) -> dict[str, Any] | None:
+    """The trained (adapter) parameters of the LM, named as in its ``state_dict``, on rank 0's
+    CPU; under ZeRO-3 every rank must call this (the frozen base is not gathered) and the other
+    ranks get None."""
+    if zero_stage != 3:
+        return {
+            name: param.detach().cpu()
+            for name, param in engine.module.model.named_parameters()
+            if param.requires_grad
+        }
+    gathered = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+    if gathered is None:
+        return None
     return {name.removeprefix("model."): value for name, value in gathered.items()}

@@ -60,9 +60,14 @@ DEMO_DATA = REPO_ROOT / "configs" / "demo_data"
 GENERAL_DATA = REPO_ROOT / "configs" / "general_data" / "general.jsonl"
 MODEL = "domain-llm"
 TRAINING_TASK = "continued_pretraining"
-SECOND_RUN_CONF = {"cpt.max_steps": 4, "sft.max_steps": 3}
+SECOND_RUN_CONF = {
+    "cpt.max_steps": 4,
+    "sft.max_steps": 3,
+    "sft.method": "lora",
+    "sft.adapter.rank": 8,
+}
 """The second run's trigger: form fields only (the DAG rejects any other conf key), so short
-that it loses to the first run's champion."""
+that it loses to the first run's champion; its SFT trains a LoRA adapter (CPT full weights)."""
 
 # The demo run's whole loss histories at seed 0 (2 gloo workers, ZeRO-3, the demo tokenizer
 # trained on the scrubbed demo corpus), from the clean-clone suite of 2026-12-03; the run
@@ -80,8 +85,8 @@ PINNED_SFT = [
     4.429367, 4.383354, 4.313069, 4.228164, 4.084987, 4.1424, 3.988356, 4.025628, 3.9572,
     3.916629, 3.861279,
 ]
-# SFT's 3 steps after 4 CPT steps (the second run); CPT's 4 are PINNED_CPT[:4].
-PINNED_SHORT_SFT = [6.779917, 6.633105, 6.483918]
+# SFT's 3 LoRA steps after 4 CPT steps (the second run); CPT's 4 are PINNED_CPT[:4].
+PINNED_SHORT_SFT = [6.779917, 6.75385, 6.714491]
 # fmt: on
 
 
@@ -546,3 +551,9 @@ def test_second_run_compares_with_champion_and_keeps_it(
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
     assert client.get_model_version(MODEL, "2").tags["gates_passed"] == "false"
+    # The challenger is the merged LoRA model, with how it was trained in its lineage.
+    tags = client.get_model_version(MODEL, "2").tags
+    assert (tags["pipeline.cpt_method"], tags["pipeline.sft_method"]) == ("full", "lora")
+    assert tags["pipeline.sft_adapter"].startswith("rank=8 alpha=32 dropout=0.05 ")
+    sft = results["instruction_finetuning"]["metrics"]
+    assert sft["method"] == "lora" and sft["trainable_parameters"] < sft["parameters"] / 5

@@ -16,7 +16,6 @@ import pytest
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig, load_config
-from pipeline.data.tokenizer import train_bpe_tokenizer
 from pipeline.identity import code_version
 from pipeline.stages import promote
 from pipeline.stages.entrypoint import StageContext, StageOutput
@@ -36,6 +35,9 @@ def config(mlflow_server: str) -> PipelineConfig:
             "tracking.ui_url": mlflow_server,
             "tracking.experiment": "it-registry",
             "tracking.registered_model": NAME,
+            # The run that made the model trained SFT with LoRA (sft_model below).
+            "sft.method": "lora",
+            "sft.adapter.rank": 4,
         },
     )
     # The server chooses the artifact store and proxies it (mlflow-artifacts:/), as in production.
@@ -44,15 +46,18 @@ def config(mlflow_server: str) -> PipelineConfig:
 
 
 @pytest.fixture(scope="module")
-def sft_model(tmp_path_factory: pytest.TempPathFactory, config: PipelineConfig) -> Path:
-    """A tiny Llama and its tokenizer in one folder, as instruction_finetuning exports it."""
-    from pipeline.train.model import build_llama
+def sft_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama trained with a LoRA adapter by the training recipe (one gloo rank), as a
+    training stage exports it: the merged model and its tokenizer, the adapter beside them."""
+    from tests.trainer_harness import single_rank_group, tiny_config, train, write_inputs
 
-    out = tmp_path_factory.mktemp("sft")
-    tok = train_bpe_tokenizer(["rides and deliveries in Lisbon"] * 20, vocab_size=300)
-    build_llama(config.model, tok, seq_len=64, seed=0).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    root = tmp_path_factory.mktemp("sft")
+    inputs = write_inputs(root, chat_markers=True)
+    lora = {"cpt.method": "lora", "cpt.adapter.rank": 4, "compute.precision": "fp32"}
+    with single_rank_group():
+        metrics = train(inputs, root / "trained", tiny_config(**lora))
+    assert metrics["method"] == "lora"
+    return root / "trained" / "model"
 
 
 def _report(passed: bool) -> dict[str, Any]:
@@ -159,6 +164,14 @@ def test_versions_carry_lineage_tags(
         assert tags[version]["pipeline.config_fingerprint"] == config.fingerprint()
         assert tags[version]["pipeline.code_version"] == code_version()
         assert tags[version]["gates_passed"] == passed
+        assert tags[version]["pipeline.cpt_method"] == "full"
+        assert tags[version]["pipeline.sft_method"] == "lora"
+        assert tags[version]["pipeline.sft_adapter"] == (
+            "rank=4 alpha=32 dropout=0.05 "
+            "target_modules=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj "
+            "dora=false rslora=false train_chat_tokens=true"
+        )
+        assert "pipeline.cpt_adapter" not in tags[version]
 
 
 def test_parent_runs_record_the_decision(

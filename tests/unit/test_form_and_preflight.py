@@ -88,6 +88,7 @@ def test_form_fields_are_titled_grouped_and_label_the_empty_choice() -> None:
     sections = [fields[f]["section"] for f in FORM_FIELDS]
     assert sections[:3] == ["Data"] * 3 and sections[-1] == "Evaluation gates"
     assert sections.count("Compute") == 5
+    assert sections.count("Instruction fine-tuning") == 4
     # Keys as the browser spells String(value); the empty choice names the value it keeps.
     assert fields["compute.offload_optimizer"]["values_display"] == {
         "null": "(keep demo.yaml's value: on)",
@@ -96,6 +97,25 @@ def test_form_fields_are_titled_grouped_and_label_the_empty_choice() -> None:
     }
     assert fields["compute.zero_stage"]["values_display"]["null"] == "(keep demo.yaml's value: 3)"
     assert fields["compute.attention"]["values_display"]["sdpa"] == "sdpa"
+
+
+def test_the_form_chooses_each_section_s_method_and_its_adapter_rank(tmp_path: Path) -> None:
+    fields = form_fields(DEMO)
+    assert fields["sft.method"]["enum"] == [None, "full", "lora", "qlora"]
+    assert fields["sft.method"]["values_display"]["null"] == "(keep the default: full)"
+    assert fields["sft.method"]["section"] == "Instruction fine-tuning"
+    rank = fields["cpt.adapter.rank"]
+    assert (rank["type"], rank["minimum"], rank["maximum"]) == (["null", "integer"], 1, 1024)
+    assert rank["title"] == "CPT LoRA rank" and rank["section"] == "Continued pre-training"
+    assert rank["description"].endswith("Empty keeps the default: 16.")
+    # A nested value set in the file is the one an empty field keeps.
+    config = tmp_path / "lora.yaml"
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["sft"] |= {"method": "lora", "adapter": {"rank": 64}}
+    config.write_text(yaml.safe_dump(raw))
+    fields = form_fields(config)
+    assert fields["sft.adapter.rank"]["description"].endswith("Empty keeps lora.yaml's value: 64.")
+    assert fields["sft.method"]["values_display"]["null"] == "(keep lora.yaml's value: lora)"
 
 
 def test_form_fields_without_a_config_file_show_the_schema_defaults(tmp_path: Path) -> None:

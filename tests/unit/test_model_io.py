@@ -101,7 +101,8 @@ def test_training_model_grows_its_embeddings_to_the_tokenizer(
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(llama2_base))
-    model = load_training_model(llama2_base, training_tok_dir, "sdpa", torch.float32)
+    model, base_vocab = load_training_model(llama2_base, training_tok_dir, "sdpa", torch.float32)
+    assert base_vocab == 600
     assert model.config.vocab_size == 602
     assert model.get_input_embeddings().weight.shape == (602, 32)
     assert model.get_output_embeddings().weight.shape == (602, 32)
@@ -119,7 +120,7 @@ def test_export_reloads_to_equal_weights_with_cache_on_and_the_chat_template(
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = load_training_model(llama2_base, training_tok_dir, "sdpa", torch.float32)
+    model, _ = load_training_model(llama2_base, training_tok_dir, "sdpa", torch.float32)
     export_pretrained(model, None, training_tok_dir, "chatml", tmp_path)
     assert model.config.use_cache is False  # training settings restored after the export
 

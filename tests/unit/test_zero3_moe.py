@@ -46,7 +46,7 @@ def test_mixtral_under_zero3_has_leaf_moe_blocks_and_grown_embeddings(
         config.compute, TrainConfig(max_steps=2, lr=1e-3, micro_batch_size=2), 1
     )
     hf_ds = HfDeepSpeedConfig(ds_config)  # alive while loading: ZeRO-3 partitions as it loads
-    model = load_training_model(base, tmp_path / "tok", "sdpa", torch.float32)
+    model, _ = load_training_model(base, tmp_path / "tok", "sdpa", torch.float32)
     partition_loaded_model(model, zero_stage=3)
     assert hasattr(model.get_input_embeddings().weight, "ds_id")  # partitioned
     blocks = [m for m in model.modules() if isinstance(m, MixtralSparseMoeBlock)]
