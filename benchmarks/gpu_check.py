@@ -14,7 +14,8 @@ on inputs ``bench_inputs`` builds locally. Rows, in this order:
    and a new ``train_worker`` call resumes from step 1 and trains step 2 again. Its step-2 loss,
    learning rate and exported weights must equal the uninterrupted run's.
 4. The MFU matrix on the 1.10B Llama, seq 4096, packed documents, bf16: the best setting, then
-   each lever moved away from it (``gpu_rows.matrix``), most telling first. Lever rows that
+   each lever moved away from it (``gpu_rows.matrix``), most telling first: LoRA and QLoRA
+   over the same model first, their peak GPU memory beside the planner's. Lever rows that
    would not end inside ``--budget-s`` are skipped as ``budget``; rows 1-3 and ``best`` always
    run.
 
@@ -330,6 +331,25 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
             f"target offload saves >= {TARGET_OFFLOAD_SAVING:.0%} GPU memory: {saving:.0%} "
             f"({before:.1f} -> {after:.1f} GiB at the same batch), {verdict}"
         )
+    lines += adapter_memory(by_key)
+    return lines
+
+
+def adapter_memory(by_key: dict[str, dict[str, Any]]) -> list[str]:
+    """The adapter rows' measured peak GPU memory against the planner's, beside best's (full
+    weights at the same setting)."""
+    lines = []
+    for key in ("best", "method-lora", "method-qlora"):
+        r = by_key.get(key)
+        if r is None or r.get("allocated_before_gib") is None:
+            lines.append(f"{key}: measured vs planned peak GPU memory: n/a (not run on CUDA)")
+            continue
+        measured, planned = r["peak_memory_gib"], r["predicted_peak_gib"]
+        lines.append(
+            f"{key} ({r['method']}, {r['trainable_parameters']:,} trained): peak "
+            f"{measured:.1f} GiB measured, {planned:.1f} GiB planned "
+            f"({measured / planned - 1:+.0%})"
+        )
     return lines
 
 
@@ -372,7 +392,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Every row in one table: its settings, the loop's figures, and what a check found."""
     head = (
         "| row | status | attention | loss | ckpt | compile | ZeRO | offload | micro | tokens/s "
-        "| MFU | peak GiB | loss first → final | s | detail |"
+        "| MFU | peak GiB (planned) | loss first → final | s | detail |"
     )
     lines = [head, "|---|---|---|---|---|---|---|---|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
@@ -397,7 +417,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             figures = [
                 f"{r['tokens_per_s']:.0f}",
                 mfu,
-                f"{r['peak_memory_gib']:.1f}",
+                f"{r['peak_memory_gib']:.1f}"
+                + (f" ({r['predicted_peak_gib']:.1f})" if r.get("predicted_peak_gib") else ""),
                 f"{r['first_loss']:.4f} → {r['final_loss']:.4f}",
             ]
         cells = [

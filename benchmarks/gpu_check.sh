@@ -28,7 +28,7 @@ LIGER_KERNEL=$(grep -m1 "^liger-kernel==" docker/requirements-gpu.txt) ||
 # treats these as installed, so .whl/ carries everything else the packages below need.
 DEVICE_HAS=(torch==2.11.0 triton==3.6.0 numpy==2.5.2)
 DEVICE_PYTHON=${GPU_CHECK_DEVICE_PYTHON:-3.12}
-DEVICE_PLATFORMS=(manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64
+DEVICE_PLATFORMS=(manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_24_x86_64 manylinux_2_28_x86_64
 	manylinux_2_31_x86_64 manylinux_2_34_x86_64 manylinux_2_35_x86_64)
 
 # The version requirements/constraints.txt pins for a package; fails naming it when unpinned.
@@ -40,7 +40,8 @@ pin() {
 # What the training path imports beyond the device's packages, at the CPU suite's versions
 # (liger-kernel only where CUDA runs it).
 requirements() {
-	for name in deepspeed pydantic PyYAML hjson transformers huggingface_hub tokenizers safetensors; do
+	for name in deepspeed pydantic PyYAML hjson transformers huggingface_hub tokenizers safetensors \
+		peft bitsandbytes; do
 		pin "$name"
 	done
 	if [ "$1" = cuda ]; then echo "$LIGER_KERNEL"; fi
@@ -102,6 +103,31 @@ for spec in pins:
 EOF
 }
 
+# bitsandbytes' wheel carries its kernels for every CUDA and ROCm release (43 MB, more than the
+# device tool carries with the rest); the device runs CUDA 13, so keep those and the CPU ones.
+# The files kept are unchanged, and so are their RECORD lines.
+slim_bitsandbytes() {
+	"$PY" - "$1" <<'EOF'
+import os
+import re
+import sys
+import zipfile
+
+path = sys.argv[1]
+drop = re.compile(r"bitsandbytes/libbitsandbytes_(cuda1[0-2]\d|rocm\d+)\.so$")
+with zipfile.ZipFile(path) as src, zipfile.ZipFile(path + ".slim", "w", zipfile.ZIP_DEFLATED) as out:
+    for item in src.infolist():
+        if drop.search(item.filename):
+            continue
+        data = src.read(item)
+        if item.filename.endswith(".dist-info/RECORD"):
+            kept = [line for line in data.decode().splitlines() if not drop.search(line.split(",")[0])]
+            data = "".join(f"{line}\n" for line in kept).encode()
+        out.writestr(item, data)
+os.replace(path + ".slim", path)
+EOF
+}
+
 fill_wheels() {
 	tmp=$(mktemp -d)
 	trap 'rm -rf "$tmp"' EXIT
@@ -126,6 +152,7 @@ fill_wheels() {
 	"$PY" -m pip download --quiet --disable-pip-version-check "${target[@]}" \
 		--find-links "$WHEELS" -c "$tmp/constraints.txt" -d "$WHEELS" $(requirements cuda)
 	rm -f "$WHEELS"/*+device-py3-none-any.whl
+	slim_bitsandbytes "$WHEELS"/bitsandbytes-*.whl
 	# The closure, checked: the requirements resolve from the wheels and the stand-ins alone.
 	# shellcheck disable=SC2046
 	"$PY" -m pip install --quiet --disable-pip-version-check --dry-run --ignore-installed \

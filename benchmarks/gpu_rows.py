@@ -60,9 +60,13 @@ CHECKPOINTING = {
     "every2": {"compute.activation_checkpointing": True, "compute.checkpoint_every_n_layers": 2},
 }
 COMPILE = {"on": {"compute.compile_layers": True}, "off": {"compute.compile_layers": False}}
+# Adapters over the frozen 1.10B: LoRA over its bf16 weights, QLoRA over NF4 ones (peft,
+# bitsandbytes); measured peak memory against the planner's prediction.
+METHOD = {m: {"cpt.method": m} for m in ("lora", "qlora")}
 ZERO = {str(s): {"compute.zero_stage": s} for s in (0, 1, 2, 3)}
 MICRO = {str(m): {"cpt.micro_batch_size": m} for m in (4, 8, 16)}
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
+    "method": METHOD,
     "attn": ATTENTION,
     "ce": CROSS_ENTROPY,
     "ckpt": CHECKPOINTING,
@@ -153,6 +157,11 @@ def skip_reason(settings: dict[str, Any], cuda: bool, builds: dict[str, dict[str
             return "liger-kernel is not installed"
     if settings["compute.compile_layers"] and not cuda:
         return "torch.compile is measured on CUDA only (the CPU check stays under 2 minutes)"
+    method = settings.get("cpt.method", "full")
+    needs = {"lora": ["peft"], "qlora": ["peft", "bitsandbytes"]}.get(method, [])
+    missing = [package for package in needs if importlib.util.find_spec(package) is None]
+    if missing:
+        return f"{method} needs {' and '.join(missing)}, not installed here"
     op = "cpu-adam-build" if settings["compute.offload_optimizer"] else "fused-adam-build"
     if (cuda or op == "cpu-adam-build") and builds.get(op, {}).get("status") == "failed":
         return f"needs the optimizer op of row {op}, which failed"
@@ -248,6 +257,7 @@ def optimizer_name(config: PipelineConfig) -> str:
 def matrix_row(run: Run, row: Row, config: PipelineConfig) -> dict[str, Any]:
     """Train one matrix row; its figures as the loop reports them."""
     from pipeline.planning.hardware import POOLS
+    from pipeline.planning.search import predicted_step
 
     folder = run.workdir / "runs" / row.key
     try:
@@ -258,8 +268,12 @@ def matrix_row(run: Run, row: Row, config: PipelineConfig) -> dict[str, Any]:
     if metrics["first_loss"] is None or not metrics["tokens_per_s"] > 0:
         raise RuntimeError(f"no step was applied: losses {metrics.get('loss_history')}")
     peak = metrics["measured_peak_gib"]
+    predicted = predicted_step(config, "cpt")
     return {
         "status": "ok",
+        "trainable_parameters": metrics.get("trainable_parameters"),
+        # The planner's figure for this setting (0 on CPU, where it plans host memory only).
+        "predicted_peak_gib": round(predicted["predicted_gpu_memory_gib"], 2),
         "optimizer": optimizer_name(config),
         "attention_ran": metrics.get("attention"),
         "tokens_per_s": round(float(metrics["tokens_per_s"]), 1),
@@ -279,6 +293,7 @@ def settings_summary(settings: dict[str, Any], shape: bi.Shape) -> dict[str, Any
     """The table's columns of one row's settings (the micro batch as it trains)."""
     checkpointing = settings["compute.activation_checkpointing"]
     return {
+        "method": settings.get("cpt.method", "full"),
         "attention": settings["compute.attention"],
         "cross_entropy": settings["compute.cross_entropy"],
         "checkpointing": f"1/{settings['compute.checkpoint_every_n_layers']}"

@@ -349,8 +349,9 @@ class AdapterConfig(_Section):
 
     merge: bool = True
     """Write the merged full model (the base with the adapter folded in: what is evaluated,
-    trained on by the next stage, served and registered) beside the adapter. Must stay on for
-    now: no later stage applies an adapter to its base yet."""
+    trained on by the next stage, served and registered) beside the adapter. Off: the stage
+    writes the adapter and the tokenizer alone, a few MB instead of a model's copy, and each
+    later stage merges it onto its base once per node as it fetches it."""
 
     @field_validator("target_modules")
     @classmethod
@@ -421,17 +422,6 @@ class TrainConfig(_Section):
 
     adapter: AdapterConfig = AdapterConfig()
     """The adapter's settings (read when ``method`` is ``lora`` or ``qlora``)."""
-
-    @model_validator(mode="after")
-    def _adapter_is_merged(self) -> TrainConfig:
-        if self.method != "full" and not self.adapter.merge:
-            raise ValueError(
-                "adapter.merge false: evaluation, the next training stage and promotion load the "
-                "stage's model as one folder of full weights, and none of them applies an "
-                "adapter to its base yet; keep merge: true (the adapter is written beside the "
-                "merged model, under adapter/)"
-            )
-        return self
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:

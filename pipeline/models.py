@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline import storage
 
@@ -58,8 +58,88 @@ def resolve_model_uri(uri: str, tracking: TrackingConfig) -> str:
     return source.removeprefix("file://")
 
 
+ADAPTER_CONFIG = Path("adapter") / "adapter_config.json"
+"""Where a training stage's model output holds its peft adapter (``pipeline.train.lora``)."""
+
+
 def fetch_model(uri: str, tracking: TrackingConfig) -> Path:
-    """A local folder with the model files of ``uri``.
+    """A local folder with the model files of ``uri``: its full weights, config and tokenizer.
+
+    A training stage's output that holds an adapter alone (``adapter.merge: false``) is merged
+    onto its base once per node (``merged_adapter``), so every caller gets full weights.
+
+    Raises:
+        FileNotFoundError: the local folder or remote prefix does not exist.
+    """
+    folder = fetch_files(uri, tracking)
+    if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+        return merged_adapter(folder, tracking)
+    return folder
+
+
+def _cache_dir() -> Path:
+    cache = Path(os.environ.get(MODEL_CACHE_ENV) or Path(tempfile.gettempdir()) / "pipeline-models")
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def merged_adapter(folder: Path, tracking: TrackingConfig) -> Path:
+    """The full model an adapter-only stage output stands for, built once per node in the
+    model cache: its base (the URI the adapter names, fetched the same way, so a chain of
+    adapter-only stages resolves) grown to the output's tokenizer as training grew it, with the
+    adapter folded in, saved with the output's tokenizer and the base's generation settings.
+
+    Ranks may call this at once: a file lock lets one build while the others wait. Call it
+    outside ZeRO-3's partitioned loading (the merge loads the base whole, on the CPU).
+    """
+    import json
+
+    adapter_dir = folder / ADAPTER_CONFIG.parent
+    base_uri = str(json.loads((folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+    base_dir = fetch_model(base_uri, tracking)
+    weights = hashlib.sha256()
+    for path in sorted(adapter_dir.iterdir()):
+        weights.update(path.name.encode() + b"\0" + path.read_bytes())
+    cache = _cache_dir()
+    key = hashlib.sha256(f"merged|{base_dir}|{weights.hexdigest()}".encode()).hexdigest()[:24]
+    target = cache / key
+    with (cache / f"{key}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / COMPLETE_MARKER).is_file():
+            return target
+        partial = cache / f"{key}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        log.info("merging the adapter of %s onto its base %s into %s", folder, base_uri, target)
+        merged = adapter_on_base(base_dir, folder, adapter_dir).merge_and_unload()
+        merged.save_pretrained(str(partial))
+        for name in (*TOKENIZER_FILES, "generation_config.json"):
+            source = (folder if name != "generation_config.json" else base_dir) / name
+            if source.is_file():
+                shutil.copyfile(source, partial / name)
+        partial.rename(target)
+        (target / COMPLETE_MARKER).write_text(f"{folder} on {base_uri}")
+    return target
+
+
+def adapter_on_base(base_dir: Path, tokenizer_dir: Path, adapter_dir: Path) -> Any:
+    """The model of ``base_dir`` in its own dtype, grown to the tokenizer of ``tokenizer_dir``
+    as training grew it, with the peft adapter of ``adapter_dir`` applied, unmerged
+    (``PeftModel``, on CPU, in eval mode)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if len(tok) > int(base.config.get_text_config().vocab_size):
+        # The grown rows are all trained token rows (training refuses otherwise), which the
+        # adapter replaces: their starting values here do not matter.
+        base.resize_token_embeddings(len(tok))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def fetch_files(uri: str, tracking: TrackingConfig) -> Path:
+    """A local folder with the files of ``uri``, as they are stored.
 
     Local folders are used in place. ``s3://`` folders and registered versions are downloaded
     once per node into ``$PIPELINE_MODEL_CACHE`` (keyed by the resolved URI and, for ``s3://``,
@@ -79,8 +159,7 @@ def fetch_model(uri: str, tracking: TrackingConfig) -> Path:
         if not Path(source).is_dir():
             raise FileNotFoundError(f"model folder not found: {source} (model URI {uri})")
         return Path(source)
-    cache = Path(os.environ.get(MODEL_CACHE_ENV) or Path(tempfile.gettempdir()) / "pipeline-models")
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = _cache_dir()
     # The content fingerprint keys the cache too: an s3:// folder rewritten in place (a rerun
     # that rebuilt base_model/) must not be served from last time's copy.
     version = (

@@ -14,7 +14,6 @@ registered twice.
 from __future__ import annotations
 
 import logging
-import tempfile
 from typing import TYPE_CHECKING, Any
 
 from pipeline import storage, tracking
@@ -29,6 +28,7 @@ from pipeline.contract import (
     model_metrics,
 )
 from pipeline.identity import code_version
+from pipeline.models import fetch_model
 from pipeline.stages.entrypoint import StageContext, StageOutput, stage_main
 
 if TYPE_CHECKING:
@@ -128,19 +128,20 @@ def log_transformers_model(ctx: StageContext, tags: dict[str, str]) -> Any:
         + "\n".join(f"- {key}: `{value}`" for key, value in sorted(tags.items()))
     )
     mlflow.set_experiment(experiment_id=tracking.experiment_id(ctx.config.tracking))
-    with tempfile.TemporaryDirectory() as scratch:
-        model_dir = storage.download_dir(ctx.previous[SFT_MODEL], scratch)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        return mlflow.transformers.log_model(
-            {"model": model, "tokenizer": tokenizer},
-            name="model",
-            task=TASK,
-            run_id=ctx.mlflow_run_id,
-            model_card=card,
-            pip_requirements=serving_requirements(),
-            tags=tags,
-        )
+    # Through the node's model cache, as evaluate read it: a remote folder is fetched once, and
+    # an adapter-only SFT output is merged onto its base (the registry holds full weights).
+    model_dir = fetch_model(ctx.previous[SFT_MODEL], ctx.config.tracking)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return mlflow.transformers.log_model(
+        {"model": model, "tokenizer": tokenizer},
+        name="model",
+        task=TASK,
+        run_id=ctx.mlflow_run_id,
+        model_card=card,
+        pip_requirements=serving_requirements(),
+        tags=tags,
+    )
 
 
 def register_model(ctx: StageContext, tags: dict[str, str]) -> tuple[str, bool]:

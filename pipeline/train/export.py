@@ -70,7 +70,7 @@ def save_adapter_model(
     unquantized in its own dtype, with the adapter applied and folded in: for QLoRA that is the
     16-bit base the 4-bit one was quantized from, what serving loads.
     """
-    from pipeline.train.lora import ADAPTER_DIR
+    from pipeline.models import ADAPTER_CONFIG
     from pipeline.train.zero import adapter_state_dict
 
     state = adapter_state_dict(engine, zero_stage)
@@ -78,7 +78,7 @@ def save_adapter_model(
         return
     peft_model = engine.module.model
     with storage.local_staging(output_uri) as out:
-        adapter_dir = out / ADAPTER_DIR
+        adapter_dir = out / ADAPTER_CONFIG.parent
         base_name = peft_model.peft_config["default"].base_model_name_or_path
         peft_model.peft_config["default"].base_model_name_or_path = base_uri
         try:
@@ -102,40 +102,15 @@ def save_adapter_model(
             tok.save_pretrained(str(out))
 
 
-def adapter_on_base(model_dir: Path, tokenizer_dir: Path, adapter_dir: Path) -> Any:
-    """The base model of ``model_dir`` (grown to the tokenizer, as training grew it) with the
-    adapter of ``adapter_dir`` applied, unmerged (peft ``PeftModel``, on CPU, in eval mode)."""
-    from peft import PeftModel
-
-    from pipeline.data.tokenizer import load_tokenizer
-    from pipeline.train.model import load_causal_lm
-
-    base = load_causal_lm(model_dir, "sdpa", dtype_of(model_dir))
-    tok = load_tokenizer(tokenizer_dir)
-    if len(tok) > int(base.config.get_text_config().vocab_size):
-        # The grown rows are all trained token rows (training refuses otherwise), which the
-        # adapter replaces: their starting values here do not matter.
-        base.resize_token_embeddings(len(tok))
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-
-
 def merge_adapter(model_dir: Path, tokenizer_dir: Path, adapter_dir: Path) -> PreTrainedModel:
-    """``adapter_on_base`` with the adapter folded into the weights: a plain causal LM."""
+    """The base of ``model_dir`` with the adapter of ``adapter_dir`` folded into its weights
+    (``models.adapter_on_base``, merged): a plain causal LM."""
+    from pipeline.models import adapter_on_base
+
     merged: PreTrainedModel = adapter_on_base(
         model_dir, tokenizer_dir, adapter_dir
     ).merge_and_unload()
     return merged
-
-
-def dtype_of(model_dir: Path) -> Any:
-    """The dtype a model folder's ``config.json`` declares (fp32 when it declares none)."""
-    import torch
-    from transformers import AutoConfig
-
-    declared = getattr(AutoConfig.from_pretrained(str(model_dir)), "dtype", None)
-    if isinstance(declared, torch.dtype):
-        return declared
-    return getattr(torch, str(declared)) if declared else torch.float32
 
 
 def export_pretrained(

@@ -220,12 +220,13 @@ class TrainingRecipe:
         from pipeline.train.objective import make_objective, resolve_cross_entropy
 
         config, compute, train = self.config, self.config.compute, self.train_cfg
+        # Fetched first: an adapter-only input is merged onto its base here, whole, on the CPU.
+        self.model_dir = fetch_model(self.spec.model_uri, config.tracking)
+        self.tokenizer_dir = fetch_model(self.spec.tokenizer_uri, config.tracking)
         ds_config = zero.deepspeed_config(compute, train, self.world)
         # Alive from loading to the export (ZeRO-3 only).
         self._partitioned_loading = zero.partitioned_loading(ds_config)
         dtype = torch.bfloat16 if compute.precision == "bf16" else torch.float32
-        self.model_dir = fetch_model(self.spec.model_uri, config.tracking)
-        self.tokenizer_dir = fetch_model(self.spec.tokenizer_uri, config.tracking)
         model, base_vocab = load_training_model(
             self.model_dir,
             self.tokenizer_dir,

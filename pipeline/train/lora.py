@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
-"""Subfolder of a stage's model output that holds the peft adapter (``adapter_config.json``,
-``adapter_model.safetensors``)."""
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 """The input embedding and LM head, whose chat-token rows are trained (Llama-family names)."""
 
@@ -56,12 +53,13 @@ def quantization_config(train: TrainConfig, dtype: torch.dtype) -> Any | None:
 
 
 def chat_token_ids(tok: PreTrainedTokenizerBase, fmt: ChatFormat, base_vocab: int) -> list[int]:
-    """The rows ``train_chat_tokens`` trains: the chat format's special tokens, and every row
-    the embeddings grew by when the tokenizer had more tokens than the base model."""
+    """The rows ``train_chat_tokens`` trains: the chat format's special tokens the tokenizer
+    has, and every row the embeddings grew by when it had more tokens than the base model."""
     from pipeline.data.chat import format_tokens
 
-    found = tok.convert_tokens_to_ids(format_tokens(fmt))
-    ids = set(found if isinstance(found, list) else [found]) | set(range(base_vocab, len(tok)))
+    vocab = tok.get_vocab()
+    # A token the tokenizer lacks is not trained (prepare_data's tokenizer has them all).
+    ids = {vocab[t] for t in format_tokens(fmt) if t in vocab} | set(range(base_vocab, len(tok)))
     return sorted(ids)
 
 

@@ -115,7 +115,7 @@ def test_the_merged_model_equals_the_adapter_on_its_base(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.train.export import adapter_on_base
+    from pipeline.models import adapter_on_base
 
     adapter_dir = lora_run["out"] / "adapter"
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -149,6 +149,36 @@ def test_lora_checkpoints_hold_the_adapter_only_and_resume_exactly(
         _tensors(tmp_path / "model" / "adapter").keys()
         == _tensors(lora_run["out"] / "adapter").keys()
     )
+
+
+def test_an_adapter_only_output_is_merged_onto_its_base_when_a_stage_fetches_it(
+    lora_run: dict[str, Any],
+    inputs: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from pipeline.config import TrackingConfig
+    from pipeline.models import MODEL_CACHE_ENV, fetch_model
+
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "cache"))
+    alone = tmp_path / "alone"
+    metrics = train(inputs, alone, _lora_config(**{"cpt.adapter.merge": False}))
+    assert metrics["loss_history"] == lora_run["loss_history"]
+    names = {p.name for p in (alone / "model").iterdir()}
+    assert "config.json" not in names and not any(n.endswith(".safetensors") for n in names)
+    assert {"adapter", "tokenizer.json"} <= names
+    folder = fetch_model(str(alone / "model"), TrackingConfig())
+    assert fetch_model(str(alone / "model"), TrackingConfig()) == folder  # built once
+    merged, exported = _tensors(folder), _tensors(lora_run["out"])
+    assert merged.keys() == exported.keys()
+    assert all(torch.equal(merged[k], exported[k]) for k in exported)
+    # The next stage trains from it as from the merged export: the same losses.
+    after_alone = train({**inputs, "model": str(alone / "model")}, tmp_path / "a", tiny_config())
+    after_merged = train({**inputs, "model": str(lora_run["out"])}, tmp_path / "b", tiny_config())
+    assert after_alone["loss_history"] == after_merged["loss_history"]
+    assert after_alone["loss_history"][0] < PINNED_LORA[0]  # it starts from the trained adapter
 
 
 @pytest.mark.parametrize(("zero_stage", "offload"), [(0, False), (1, True), (2, False)])
@@ -212,8 +242,6 @@ def test_qlora_with_parameter_offload_is_refused_with_the_reason() -> None:
         tiny_config(**{"cpt.method": "qlora", "compute.offload_params": True})
     with pytest.raises(ConfigError, match=r"sft\.adapter\.target_modules"):
         tiny_config(**{"sft.adapter.target_modules": []})
-    with pytest.raises(ConfigError, match=r"sft.*adapter\.merge false: evaluation"):
-        tiny_config(**{"sft.method": "lora", "sft.adapter.merge": False})
 
 
 def test_mixtral_refuses_the_expert_targets_and_trains_lora_on_attention(

@@ -17,6 +17,7 @@ import pytest
 from pipeline import tracking
 from pipeline.config import PipelineConfig, load_config
 from pipeline.identity import code_version
+from pipeline.models import fetch_model
 from pipeline.stages import promote
 from pipeline.stages.entrypoint import StageContext, StageOutput
 
@@ -48,12 +49,18 @@ def config(mlflow_server: str) -> PipelineConfig:
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama trained with a LoRA adapter by the training recipe (one gloo rank), as a
-    training stage exports it: the merged model and its tokenizer, the adapter beside them."""
+    training stage exports it with ``adapter.merge: false``: the adapter and the tokenizer,
+    no weights. Promote registers the full model it stands for."""
     from tests.trainer_harness import single_rank_group, tiny_config, train, write_inputs
 
     root = tmp_path_factory.mktemp("sft")
     inputs = write_inputs(root, chat_markers=True)
-    lora = {"cpt.method": "lora", "cpt.adapter.rank": 4, "compute.precision": "fp32"}
+    lora = {
+        "cpt.method": "lora",
+        "cpt.adapter.rank": 4,
+        "cpt.adapter.merge": False,
+        "compute.precision": "fp32",
+    }
     with single_rank_group():
         metrics = train(inputs, root / "trained", tiny_config(**lora))
     assert metrics["method"] == "lora"
@@ -203,8 +210,9 @@ def test_champion_loads_with_the_transformers_flavour_and_generates(
     tracking.client(config.tracking)  # points mlflow's registry at the server
     pipe = mlflow.transformers.load_model(f"models:/{NAME}@champion")
     generated = pipe(PROMPT, max_new_tokens=6, do_sample=False, return_full_text=False)
-    original = AutoModelForCausalLM.from_pretrained(sft_model).eval()
-    tok = AutoTokenizer.from_pretrained(sft_model)
+    merged = fetch_model(str(sft_model), config.tracking)  # the adapter on its base
+    original = AutoModelForCausalLM.from_pretrained(merged).eval()
+    tok = AutoTokenizer.from_pretrained(merged)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         expected = original.generate(ids, max_new_tokens=6, do_sample=False)
@@ -224,7 +232,7 @@ def test_champion_files_download_as_a_pretrained_folder(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.models import MODEL_CACHE_ENV, fetch_model
+    from pipeline.models import MODEL_CACHE_ENV
 
     champion = tracking.champion_version(config.tracking)
     assert champion is not None
@@ -241,7 +249,8 @@ def test_champion_files_download_as_a_pretrained_folder(
     }
     ids = torch.tensor([[5, 17, 42, 7]])
     with torch.no_grad():
-        expected = AutoModelForCausalLM.from_pretrained(sft_model)(ids).logits
+        merged = fetch_model(str(sft_model), config.tracking)
+        expected = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
     for how, folder in folders.items():
         names = {p.name for p in folder.iterdir()}
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= names, how

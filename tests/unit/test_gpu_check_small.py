@@ -45,6 +45,8 @@ sys.meta_path[:] = [
 CHECK_ROWS = ["packed-logits", "fused-adam-build", "cpu-adam-build", "nccl-resume"]
 RUNNABLE_ON_CPU = {
     "best",
+    "method-lora",
+    "method-qlora",
     "z3-ckpt",
     "z3-ckpt-offload",
     "ce-full",
@@ -115,7 +117,7 @@ def test_every_row_once_checks_first(report: dict[str, Any]) -> None:
     keys = [r["row"] for r in report["rows"]]
     assert keys[:7] == [*CHECK_ROWS, "best", "z3-ckpt", "z3-ckpt-offload"]
     assert keys[-1] == "total"
-    assert len(keys) == len(set(keys)) == len(CHECK_ROWS) + 15 + 1
+    assert len(keys) == len(set(keys)) == len(CHECK_ROWS) + 17 + 1
     assert report["environment"]["backend"] == "gloo"
 
 
@@ -144,7 +146,11 @@ def test_settings_change_speed_and_memory_not_the_arithmetic(report: dict[str, A
     """Same seed, data order and micro batch: ZeRO stage, offload, checkpointing and the loss
     kernel give the same loss before the first update, that of a fresh model (about ln(vocab)),
     and the same loss after three updates."""
-    rows = [r for r in _rows(report, "ok").values() if r.get("micro") == 2 and "first_loss" in r]
+    rows = [
+        r
+        for r in _rows(report, "ok").values()
+        if r.get("micro") == 2 and r.get("method") == "full" and "first_loss" in r
+    ]
     assert len(rows) == 9
     first = [r["first_loss"] for r in rows]
     final = [r["final_loss"] for r in rows]
@@ -153,6 +159,23 @@ def test_settings_change_speed_and_memory_not_the_arithmetic(report: dict[str, A
     assert first[0] == pytest.approx(6.2473, abs=1e-4)
     assert first[0] == pytest.approx(math.log(SMALL_VOCAB), abs=0.1)
     assert 3.5 < report["segments_per_block"] < 5.5
+
+
+def test_the_adapter_rows_train_a_lora_adapter_over_16_and_4_bit_weights(
+    report: dict[str, Any],
+) -> None:
+    rows = _rows(report, "ok")
+    best, lora, qlora = rows["best"], rows["method-lora"], rows["method-qlora"]
+    assert (lora["method"], qlora["method"]) == ("lora", "qlora")
+    # The adapter starts at zero: LoRA's first loss is the full model's, QLoRA's its NF4 copy's.
+    assert lora["first_loss"] == pytest.approx(best["first_loss"], abs=1e-6)
+    assert qlora["first_loss"] == pytest.approx(best["first_loss"], abs=0.05)
+    assert qlora["first_loss"] != lora["first_loss"]
+    assert lora["trainable_parameters"] == qlora["trainable_parameters"]
+    assert lora["trainable_parameters"] < best["trainable_parameters"] / 3
+    # No GPU: the planner plans host memory only, so no GPU figure to compare with.
+    assert lora["predicted_peak_gib"] == 0.0
+    assert any(line.startswith("method-lora: measured vs planned") for line in report["targets"])
 
 
 def test_resume_continues_the_uninterrupted_run(report: dict[str, Any]) -> None:
