@@ -32,8 +32,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 # Run as a script, this folder is on sys.path.
 from stage_runs import (
     DEMO_CONFIG,
@@ -46,6 +44,7 @@ from stage_runs import (
 )
 
 from pipeline import storage
+from pipeline.cli import parse_overrides
 from pipeline.config import REPO_ROOT
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "adapters.json"
@@ -184,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         stack.enter_context(private_ray(workdir.resolve()))
-        extra = {
-            key: yaml.safe_load(value) for key, _, value in (s.partition("=") for s in args.set)
-        }
+        extra = parse_overrides(args.set)
         measured = run_methods(
             workdir.resolve(), args.steps, args.full_lr, args.adapter_lr, args.rank, extra
         )

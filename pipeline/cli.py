@@ -16,7 +16,12 @@ from typing import Any
 from pipeline.config import REPO_ROOT, ConfigError, load_config
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set section.field=value`` items as config overrides (values parsed as YAML).
+
+    Raises:
+        ConfigError: an item without ``=``.
+    """
     import yaml
 
     overrides: dict[str, Any] = {}
@@ -31,7 +36,7 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 def cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.preflight import check_inputs
 
-    config = load_config(args.config, _parse_overrides(args.set))
+    config = load_config(args.config, parse_overrides(args.set))
     check_inputs(config)
     print(json.dumps(config.model_dump(mode="json"), indent=2))
     print(f"ok: {args.config} is valid (fingerprint {config.fingerprint()})", file=sys.stderr)
@@ -44,7 +49,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.planning.report import format_methods, format_plan
     from pipeline.planning.search import make_plan
 
-    config = load_config(args.config, _parse_overrides(args.set))
+    config = load_config(args.config, parse_overrides(args.set))
     train = getattr(config, args.section)
     method = args.method or train.method
     methods = METHODS if args.compare_methods else (method,)
@@ -86,7 +91,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     from pipeline.stages import prepare_data
     from pipeline.stages.entrypoint import stage_main
 
-    config = load_config(args.config, _parse_overrides(args.set))
+    config = load_config(args.config, parse_overrides(args.set))
     check_inputs(config)
     key = args.run_key or time.strftime("local-%Y%m%d-%H%M%S")
     config_uri = write_resolved_config(config, key)
@@ -111,7 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the DAG on the demo config and print where to look."""
     from pipeline.devstack.demo import run_demo
 
-    return run_demo(args.config, _parse_overrides(args.set))
+    return run_demo(args.config, parse_overrides(args.set))
 
 
 def image_tag() -> str:

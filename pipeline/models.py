@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,8 +101,30 @@ def merged_adapter(folder: Path, tracking: TrackingConfig) -> Path:
     weights = hashlib.sha256()
     for path in sorted(adapter_dir.iterdir()):
         weights.update(path.name.encode() + b"\0" + path.read_bytes())
-    cache = _cache_dir()
     key = hashlib.sha256(f"merged|{base_dir}|{weights.hexdigest()}".encode()).hexdigest()[:24]
+
+    def merge(partial: Path) -> Path:
+        log.info("merging the adapter of %s onto its base %s", folder, base_uri)
+        merged = adapter_on_base(base_dir, folder, adapter_dir).merge_and_unload()
+        merged.save_pretrained(str(partial))
+        for name in (*TOKENIZER_FILES, "generation_config.json"):
+            source = (folder if name != "generation_config.json" else base_dir) / name
+            if source.is_file():
+                shutil.copyfile(source, partial / name)
+        return partial
+
+    return _built_once(key, merge, f"{folder} on {base_uri}")
+
+
+def _built_once(key: str, build: Callable[[Path], Path], note: str) -> Path:
+    """``<model cache>/<key>``, made by ``build`` unless a complete copy is there already.
+
+    ``build`` fills a fresh ``<key>.partial`` folder it is given and returns the folder to keep
+    (that one or a folder inside it). Every rank may call this at once: a file lock lets one
+    build while the others wait, and a marker written last makes a half-finished build (a
+    killed rank) count as absent.
+    """
+    cache = _cache_dir()
     target = cache / key
     with (cache / f"{key}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -110,15 +133,9 @@ def merged_adapter(folder: Path, tracking: TrackingConfig) -> Path:
         partial = cache / f"{key}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
-        log.info("merging the adapter of %s onto its base %s into %s", folder, base_uri, target)
-        merged = adapter_on_base(base_dir, folder, adapter_dir).merge_and_unload()
-        merged.save_pretrained(str(partial))
-        for name in (*TOKENIZER_FILES, "generation_config.json"):
-            source = (folder if name != "generation_config.json" else base_dir) / name
-            if source.is_file():
-                shutil.copyfile(source, partial / name)
-        partial.rename(target)
-        (target / COMPLETE_MARKER).write_text(f"{folder} on {base_uri}")
+        build(partial).rename(target)
+        shutil.rmtree(partial, ignore_errors=True)
+        (target / COMPLETE_MARKER).write_text(note)
     return target
 
 
@@ -159,32 +176,22 @@ def fetch_files(uri: str, tracking: TrackingConfig) -> Path:
         if not Path(source).is_dir():
             raise FileNotFoundError(f"model folder not found: {source} (model URI {uri})")
         return Path(source)
-    cache = _cache_dir()
     # The content fingerprint keys the cache too: an s3:// folder rewritten in place (a rerun
     # that rebuilt base_model/) must not be served from last time's copy.
     version = (
         storage.content_fingerprint(source) if storage.is_s3(source) and not from_registry else ""
     )
     key = hashlib.sha256(f"{source}|{version}".encode()).hexdigest()[:24]
-    target = cache / key
-    with (cache / f"{key}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / COMPLETE_MARKER).is_file():
-            return target
-        partial = cache / f"{key}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)
-        log.info("fetching %s into %s", source, target)
+
+    def download(partial: Path) -> Path:
+        log.info("fetching %s into the model cache (%s)", source, key)
         if from_registry:
             from pipeline import tracking as mlflow_tracking
 
-            fetched = Path(mlflow_tracking.download_model_version(tracking, source, str(partial)))
-        else:
-            fetched = storage.download_dir(source, partial)
-        fetched.rename(target)
-        shutil.rmtree(partial, ignore_errors=True)
-        (target / COMPLETE_MARKER).write_text(source)
-    return target
+            return Path(mlflow_tracking.download_model_version(tracking, source, str(partial)))
+        return storage.download_dir(source, partial)
+
+    return _built_once(key, download, source)
 
 
 # Every file a Hugging Face tokenizer may be saved as; the weights next to them are not read.
