@@ -198,8 +198,14 @@ class DataConfig(_Section):
     boilerplate (signatures, disclaimers, templated answers) that would drop most of it."""
 
     num_workers: int | None = Field(None, ge=1)
-    """Processes that read, clean and tokenize in parallel. ``None``: one per CPU the stage's
-    process may use (its affinity and cgroup quota: a pod's CPUs, not its node's)."""
+    """Ray Data tasks that read, clean and tokenize at once (one CPU each). ``None``: as many
+    as the cluster's CPUs allow (a local Ray started outside a cluster gets the process's CPUs:
+    its affinity and cgroup quota, a pod's CPUs and not its node's)."""
+
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each data task asks for besides its CPU, e.g. ``{cpu_pool: 0.01}``
+    where only the CPU worker group advertises ``cpu_pool``: data preparation then never takes
+    a GPU node's CPUs. Empty: any node with a free CPU."""
 
     chunk_bytes: int = Field(64 * 2**20, ge=2**16)
     """Input bytes one worker handles at a time; with ``num_workers`` it bounds the memory."""

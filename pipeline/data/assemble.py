@@ -32,33 +32,38 @@ Item = tuple[np.ndarray, np.ndarray, Any]
 
 def records(
     scratch: str,
-    results: dict[int, chunks.ChunkResult],
     selection: Selection | None,
     indices: list[int],
     wanted: int,
     raw: bool = False,
 ) -> Iterator[Item]:
-    """Records of the given units whose status is ``wanted`` (every record when no selection)."""
-    status_of = dict(zip(selection.indices, selection.status, strict=True)) if selection else {}
+    """Records of the given units whose status is ``wanted`` (every record when no selection),
+    one unit's spill at a time."""
+    parts = ("ids.npy", "train.npy", "lengths.npy", "split.npy")
     for index in indices:
-        ids, mask = chunks.load_spill(scratch, index)
-        bounds = np.concatenate([[0], np.cumsum(results[index].lengths)])
-        status = status_of.get(index)
-        lines = open(chunks.spill_path(scratch, index, "records.jsonl")) if raw else None  # noqa: SIM115
-        try:
-            for i in range(len(bounds) - 1):
-                line = lines.readline() if lines else None
-                if status is not None and status[i] != wanted:
-                    continue
-                lo, hi = bounds[i], bounds[i + 1]
-                yield (
-                    np.asarray(ids[lo:hi]),
-                    np.asarray(mask[lo:hi]),
-                    (json.loads(line) if line else None),
-                )
-        finally:
-            if lines:
-                lines.close()
+        with chunks.local_spill(scratch, index, parts + (("records.jsonl",) if raw else ())) as at:
+            ids, mask = chunks.load_spill(at, index)
+            lengths = np.load(chunks.spill_path(at, index, "lengths.npy"))
+            bounds = np.concatenate([[0], np.cumsum(lengths)])
+            status = None
+            if selection is not None:
+                split_keys = np.load(chunks.spill_path(at, index, "split.npy"))
+                status = selection.status(index, split_keys)
+            lines = open(chunks.spill_path(at, index, "records.jsonl")) if raw else None  # noqa: SIM115
+            try:
+                for i in range(len(bounds) - 1):
+                    line = lines.readline() if lines else None
+                    if status is not None and status[i] != wanted:
+                        continue
+                    lo, hi = bounds[i], bounds[i + 1]
+                    yield (
+                        np.array(ids[lo:hi]),  # copies: the spill may be a removed download
+                        np.array(mask[lo:hi]),
+                        (json.loads(line) if line else None),
+                    )
+            finally:
+                if lines:
+                    lines.close()
 
 
 class Decontaminator:
@@ -112,7 +117,6 @@ def assemble(
     cfg: PipelineConfig,
     tok: PreTrainedTokenizerBase,
     jobs: dict[str, list[chunks.ChunkJob]],
-    results: dict[int, chunks.ChunkResult],
     doc_sel: Selection,
     chat_sel: Selection,
     scratch: str,
@@ -133,35 +137,33 @@ def assemble(
     heldout = HeldoutWriter(out / HELDOUT_FILE)
 
     doc_held = DocumentPacker(buffers["cpt_heldout"], tok.eos_token_id)
-    for ids, mask, text in records(scratch, results, doc_sel, ids_of["domain"], HELDOUT, True):
+    for ids, mask, text in records(scratch, doc_sel, ids_of["domain"], HELDOUT, True):
         doc_held.add(ids)
         if d.decontaminate_heldout:
             decon.add_eval(ids, mask)
         heldout.add(text)
     # The replay corpus's held-out part: general text for the forgetting gate, never packed.
     heldout.next_list("general_documents")
-    for ids, mask, text in records(scratch, results, doc_sel, ids_of["replay"], HELDOUT, True):
+    for ids, mask, text in records(scratch, doc_sel, ids_of["replay"], HELDOUT, True):
         if d.decontaminate_heldout:
             decon.add_eval(ids, mask)
         heldout.add(text)
     heldout.next_list("chats")
     chat_held = ExamplePacker(buffers["sft_heldout"])
-    for ids, mask, messages in records(
-        scratch, results, chat_sel, ids_of["instructions"], HELDOUT, True
-    ):
+    for ids, mask, messages in records(scratch, chat_sel, ids_of["instructions"], HELDOUT, True):
         chat_held.add(ids, mask)
         if d.decontaminate_heldout:
             decon.add_eval(ids, mask)
         heldout.add(messages)
     heldout.close()
-    for ids, mask, _ in records(scratch, results, None, ids_of["eval"], TRAIN):
+    for ids, mask, _ in records(scratch, None, ids_of["eval"], TRAIN):
         decon.add_eval(ids, mask)
     decon.freeze()
     chat_held.close()
     buffers["cpt_heldout"].close()
 
-    domain = records(scratch, results, doc_sel, ids_of["domain"], TRAIN)
-    replay = records(scratch, results, doc_sel, ids_of["replay"], TRAIN)
+    domain = records(scratch, doc_sel, ids_of["domain"], TRAIN)
+    replay = records(scratch, doc_sel, ids_of["replay"], TRAIN)
     cpt = _pack_cpt(
         DocumentPacker(buffers["cpt_train"], tok.eos_token_id),
         domain,
@@ -172,7 +174,7 @@ def assemble(
     )
     buffers["cpt_train"].close()
     sft = ExamplePacker(buffers["sft_train"])
-    for ids, mask, _ in records(scratch, results, chat_sel, ids_of["instructions"], TRAIN):
+    for ids, mask, _ in records(scratch, chat_sel, ids_of["instructions"], TRAIN):
         if decon.contaminated(ids, mask):
             counts["chats_decontaminated"] += 1
             continue

@@ -1,15 +1,22 @@
 """One worker's job: read a unit of input, validate, clean, scrub, tokenize and sign it.
 
-Runs in a worker process. Token ids go to spill files in a scratch folder (the driver packs
-them later, memory-mapped); only small per-record metadata comes back: exact-duplicate keys,
-MinHash signatures, held-out split keys and token counts. Bad records go to a quarantine part file.
+Runs as a Ray Data task on a CPU node. Token ids, trainable masks, raw records, lengths and
+held-out split keys go to the unit's spill files in the run's scratch folder (local, shared or
+``s3://``: workers on other nodes write there too); the driver packs them later, one unit at a
+time. Bad records go to a quarantine part file and the unit's counts to a summary file. What the
+task returns are the rows the distributed dedup needs: record id, dedup group, exact key and
+MinHash signature. A retried task rewrites the same files, so a killed worker changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.config import RecordFields
 from pipeline.data import chat, dedup, ingest, sources
 from pipeline.data.clean import split_long_document
@@ -36,7 +44,9 @@ class ChunkSettings:
     """The parts of the data config a worker needs (plain data: crosses process boundaries)."""
 
     tokenizer_dir: str
+    """The tokenizer folder (local, shared or ``s3://``; fetched once per worker process)."""
     scratch: str
+    """Spill folder (local, shared or ``s3://``) every worker and the driver can reach."""
     fields: RecordFields
     chat_format: chat.ChatFormat
     scrub_pii: bool
@@ -57,10 +67,18 @@ class ChunkJob:
     unit: sources.WorkUnit
     kind: Kind
     settings: ChunkSettings
+    group: int = -1
+    """Dedup group (``DOCUMENTS``, ``CHATS``); -1: not deduplicated (evaluation sets)."""
+
+
+DOCUMENTS, CHATS = 0, 1
+SPILL_PARTS = ("ids.npy", "train.npy", "lengths.npy", "split.npy", "records.jsonl")
 
 
 @dataclass
 class ChunkResult:
+    """A unit's summary (its ``summary.json``): what the driver keeps per unit."""
+
     index: int
     lines: int
     """Lines in the unit (JSONL), to make later units' line numbers absolute."""
@@ -69,29 +87,63 @@ class ChunkResult:
     """read, bad, too_short, long_split, long_pieces, long_dropped, kept, tokens."""
     bad: Counter[str] = field(default_factory=Counter)
     pii: Counter[str] = field(default_factory=Counter)
-    exact: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
-    signatures: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint32))
-    """MinHash signatures ``[n, NUM_PERM]`` (32 bits per slot: 512 bytes per record)."""
-    split_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
-    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "lines": self.lines, "bytes": self.bytes,
+                "counts": self.counts, "bad": self.bad, "pii": self.pii}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> ChunkResult:
+        return cls(
+            int(value["index"]), int(value["lines"]), int(value["bytes"]),
+            Counter(value["counts"]), Counter(value["bad"]), Counter(value["pii"]),
+        )  # fmt: skip
 
 
-def spill_path(scratch: str, index: int, part: str) -> Path:
-    return Path(scratch) / f"{index:06d}.{part}"
+def record_id(index: int, ordinal: np.ndarray | int) -> Any:
+    """Global record id: unit index in the high 32 bits, the record's place in it below; ids
+    sort in input order."""
+    return (np.int64(index) << np.int64(32)) | np.asarray(ordinal, dtype=np.int64)
 
 
-def warm_up() -> None:
-    """Import what encoding needs (transformers' tokenizer classes: a second) before the first
-    unit."""
-    import transformers.tokenization_utils_tokenizers  # noqa: F401
+def spill_uri(scratch: str, index: int, part: str) -> str:
+    return storage.join(scratch, f"{index:06d}.{part}")
+
+
+@contextlib.contextmanager
+def local_spill(scratch: str, index: int, parts: tuple[str, ...]) -> Iterator[Path]:
+    """A local folder holding ``parts`` of a unit's spill: the scratch folder itself when it is
+    local, else a temporary download removed on exit."""
+    if not storage.is_s3(scratch):
+        yield Path(scratch)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="spill-"))
+    try:
+        for part in parts:
+            storage.download_file(spill_uri(scratch, index, part), folder / f"{index:06d}.{part}")
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def spill_path(folder: Path | str, index: int, part: str) -> Path:
+    return Path(folder) / f"{index:06d}.{part}"
+
+
+def read_summary(scratch: str, index: int) -> ChunkResult:
+    return ChunkResult.from_json(
+        json.loads(storage.read_bytes(spill_uri(scratch, index, "summary.json")))
+    )
 
 
 @lru_cache(maxsize=2)
 def _tokenizer(path: str) -> PreTrainedTokenizerBase:
-    # One process per core already: rayon threads inside each would oversubscribe the CPUs.
+    # One task per core already: rayon threads inside each would oversubscribe the CPUs.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from pipeline.data.tokenizer import load_tokenizer
 
+    if storage.is_s3(path):
+        path = str(storage.download_dir(path, tempfile.mkdtemp(prefix="tokenizer-")))
     return load_tokenizer(path)
 
 
@@ -104,48 +156,82 @@ def encode_texts(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[in
 
 
 class _Spill:
-    """Accumulates one unit's kept records: token ids, trainable masks, raw values."""
+    """Accumulates one unit's kept records: token ids, trainable masks, raw values; written to
+    a local folder, then moved to the scratch folder (``publish``)."""
 
-    def __init__(self, job: ChunkJob) -> None:
-        self.job = job
+    def __init__(self, job: ChunkJob, folder: Path) -> None:
+        self.job, self.folder = job, folder
         self.ids: list[np.ndarray] = []
         self.masks: list[np.ndarray] = []
-        self.raw = open(spill_path(job.settings.scratch, job.index, "records.jsonl"), "w")  # noqa: SIM115
+        self.raw = open(self.path("records.jsonl"), "w")  # noqa: SIM115
+
+    def path(self, part: str) -> Path:
+        return spill_path(self.folder, self.job.index, part)
 
     def add(self, ids: Any, mask: np.ndarray | None, raw: Any) -> None:
         self.ids.append(np.asarray(ids, dtype=np.uint32))
         self.masks.append(np.ones(len(ids), bool) if mask is None else mask)
         self.raw.write(json.dumps(raw, ensure_ascii=False) + "\n")
 
-    def close(self) -> np.ndarray:
+    def close(self, split_keys: list[int]) -> None:
         self.raw.close()
-        lengths = np.array([len(a) for a in self.ids], dtype=np.int64)
-        scratch, index = self.job.settings.scratch, self.job.index
+        np.save(self.path("lengths.npy"), np.array([len(a) for a in self.ids], dtype=np.int64))
+        np.save(self.path("split.npy"), np.array(split_keys, dtype=np.uint32))
         flat = np.concatenate(self.ids) if self.ids else np.zeros(0, np.uint32)
-        np.save(spill_path(scratch, index, "ids.npy"), flat)
+        np.save(self.path("ids.npy"), flat)
         masks = np.concatenate(self.masks) if self.masks else np.zeros(0, bool)
-        np.save(spill_path(scratch, index, "train.npy"), masks)
-        return lengths
+        np.save(self.path("train.npy"), masks)
+
+    def publish(self, result: ChunkResult) -> None:
+        """Every part into the scratch folder, the summary last: a unit with a summary is
+        whole. Each file is renamed (or uploaded) into place, so a retried task never leaves
+        a half-written one."""
+        self.path("summary.json").write_text(json.dumps(result.to_json()))
+        scratch = self.job.settings.scratch
+        for part in (*SPILL_PARTS, "quarantine.jsonl", "summary.json"):
+            target = spill_uri(scratch, self.job.index, part)
+            if storage.is_s3(scratch):
+                storage.upload_file(self.path(part), target)
+            else:
+                os.replace(self.path(part), target)
 
 
-def process_chunk(job: ChunkJob) -> ChunkResult:
+ProgressReport = Callable[[int, int, bool], None]
+"""Called as a unit is read: records read so far, tokens so far, whether the unit is done."""
+
+
+def process_chunk(job: ChunkJob, on_batch: ProgressReport | None = None) -> dict[str, np.ndarray]:
     """Read, validate, clean, scrub, tokenize and sign one unit; see the module docstring.
 
     Bad records never raise (they are quarantined).
+
+    Returns:
+        The unit's dedup rows: ``doc`` (``record_id``), ``group``, ``exact`` and ``signature``
+        (``[n, NUM_PERM]`` uint32) per kept record; none for units outside dedup.
 
     Raises:
         RuntimeError: anything else failed; the message names the file and byte range, which
             a worker's traceback alone does not.
     """
+    scratch = job.settings.scratch
+    # The local write folder sits inside a local scratch folder, so parts are renamed into
+    # place on the same filesystem.
+    parent = None if storage.is_s3(scratch) else scratch
+    folder = Path(tempfile.mkdtemp(prefix=f".unit-{job.index:06d}-", dir=parent))
     try:
-        return _process_unit(job)
+        return _process_unit(job, folder, on_batch or (lambda *_: None))
     except Exception as err:
         unit = job.unit
-        where = unit.uri if unit.end < 0 else f"{unit.uri} (bytes {unit.start}-{unit.end})"
+        what = {"jsonl": "bytes", "parquet": "row groups", "arrow": "rows", "hf": "shard"}
+        where = unit.uri
+        if unit.end >= 0:
+            where += f" ({what.get(unit.fmt, 'part')} {unit.start}-{unit.end})"
         raise RuntimeError(f"prepare_data failed on {where}: {type(err).__name__}: {err}") from err
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def _process_unit(job: ChunkJob) -> ChunkResult:
+def _process_unit(job: ChunkJob, folder: Path, on_batch: ProgressReport) -> dict[str, np.ndarray]:
     settings = job.settings
     tok = _tokenizer(settings.tokenizer_dir)
     scrubber = PiiScrubber(
@@ -156,7 +242,7 @@ def _process_unit(job: ChunkJob) -> ChunkResult:
     )
     records = sources.stream_unit(job.unit, settings.max_record_bytes)
     result = ChunkResult(job.index, 0, unit_bytes(job.unit))
-    spill = _Spill(job)
+    spill = _Spill(job, folder)
     signatures: list[np.ndarray] = []
     exact: list[int] = []
     split_keys: list[int] = []
@@ -187,6 +273,7 @@ def _process_unit(job: ChunkJob) -> ChunkResult:
                 keep(ids, labels != chat.IGNORE_INDEX, item[0], json.dumps(item[0], sort_keys=True))
         pending.clear()
         pending_chars = 0
+        on_batch(result.counts["read"], result.counts["tokens"], False)
 
     def add(item: str | tuple[list[dict[str, str]], chat.RenderedChat]) -> None:
         nonlocal pending_chars
@@ -195,7 +282,7 @@ def _process_unit(job: ChunkJob) -> ChunkResult:
         if len(pending) >= _BATCH or pending_chars >= _BATCH_CHARS:
             flush()
 
-    quarantine = open(spill_path(settings.scratch, job.index, "quarantine.jsonl"), "w")  # noqa: SIM115
+    quarantine = open(spill.path("quarantine.jsonl"), "w")  # noqa: SIM115
     with quarantine:
         for record in records:
             result.counts["read"] += 1
@@ -231,14 +318,21 @@ def _process_unit(job: ChunkJob) -> ChunkResult:
                 add(text)
         flush()
     result.lines = records.lines  # known once the unit is read through
-    result.lengths = spill.close()
     result.pii = scrubber.counts
-    result.exact = np.array(exact, dtype=np.uint64)
-    result.split_keys = np.array(split_keys, dtype=np.uint32)
-    result.signatures = (
-        np.stack(signatures) if signatures else np.zeros((0, dedup.NUM_PERM), dtype=np.uint32)
-    )
-    return result
+    spill.close(split_keys)
+    spill.publish(result)
+    on_batch(result.counts["read"], result.counts["tokens"], True)
+    if job.group < 0:
+        signatures.clear()
+        exact.clear()
+    return {
+        "doc": record_id(job.index, np.arange(len(exact))),
+        "group": np.full(len(exact), job.group, dtype=np.int8),
+        "exact": np.array(exact, dtype=np.uint64),
+        "signature": (
+            np.stack(signatures) if signatures else np.zeros((0, dedup.NUM_PERM), np.uint32)
+        ),
+    }
 
 
 def _parse(
@@ -263,14 +357,16 @@ def _scrub_chat(messages: list[dict[str, str]], scrubber: PiiScrubber) -> list[d
 
 
 def unit_bytes(unit: sources.WorkUnit) -> int:
-    """Bytes of input in ``unit`` (its byte range, or the whole file)."""
+    """Bytes of input in ``unit`` (its byte range or share of the file, or the whole file)."""
+    if unit.size >= 0:
+        return unit.size
     if unit.end >= 0:
         return unit.end - unit.start
     return sources.file_size(unit.uri)
 
 
-def load_spill(scratch: str, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-mapped flat token ids and trainable mask of one unit."""
-    ids = np.load(spill_path(scratch, index, "ids.npy"), mmap_mode="r")
-    mask = np.load(spill_path(scratch, index, "train.npy"), mmap_mode="r")
+def load_spill(folder: Path | str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-mapped flat token ids and trainable mask of one unit (``local_spill``'s folder)."""
+    ids = np.load(spill_path(folder, index, "ids.npy"), mmap_mode="r")
+    mask = np.load(spill_path(folder, index, "train.npy"), mmap_mode="r")
     return ids, mask

@@ -135,8 +135,7 @@ def markdown(manifest: dict[str, Any]) -> str:
     lines = [
         "# Data preparation report",
         "",
-        f"Sources digest `{manifest.get('sources_digest', '-')}`; {manifest.get('workers', '-')} "
-        f"worker processes; {manifest.get('seconds', '-')} s.",
+        f"Sources digest `{manifest.get('sources_digest', '-')}`.",
         "",
         "| corpus | read | MB | quarantined | too short | long split / dropped | tokens |",
         "|---|---:|---:|---:|---:|---:|---:|",

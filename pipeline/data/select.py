@@ -1,7 +1,7 @@
 """Decide, per record, what prepare_data keeps: duplicates out, held-out by cluster, bad-data gate.
 
-Works on the small per-record metadata the workers return (``chunks.ChunkResult``), never on
-the text: exact keys, MinHash signatures and split keys.
+Works on the duplicate edges of the dedup shuffle and on each unit's split keys, never on the
+text; the driver keeps 8 bytes per dropped duplicate and nothing per kept record.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.data import chunks, dedup, ingest
 from pipeline.data.sources import DataError
 
@@ -23,13 +24,27 @@ _SHOW_BAD = 10
 
 @dataclass
 class Selection:
-    """Per-record decisions for a group of units deduplicated together."""
+    """Which records of one dedup group stay: the duplicates to drop (record ids, sorted) and
+    the held-out draw, applied unit by unit (``status``) so that no per-record array of the
+    corpus is ever built."""
 
     indices: list[int]
-    """Unit indices, in order."""
-    status: list[np.ndarray]
-    """Per unit, per record: DROP, TRAIN or HELDOUT."""
+    """Unit indices of the group, in order."""
+    drops: np.ndarray
+    """Sorted ``chunks.record_id`` of every duplicate dropped (8 bytes per duplicate)."""
+    heldout_from: set[int]
+    fraction: float
     counts: Counter[str] = field(default_factory=Counter)
+
+    def status(self, index: int, split_keys: np.ndarray) -> np.ndarray:
+        """DROP, TRAIN or HELDOUT for each record of unit ``index``."""
+        held = index in self.heldout_from
+        status = np.where(held & ingest.is_heldout(split_keys, self.fraction), HELDOUT, TRAIN)
+        lo, hi = np.searchsorted(
+            self.drops, [chunks.record_id(index, 0), chunks.record_id(index + 1, 0)]
+        )
+        status[self.drops[lo:hi] & 0xFFFFFFFF] = DROP
+        return status.astype(np.int8)
 
 
 def absolute_lines(
@@ -56,8 +71,9 @@ def merge_quarantine(
     first: list[dict[str, Any]] = []
     with open(out, "w") as sink:
         for job in jobs:
-            with open(chunks.spill_path(scratch, job.index, "quarantine.jsonl")) as part:
-                for line in part:
+            part = storage.read_bytes(chunks.spill_uri(scratch, job.index, "quarantine.jsonl"))
+            for line in part.decode().splitlines():
+                if line:
                     row = json.loads(line)
                     row["line"] += offsets[job.index]
                     sink.write(json.dumps(row) + "\n")
@@ -99,38 +115,33 @@ def check_bad_fraction(
 
 
 def select(
-    results: list[chunks.ChunkResult],
+    indices: list[int],
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray],
     heldout_from: set[int],
     fraction: float,
-    near_dup_threshold: float | None,
+    scratch: str,
 ) -> Selection:
-    """Drop exact then near duplicates (first occurrence wins), and draw the held-out split by
-    cluster: only a cluster's representative survives, so no near-duplicate pair straddles
-    training and held-out data. Only units in ``heldout_from`` contribute held-out records."""
-    sizes = [len(r.exact) for r in results]
-    exact = np.concatenate([r.exact for r in results]) if results else np.zeros(0, np.uint64)
-    status = np.full(len(exact), DROP, dtype=np.int8)
-    _, first = np.unique(exact, return_index=True)
-    unique = np.sort(first)
-    counts: Counter[str] = Counter(exact_duplicates=len(exact) - len(unique))
-    keep = unique
-    if near_dup_threshold is not None and len(unique):
-        signatures = np.concatenate([r.signatures for r in results])[unique]
-        labels = dedup.near_duplicate_clusters(signatures, near_dup_threshold)
-        keep = unique[labels == np.arange(len(unique))]
-        counts["near_duplicates"] = len(unique) - len(keep)
-    eligible = (
-        np.concatenate(
-            [np.full(n, r.index in heldout_from) for n, r in zip(sizes, results, strict=True)]
-        )
-        if results
-        else np.zeros(0, bool)
+    """Drop exact then near duplicates (the earliest record of each cluster wins), and draw the
+    held-out split by cluster: only a cluster's representative survives, so no near-duplicate
+    pair straddles training and held-out data. Only units in ``heldout_from`` contribute
+    held-out records.
+
+    Args:
+        indices: the group's units; edges: its duplicate edges (``engine.duplicate_edges``).
+        scratch: the spill folder, for the split keys counted here unit by unit.
+    """
+    a, b, exact = edges
+    nodes, labels = dedup.components(a, b)
+    drops = nodes[labels != nodes]
+    exact_dropped = len(np.unique(b[exact]))
+    counts: Counter[str] = Counter(
+        exact_duplicates=exact_dropped, near_duplicates=len(drops) - exact_dropped
     )
-    keys = np.concatenate([r.split_keys for r in results]) if results else np.zeros(0, np.uint32)
-    held = eligible[keep] & ingest.is_heldout(keys[keep], fraction)
-    status[keep[held]] = HELDOUT
-    status[keep[~held]] = TRAIN
-    counts["train"] = int((status == TRAIN).sum())
-    counts["heldout"] = int((status == HELDOUT).sum())
-    per_unit = np.split(status, np.cumsum(sizes)[:-1]) if results else []
-    return Selection([r.index for r in results], per_unit, counts)
+    selection = Selection(list(indices), drops, heldout_from, fraction, counts)
+    for index in indices:
+        with chunks.local_spill(scratch, index, ("split.npy",)) as folder:
+            split_keys = np.load(chunks.spill_path(folder, index, "split.npy"))
+        status = selection.status(index, split_keys)
+        counts["train"] += int((status == TRAIN).sum())
+        counts["heldout"] += int((status == HELDOUT).sum())
+    return selection

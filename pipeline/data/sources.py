@@ -1,7 +1,10 @@
-"""Where input records come from: paths, globs and ``s3://`` prefixes, split into work units.
+"""Where input records come from: paths, globs, folders, ``s3://`` prefixes, Hugging Face
+``datasets`` folders and streamed ``hf:`` sources (``hf_inputs``), split into work units.
 
-A unit is what one worker reads at a time: a line-aligned byte range of a JSONL file (at most
-``chunk_bytes``), or a whole JSON array, Parquet or plain-text file. Reading never stops at a
+A unit is what one worker reads at a time, about ``chunk_bytes`` of input: a line-aligned byte
+range of a JSONL file, a run of row groups of a Parquet file (read by range requests on S3), a
+row range of a ``save_to_disk`` Arrow file, one shard of a streamed source, or a whole JSON
+array or plain-text file. Reading never stops at a
 bad record: each comes back as a ``BadRecord`` with its line (or record number) and reason.
 JSONL is streamed in blocks, so a line longer than ``max_record_bytes`` (a multi-GB line) is
 quarantined without ever being held in memory; ``\n``, ``\r\n`` and old-Mac ``\r`` all end a line.
@@ -12,22 +15,27 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
+import io
 import json
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import storage
+from pipeline.data import hf_inputs
+from pipeline.data.errors import DataError
 
-Format = Literal["jsonl", "json", "parquet", "text"]
+__all__ = ["BadRecord", "DataError", "Record", "WorkUnit"]
+
+Format = Literal["jsonl", "json", "parquet", "text", "arrow", "hf"]
 _FORMATS: dict[str, Format] = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".json": "json",
     ".parquet": "parquet",
+    ".arrow": "arrow",
     ".txt": "text",
     ".md": "text",
 }
@@ -41,10 +49,6 @@ MAX_RECORD_BYTES = 32 * 2**20
 # cannot occur inside a JSON string (control characters must be escaped), so outside CRLF it
 # can only be an old-Mac line end.
 _LINE_END = re.compile(rb"\r\n|\r|\n")
-
-
-class DataError(ValueError):
-    """Input data is unusable as a whole; the message names the field, file or line."""
 
 
 @dataclass(frozen=True)
@@ -67,13 +71,18 @@ class WorkUnit:
     uri: str
     fmt: Format
     start: int = 0
-    """First byte (JSONL ranges; a line start)."""
+    """First byte (JSONL; a line start), row group (Parquet), row (Arrow) or shard (``hf``)."""
     end: int = -1
-    """One past the last byte; -1 reads to the end."""
+    """One past the last of those; -1 reads to the end (for ``hf``: the shard count)."""
+    size: int = -1
+    """Input bytes of a row-range unit (its share of the file); -1: ``end - start`` (JSONL) or
+    the whole file."""
 
 
 def input_format(uri: str) -> Format:
-    """The format named by the file's extension."""
+    """The format named by the file's extension (``hf`` for a streamed ``hf:`` source)."""
+    if hf_inputs.is_stream(uri):
+        return "hf"
     suffix = Path(uri.split("?", 1)[0]).suffix.lower()
     if suffix not in _FORMATS:
         raise DataError(
@@ -97,6 +106,15 @@ def expand_inputs(spec: str | list[str], field: str) -> list[str]:
     """
     found: list[str] = []
     for entry in as_list(spec):
+        if hf_inputs.is_stream(entry):
+            found.append(entry)
+            continue
+        folder = Path(entry)
+        dataset = None if storage.is_s3(entry) or not folder.is_dir() else folder
+        files = hf_inputs.folder_files(dataset, field) if dataset else None
+        if files is not None:
+            found.extend(f for f in files if f not in found)
+            continue
         matches = _expand_s3(entry) if storage.is_s3(entry) else _expand_local(entry)
         if matches == [entry]:
             input_format(entry)  # a file named exactly must be readable
@@ -143,6 +161,8 @@ def _expand_s3(entry: str) -> list[str]:
 
 
 def file_size(uri: str) -> int:
+    if hf_inputs.is_stream(uri):
+        return 0  # unknown before it is streamed
     if storage.is_s3(uri):
         bucket, _, key = uri.removeprefix("s3://").partition("/")
         return int(storage._s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
@@ -150,7 +170,10 @@ def file_size(uri: str) -> int:
 
 
 def fingerprint(uri: str) -> dict[str, Any]:
-    """Cheap identity of an input file (size and ETag or modification time)."""
+    """Cheap identity of an input file (size and ETag or modification time); a streamed source
+    is named only (its provider versions it: pin a revision in the entry)."""
+    if hf_inputs.is_stream(uri):
+        return {"uri": uri, "streamed": True}
     if storage.is_s3(uri):
         bucket, _, key = uri.removeprefix("s3://").partition("/")
         head = storage._s3_client().head_object(Bucket=bucket, Key=key)
@@ -197,6 +220,16 @@ def plan_units(uris: list[str], chunk_bytes: int) -> list[WorkUnit]:
     units: list[WorkUnit] = []
     for uri in uris:
         fmt = input_format(uri)
+        if fmt == "parquet":
+            units.extend(_parquet_units(uri, chunk_bytes))
+            continue
+        if fmt == "arrow":
+            units.extend(_arrow_units(uri, chunk_bytes))
+            continue
+        if fmt == "hf":
+            shards = hf_inputs.stream_shards(uri, uri)
+            units.extend(WorkUnit(uri, fmt, shard, shards) for shard in range(shards))
+            continue
         if fmt != "jsonl":
             units.append(WorkUnit(uri, fmt))
             continue
@@ -209,6 +242,70 @@ def plan_units(uris: list[str], chunk_bytes: int) -> list[WorkUnit]:
         if size == 0:
             units.append(WorkUnit(uri, fmt, 0, 0))
     return units
+
+
+def _parquet_units(uri: str, chunk_bytes: int) -> list[WorkUnit]:
+    """Runs of whole row groups of about ``chunk_bytes`` (compressed) each."""
+    import pyarrow.parquet as pq
+
+    try:
+        with _open_binary(uri) as handle:
+            meta = pq.ParquetFile(handle).metadata
+    except Exception:
+        return [WorkUnit(uri, "parquet")]  # unreadable: the reader quarantines it with a reason
+    units, start, size = [], 0, 0
+    for group in range(meta.num_row_groups):
+        row_group = meta.row_group(group)
+        size += sum(row_group.column(c).total_compressed_size for c in range(row_group.num_columns))
+        if size >= chunk_bytes or group == meta.num_row_groups - 1:
+            units.append(WorkUnit(uri, "parquet", start, group + 1, size))
+            start, size = group + 1, 0
+    return units or [WorkUnit(uri, "parquet", 0, 0, 0)]
+
+
+def _arrow_units(uri: str, chunk_bytes: int) -> list[WorkUnit]:
+    """Row ranges of a ``save_to_disk`` Arrow file, each about ``chunk_bytes`` of it."""
+    rows, size = hf_inputs.arrow_rows(uri), file_size(uri)
+    per_unit = max(1, rows * chunk_bytes // max(size, 1))
+    units = []
+    for lo in range(0, rows, per_unit):
+        hi = min(lo + per_unit, rows)
+        # Differences of rounded cumulative shares: the units' sizes add up to the file's.
+        units.append(WorkUnit(uri, "arrow", lo, hi, size * hi // rows - size * lo // rows))
+    return units or [WorkUnit(uri, "arrow", 0, 0, 0)]
+
+
+class _RangeReader(io.RawIOBase):
+    """A seekable read-only file over an S3 object, by range requests: Parquet's footer and
+    the row groups asked for are all that is fetched."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri, self.position, self.size = uri, 0, file_size(uri)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        end = min(self.position + len(buffer), self.size)
+        data = read_range(self.uri, self.position, end) if end > self.position else b""
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def _open_binary(uri: str) -> Any:
+    return io.BufferedReader(_RangeReader(uri), 1 << 20) if storage.is_s3(uri) else open(uri, "rb")
 
 
 class UnitRecords:
@@ -225,12 +322,22 @@ class UnitRecords:
         if unit.fmt == "jsonl":
             return self._jsonl()
         if unit.fmt == "parquet":
-            return _read_parquet(unit.uri)
+            return self._counted(_read_parquet(unit.uri, unit.start, unit.end))
+        if unit.fmt == "arrow":
+            return self._counted(_numbered(hf_inputs.read_arrow(unit.uri, unit.start, unit.end)))
+        if unit.fmt == "hf":
+            return self._counted(_numbered(hf_inputs.stream_rows(unit.uri, unit.start, unit.end)))
         size = file_size(unit.uri)
         if size > self.max_record_bytes:
             return iter([_too_long(0 if unit.fmt == "json" else 1, size, self.max_record_bytes)])
         data = read_range(unit.uri, 0, -1)
         return _read_json_array(data) if unit.fmt == "json" else _read_text(data)
+
+    def _counted(self, records: Iterator[Record | BadRecord]) -> Iterator[Record | BadRecord]:
+        # Rows, like a JSONL unit's lines, number the next unit's records after this one's.
+        for record in records:
+            self.lines = max(self.lines, record.line)
+            yield record
 
     def _jsonl(self) -> Iterator[Record | BadRecord]:
         blocks = _byte_blocks(self.unit.uri, self.unit.start, self.unit.end)
@@ -361,29 +468,33 @@ def _read_text(data: bytes) -> Iterator[Record | BadRecord]:
         yield BadRecord(1, "invalid_utf8", f"file is not UTF-8 text at byte {err.start}")
 
 
-def _read_parquet(uri: str) -> Iterator[Record | BadRecord]:
+def _numbered(rows: Iterator[Any]) -> Iterator[Record | BadRecord]:
+    for number, row in enumerate(rows, start=1):
+        yield Record(number, row)
+
+
+def _read_parquet(uri: str, start: int = 0, end: int = -1) -> Iterator[Record | BadRecord]:
+    """Rows of row groups ``[start, end)`` (every group when ``end`` is -1), by range requests
+    on S3; memory is bounded by a batch, not by the file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with tempfile.TemporaryDirectory() as scratch:
-        path = uri
-        if storage.is_s3(uri):
-            path = str(Path(scratch) / "input.parquet")
-            storage.download_file(uri, path)
-        number = 0
-        try:
-            # Batches keep memory bounded by the batch, not the file.
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    number = 0
+    try:
+        with _open_binary(uri) as handle:
+            parquet = pq.ParquetFile(handle)
+            groups = range(start, parquet.metadata.num_row_groups if end < 0 else end)
+            for batch in parquet.iter_batches(batch_size=1024, row_groups=list(groups)):
                 for row in batch.to_pylist():
                     number += 1
                     yield Record(number, row)
-        except (pa.ArrowException, OSError) as err:
-            # A 0-byte, truncated or corrupt file: the rows before the damage are kept.
-            yield BadRecord(
-                number + 1,
-                "unreadable_parquet",
-                f"{uri}: not a readable Parquet file after {number} rows ({err})",
-            )
+    except (pa.ArrowException, OSError) as err:
+        # A 0-byte, truncated or corrupt file: the rows before the damage are kept.
+        yield BadRecord(
+            number + 1,
+            "unreadable_parquet",
+            f"{uri}: not a readable Parquet file after {number} rows ({err})",
+        )
 
 
 def sources_digest(prints: list[dict[str, Any]]) -> str:

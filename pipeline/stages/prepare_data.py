@@ -1,11 +1,13 @@
 """Stage 1: raw domain text and chat examples -> tokenizer, packed shards and a manifest.
 
-Read it top to bottom: fetch (or train) the tokenizer; split every input into units; worker
-processes read, validate, clean, scrub, tokenize and sign each unit into spill files; the driver
-checks the bad-record share, drops exact and near duplicates, draws the held-out split by
-cluster, then streams the kept records into shards, dropping training records that overlap the
-evaluation data. Memory stays bounded by ``num_workers`` x ``chunk_bytes`` plus small
-per-record metadata; the corpus itself only ever sits in scratch files.
+Read it top to bottom: fetch (or train) the tokenizer; split every input into units; Ray Data
+tasks on the cluster's CPU nodes read, validate, clean, scrub, tokenize and sign each unit into
+spill files (``data/engine.py``); the driver checks the bad-record share; a shuffle finds exact
+and near duplicates, whose edges alone come back to the driver; the held-out split is drawn by
+cluster, then the kept records stream into shards, one unit at a time, dropping training
+records that overlap the evaluation data. A worker's memory is bounded by ``chunk_bytes``; the
+driver's by one unit plus 8 bytes per duplicate (nothing per kept record); the corpus itself
+only ever sits in the scratch folder (``data/.scratch`` under the stage, removed at the end).
 
 Outputs (under ``<run>/prepare_data/``): ``tokenizer/`` and ``data/`` with ``manifest.json``,
 shards (``{split}-NNNNN.{ids,flags}.npy``), ``heldout.json``, ``quarantine.jsonl`` and
@@ -14,15 +16,16 @@ shards (``{split}-NNNNN.{ids,flags}.npy``), ``heldout.json``, ``quarantine.jsonl
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import resource
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from pipeline import storage
 from pipeline.config import PipelineConfig
@@ -35,7 +38,7 @@ from pipeline.contract import (
     TOKENIZER,
 )
 from pipeline.cpus import usable_cpus
-from pipeline.data import chat, chunks, ingest, report, select, sources
+from pipeline.data import chat, chunks, engine, ingest, report, select, sources
 from pipeline.data.assemble import assemble
 from pipeline.stages.entrypoint import StageContext, StageOutput, stage_main
 
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 STAGE = "prepare_data"
+SCRATCH = ".scratch"
 _TOKENIZER_SAMPLE_CHARS = 200_000_000
 log = logging.getLogger(__name__)
 
@@ -94,109 +98,80 @@ def plan_jobs(
 ) -> dict[str, list[chunks.ChunkJob]]:
     """Work units per corpus: domain, replay, instructions, eval."""
     d = cfg.data
-    specs: dict[str, tuple[Any, str, chunks.Kind]] = {
-        "domain": (d.domain_corpus, "data.domain_corpus", "documents"),
-        "replay": (d.replay_corpus, "data.replay_corpus", "documents"),
-        "instructions": (d.instructions, "data.instructions", "chats"),
-        "eval": (d.eval_sets, "data.eval_sets", "eval"),
+    specs: dict[str, tuple[Any, str, chunks.Kind, int]] = {
+        "domain": (d.domain_corpus, "data.domain_corpus", "documents", chunks.DOCUMENTS),
+        "replay": (d.replay_corpus, "data.replay_corpus", "documents", chunks.DOCUMENTS),
+        "instructions": (d.instructions, "data.instructions", "chats", chunks.CHATS),
+        "eval": (d.eval_sets, "data.eval_sets", "eval", -1),
     }
     jobs: dict[str, list[chunks.ChunkJob]] = {}
     index = 0
-    for corpus, (spec, field, kind) in specs.items():
+    for corpus, (spec, field, kind, group) in specs.items():
         jobs[corpus] = []
         if not sources.as_list(spec):
             continue
         for unit in sources.plan_units(sources.expand_inputs(spec, field), d.chunk_bytes):
-            jobs[corpus].append(chunks.ChunkJob(index, unit, kind, settings))
+            jobs[corpus].append(chunks.ChunkJob(index, unit, kind, settings, group))
             index += 1
     return jobs
 
 
-@contextlib.contextmanager
-def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """``workers`` processes, started now so that they import the tokenizer stack (seconds)
-    while the driver builds the tokenizer; None for one worker (units then run in-process)."""
-    import multiprocessing
+def prepare(
+    cfg: PipelineConfig,
+    output_uri: str,
+    on_progress: Callable[[dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the whole preparation; returns the manifest (also written under ``data/``).
 
-    if workers <= 1:
-        yield None
-        return
-    # spawn: the driver may hold threads (MLflow, Ray) that a fork would copy mid-operation.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, initializer=chunks.warm_up) as pool:
-        for _ in range(workers):
-            pool.submit(int)  # each submission starts a process (3.11 starts them on demand)
-        yield pool
-
-
-def run_workers(
-    jobs: list[chunks.ChunkJob], pool: ProcessPoolExecutor | None
-) -> dict[int, chunks.ChunkResult]:
-    """Process every unit on ``pool`` (in this process without one), logging progress."""
-    from concurrent.futures import as_completed
-
-    total = sum(max(0, j.unit.end - j.unit.start) for j in jobs)
-    started, done_bytes, last_log = time.monotonic(), 0, 0.0
-    results: dict[int, chunks.ChunkResult] = {}
-
-    def progress(result: chunks.ChunkResult) -> None:
-        nonlocal done_bytes, last_log
-        results[result.index] = result
-        done_bytes += result.bytes
-        now = time.monotonic()
-        if now - last_log > 5 or len(results) == len(jobs):
-            last_log = now
-            rate = done_bytes / max(now - started, 1e-9) / 1e6
-            log.info(
-                "prepare_data: %d/%d units, %.1f MB%s, %.1f MB/s",
-                len(results), len(jobs), done_bytes / 1e6,
-                f" of {total / 1e6:.1f}" if total else "", rate,
-            )  # fmt: skip
-
-    if pool is None or len(jobs) <= 1:
-        for job in jobs:
-            progress(chunks.process_chunk(job))
-        return results
-    # Largest units first: a big unit started last (the instruction file is often one) would
-    # leave every other worker idle while it finishes. Results are keyed by unit, not by order.
-    by_size = sorted(jobs, key=lambda j: chunks.unit_bytes(j.unit), reverse=True)
-    for future in as_completed([pool.submit(chunks.process_chunk, job) for job in by_size]):
-        progress(future.result())
-    return results
-
-
-def prepare(cfg: PipelineConfig, output_uri: str) -> dict[str, Any]:
-    """Run the whole preparation; returns the manifest (also written under ``data/``)."""
-
+    Args:
+        on_progress: called every few seconds with records, MB and tokens processed and the
+            rate, while the units are processed (the stage logs them to MLflow).
+    """
     d = cfg.data
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="prepare-data-") as scratch:
+    data_uri = storage.join(output_uri, "data")
+    # Every node reaches the scratch folder: it sits beside the outputs (S3 on a cluster).
+    scratch = storage.join(data_uri, SCRATCH)
+    storage.delete_tree(scratch)  # a killed earlier attempt's leftovers
+    engine.connect(d.num_workers or usable_cpus())
+    phases: dict[str, str] = {}
+    clock = time.monotonic()
+
+    def phase(name: str) -> None:
+        # Seconds, and the driver's peak memory so far: it must not follow the corpus.
+        nonlocal clock
+        now = time.monotonic()
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        phases[name] = f"{now - clock:.1f} s, driver peak {peak_mb:.0f} MB"
+        clock = now
+
+    with tempfile.TemporaryDirectory(prefix="prepare-data-") as local:
         # Settings need the tokenizer folder; the domain units are planned first to train one.
         domain_units = sources.plan_units(
             sources.expand_inputs(d.domain_corpus, "data.domain_corpus"), d.chunk_bytes
         )
-        # The pod's CPUs (affinity, cgroup quota), not the node's that os.cpu_count() reports.
-        workers = d.num_workers or usable_cpus()
-        with worker_pool(workers) as pool:
-            tok = build_tokenizer(cfg, domain_units, scratch)
-            chat.check_chat_tokens(tok, d.chat_format)
-            tok_dir = Path(scratch) / "tokenizer"
-            tok.save_pretrained(str(tok_dir))
-            spill = Path(scratch) / "spill"
-            spill.mkdir()
-            settings = chunks.ChunkSettings(
-                str(tok_dir), str(spill), d.fields, d.chat_format, d.scrub_pii,
-                dict(d.pii_patterns), d.min_chars, d.max_doc_chars, d.long_doc_action,
-                d.max_record_bytes, tuple(d.pii_types), dict(d.pii_placeholders),
-                tuple(d.phone_regions),
-            )  # fmt: skip
-            jobs = plan_jobs(cfg, settings)
-            every = [job for corpus_jobs in jobs.values() for job in corpus_jobs]
-            results = run_workers(every, pool)
+        tok = build_tokenizer(cfg, domain_units, local)
+        chat.check_chat_tokens(tok, d.chat_format)
+        tok_dir = Path(local) / "tokenizer"
+        tok.save_pretrained(str(tok_dir))
+        storage.upload_dir(tok_dir, storage.join(scratch, "tokenizer"))
+        if not storage.is_s3(scratch):
+            Path(scratch).mkdir(parents=True, exist_ok=True)
+        settings = chunks.ChunkSettings(
+            storage.join(scratch, "tokenizer"), scratch, d.fields, d.chat_format, d.scrub_pii,
+            dict(d.pii_patterns), d.min_chars, d.max_doc_chars, d.long_doc_action,
+            d.max_record_bytes, tuple(d.pii_types), dict(d.pii_placeholders),
+            tuple(d.phone_regions),
+        )  # fmt: skip
+        jobs = plan_jobs(cfg, settings)
+        every = [job for corpus_jobs in jobs.values() for job in corpus_jobs]
+        phase("tokenizer")
+        rows = engine.process_units(every, dict(d.worker_resources), d.num_workers, on_progress)
+        phase("units")
+        results = {job.index: chunks.read_summary(scratch, job.index) for job in every}
 
-        data_uri = storage.join(output_uri, "data")
         with storage.local_staging(data_uri) as out:
-            first_bad = select.merge_quarantine(every, results, str(spill), out / QUARANTINE_FILE)
+            first_bad = select.merge_quarantine(every, results, scratch, out / QUARANTINE_FILE)
             quarantine_uri = storage.join(data_uri, QUARANTINE_FILE)
             if storage.is_s3(data_uri):
                 # Now, not with the rest: the gate below fails exactly when someone must read it.
@@ -204,24 +179,46 @@ def prepare(cfg: PipelineConfig, output_uri: str) -> dict[str, Any]:
             read = sum(r.counts["read"] for r in results.values())
             bad: Counter[str] = sum((r.bad for r in results.values()), Counter())
             select.check_bad_fraction(read, bad, first_bad, d.max_bad_fraction, quarantine_uri)
-            docs = [results[j.index] for j in jobs["domain"] + jobs["replay"]]
-            chats = [results[j.index] for j in jobs["instructions"]]
+            thresholds = {
+                chunks.DOCUMENTS: d.near_dup_threshold,
+                chunks.CHATS: d.chat_near_dup_threshold,
+            }
+            a, b, exact = engine.duplicate_edges(rows, thresholds, d.num_workers or usable_cpus())
+            phase("dedup")
+            group_of = {job.index: job.group for job in every}
+            edge_group = np.array([group_of[int(i)] for i in a >> 32], dtype=np.int8)
+            doc_units = [j.index for j in jobs["domain"] + jobs["replay"]]
+            chat_units = [j.index for j in jobs["instructions"]]
             # Replay documents are held out too: their held-out part is the general corpus.
             doc_sel = select.select(
-                docs,
-                {j.index for j in jobs["domain"] + jobs["replay"]},
+                doc_units,
+                _group_edges(a, b, exact, edge_group == chunks.DOCUMENTS),
+                set(doc_units),
                 d.heldout_fraction,
-                d.near_dup_threshold,
+                scratch,
             )
             chat_sel = select.select(
-                chats,
-                {j.index for j in jobs["instructions"]},
+                chat_units,
+                _group_edges(a, b, exact, edge_group == chunks.CHATS),
+                set(chat_units),
                 d.heldout_fraction,
-                d.chat_near_dup_threshold,
+                scratch,
             )
             _check_split(doc_sel, "documents", d.heldout_fraction)
             _check_split(chat_sel, "chats", d.heldout_fraction)
-            manifest = assemble(cfg, tok, jobs, results, doc_sel, chat_sel, str(spill), out)
+            selections = {"domain": doc_sel, "replay": doc_sel, "instructions": chat_sel}
+            units = {
+                job.index: (corpus, job.unit.uri)
+                for corpus, corpus_jobs in jobs.items()
+                if corpus in selections
+                for job in corpus_jobs
+            }
+            records_files = engine.write_records(
+                units, selections, scratch, data_uri, dict(d.worker_resources), d.num_workers
+            )
+            phase("selection")
+            manifest = assemble(cfg, tok, jobs, doc_sel, chat_sel, scratch, out)
+            phase("shards")
             manifest["sources"] = {
                 corpus: [sources.fingerprint(u) for u in dict.fromkeys(j.unit.uri for j in js)]
                 for corpus, js in jobs.items()
@@ -231,17 +228,30 @@ def prepare(cfg: PipelineConfig, output_uri: str) -> dict[str, Any]:
                 [p for prints in manifest["sources"].values() for p in prints]
             )
             manifest["counts"] = report.counts(jobs, results, doc_sel, chat_sel, bad, manifest)
-            manifest["workers"] = workers
-            manifest["seconds"] = round(time.monotonic() - started, 2)
             manifest["files"] = {
                 "heldout": HELDOUT_FILE,
                 "quarantine": QUARANTINE_FILE,
                 "report": DATA_REPORT_FILE,
             }
+            manifest["records"] = records_files
+            # Nothing that depends on the cluster or the clock: the same inputs, config and
+            # seed give the same bytes on one node or four.
             storage.write_json(str(out / MANIFEST_FILE), manifest)
             (out / DATA_REPORT_FILE).write_text(report.markdown(manifest))
         storage.upload_dir(tok_dir, storage.join(output_uri, "tokenizer"))
+    storage.delete_tree(scratch)
+    log.info(
+        "prepare_data: done in %.1f s (%s)",
+        time.monotonic() - started,
+        "; ".join(f"{name} {figures}" for name, figures in phases.items()),
+    )
     return manifest
+
+
+def _group_edges(
+    a: np.ndarray, b: np.ndarray, exact: np.ndarray, chosen: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return a[chosen], b[chosen], exact[chosen]
 
 
 def _check_split(selection: select.Selection, what: str, fraction: float) -> None:
@@ -257,7 +267,17 @@ def run(ctx: StageContext) -> StageOutput:
     from pipeline import tracking
 
     cfg = ctx.config
-    manifest = prepare(cfg, ctx.output_uri)
+    reports = 0
+
+    def on_progress(metrics: dict[str, float]) -> None:
+        nonlocal reports
+        reports += 1
+        try:
+            tracking.log_metrics(cfg.tracking, ctx.mlflow_run_id, metrics, step=reports)
+        except Exception as err:  # progress is advisory: an MLflow hiccup must not fail the stage
+            log.warning("prepare_data: progress not logged to MLflow: %s", err)
+
+    manifest = prepare(cfg, ctx.output_uri, on_progress)
     data_uri = storage.join(ctx.output_uri, "data")
     tracking.log_json_artifact(cfg.tracking, ctx.mlflow_run_id, MANIFEST_FILE, manifest)
     report.log_to_mlflow(cfg, ctx.mlflow_run_id, data_uri, manifest)

@@ -57,3 +57,49 @@ def test_lsh_params_fill_the_signature() -> None:
     bands, rows = dedup.lsh_params(0.8)
     assert bands * rows <= dedup.NUM_PERM
     assert (1 - (1 - 0.9**rows) ** bands) > 0.95  # a 0.9-similar pair is almost surely found
+
+
+def _split(rows: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
+    """A shuffle's partitions, by the rows' ``part`` column."""
+    return [{k: v[rows["part"] == p] for k, v in rows.items()} for p in range(parts)]
+
+
+def test_the_shuffle_steps_give_the_same_pairs_on_any_number_of_partitions() -> None:
+    """What the cluster computes with ``parts`` partitions is what one process computes: the
+    same exact pairs and the same confirmed near pairs, whatever the partitioning."""
+    rng = np.random.default_rng(3)
+    originals = [rng.integers(0, 30000, 400) for _ in range(40)]
+    edited = []
+    for doc in originals[:20]:
+        copy = doc.copy()
+        copy[rng.choice(len(doc), 4, replace=False)] = 7
+        edited.append(copy)
+    docs = originals + edited + originals[:5]  # five exact repeats at the end
+    signatures = np.stack([_sig(d) for d in docs])
+    ids = np.arange(len(docs), dtype=np.int64)
+    exact = np.array([dedup.exact_key(" ".join(map(str, d))) for d in docs], dtype=np.uint64)
+    group = np.zeros(len(docs), np.int8)
+    results = []
+    for parts in (1, 3, 7):
+        rows = dedup.bucket_rows(ids, group, exact, signatures, {0: 0.8}, parts)
+        pairs = [dedup.bucket_pairs(p) for p in _split(rows, parts)]
+        a = np.concatenate([p["a"] for p in pairs])
+        b = np.concatenate([p["b"] for p in pairs])
+        is_exact = np.concatenate([p["exact"] for p in pairs])
+        near = np.unique(np.stack([a[~is_exact], b[~is_exact]]), axis=1)
+        sides = dedup.pair_sides(ids, signatures, near, parts)
+        confirmed = np.concatenate([
+            dedup.similar_pairs(p, np.full(near.shape[1], 0.8))["pair"] for p in _split(sides, parts)
+        ])  # fmt: skip
+        exact_pairs = sorted(zip(a[is_exact].tolist(), b[is_exact].tolist(), strict=True))
+        near_pairs = sorted(map(tuple, near[:, confirmed].T.tolist()))
+        results.append((exact_pairs, near_pairs))
+    assert results[0][0] == [(i, 60 + i) for i in range(5)]
+    assert set(results[0][1]) >= {(i, 40 + i) for i in range(20)}
+    assert results[1] == results[0] and results[2] == results[0]
+    # The components of those pairs: the originals are every cluster's representative.
+    nodes, labels = dedup.components(
+        np.array([p[0] for p in results[0][0] + results[0][1]]),
+        np.array([p[1] for p in results[0][0] + results[0][1]]),
+    )
+    assert dict(zip(nodes.tolist(), labels.tolist(), strict=True))[45] == 5

@@ -417,6 +417,20 @@ def test_preset_drivers_land_on_the_cpu_driver_group_only(preset: str) -> None:
     assert slots * orchestration.driver_memory_gb * GIB <= memory
 
 
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_preset_data_tasks_land_on_the_cpu_group_one_per_cpu(preset: str) -> None:
+    """prepare_data's Ray Data tasks take one CPU each plus ``data.worker_resources``: only the
+    cpu group may advertise those (a GPU host's CPUs feed its GPUs), one slot per CPU."""
+    wanted = PRESETS[preset].data.worker_resources
+    assert wanted, f"{preset}: data.worker_resources is empty: data tasks go to GPU hosts too"
+    everyone = groups(CLUSTER)
+    [data_group] = {n for n, g in everyone.items() if set(wanted) <= set(ray_resources(g))}
+    assert data_group == "cpu"
+    group = everyone[data_group]
+    slots = min(ray_resources(group)[k] / v for k, v in wanted.items())
+    assert slots == float(group["rayStartParams"]["num-cpus"])
+
+
 # --- field names against the CRD ------------------------------------------------------------
 
 

@@ -142,6 +142,48 @@ def test_shards_round_trip_and_match_the_manifest(prepared: tuple[dict[str, Any]
     assert cpt["packing_efficiency"] > 0.99
 
 
+def test_the_kept_records_open_as_parquet_in_datasets(
+    prepared: tuple[dict[str, Any], Path],
+) -> None:
+    import datasets
+
+    manifest, data = prepared
+    files = {entry["file"]: entry for entry in manifest["records"]}
+    documents = datasets.load_dataset(
+        "parquet",
+        data_files=[str(data / f) for f in sorted(files) if "/domain-" in f],
+        split="train",
+    )
+    counts = manifest["counts"]
+    assert documents.num_rows == counts["documents"]["train"] + counts["documents"]["heldout"]
+    assert documents["split"].count("heldout") == counts["documents"]["heldout"]
+    assert not any("4111 1111" in t for t in documents["text"])  # scrubbed, as trained on
+    chats = datasets.load_dataset(
+        "parquet",
+        data_files=[str(data / f) for f in sorted(files) if "/instructions-" in f],
+        split="train",
+    )
+    assert chats.num_rows == counts["chats"]["train"] + counts["chats"]["heldout"]
+    assert chats[0]["messages"][-1]["role"] == "assistant"
+    assert sum(e["rows"] for e in files.values()) == documents.num_rows + chats.num_rows
+
+
+def test_a_save_to_disk_folder_is_a_corpus(tmp_path: Path) -> None:
+    import datasets
+
+    rng = np.random.default_rng(5)
+    rows = [{"body": _doc(rng), "lang": "en"} for _ in range(300)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"), max_shard_size="30KB")
+    overrides = _corpus(tmp_path)
+    overrides |= {"data.domain_corpus": str(tmp_path / "saved"), "data.fields.text": "body"}
+    manifest = prepare(load_config(REPO / "configs" / "demo.yaml", overrides), str(tmp_path / "o"))
+    domain = manifest["counts"]["corpora"]["domain"]
+    assert domain["read"] == 300 and domain["quarantined"] == {}
+    assert [s["uri"].rsplit("/", 1)[1] for s in manifest["sources"]["domain"]] == [
+        p.name for p in sorted((tmp_path / "saved").glob("*.arrow"))
+    ]
+
+
 def test_indentation_survives_into_the_shards(prepared: tuple[dict[str, Any], Path]) -> None:
     from transformers import AutoTokenizer
 

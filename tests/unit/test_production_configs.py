@@ -97,6 +97,9 @@ def test_the_compose_stack_runs_its_config_as_a_remote_cluster(compose: dict[str
     )
     for name, amount in config.orchestration.driver_resources.items():
         assert resources.get(name, 0) >= amount, name
+    # prepare_data's tasks too: a resource no node advertises would leave them pending.
+    for name, amount in config.data.worker_resources.items():
+        assert resources.get(name, 0) >= amount, name
 
 
 REQUIRED_VARIABLE = re.compile(r"^\$\{(?P<name>[A-Z_][A-Z0-9_]*):\?[^}]+\}$")
