@@ -6,11 +6,14 @@ measures on the same text and cores:
 
 - the bare fast tokenizer (``encode_batch_fast``, Rust threads on every core),
 - the full prepare_data stage (read, validate, clean, scrub, sign, tokenize, dedup, split, pack,
-  write shards) with ``--workers`` processes,
+  write shards) on a local Ray cluster of ``--workers`` CPUs, started before the timing as a
+  production cluster would be running already,
 
 alternately (``--repeat`` stage runs between ``--repeat`` + 1 tokenizer runs; the fastest run of
-each counts), and prints MB/s, tokens/s, the stage/tokenizer ratio (target >= 0.5), peak memory
-(driver plus workers) and packing efficiency of cpt_train and sft_train (target >= 0.99).
+each counts), and prints MB/s, tokens/s, the stage/tokenizer ratio (target >= 0.5), seconds per
+GB per core (and what 100 GB and 1 TB then take on one 16-core node and on four), the peak
+memory of the driver and of one Ray worker, and packing efficiency of cpt_train and sft_train
+(target >= 0.99).
 Writes ``benchmarks/results/data_prep.json``; exits 1 when a target is missed.
 
     .venv/bin/python benchmarks/data_prep.py [--mb 100] [--workers N] [--repeat 2]
@@ -100,13 +103,15 @@ def generate(folder: Path, mb: int, seed: int = 0) -> tuple[list[Path], Path]:
 
 
 class PeakMemory:
-    """Samples the resident memory of this process and its children."""
+    """Samples the resident memory of this process (the stage's driver) and of the Ray worker
+    processes (``ray::`` titles), every 0.1 s."""
 
     def __init__(self) -> None:
         import psutil
 
         self.process = psutil.Process()
-        self.peak = 0
+        self.driver = 0
+        self.worker = 0
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -114,11 +119,12 @@ class PeakMemory:
         import psutil
 
         while self.running:
-            total = self.process.memory_info().rss
-            for child in self.process.children(recursive=True):
-                with contextlib.suppress(psutil.NoSuchProcess):  # a worker that just exited
-                    total += child.memory_info().rss
-            self.peak = max(self.peak, total)
+            self.driver = max(self.driver, self.process.memory_info().rss)
+            for proc in psutil.process_iter(["cmdline"]):
+                with contextlib.suppress(psutil.Error):  # a worker that just exited
+                    title = " ".join(proc.info["cmdline"] or [])
+                    if title.startswith("ray::") and "IDLE" not in title:
+                        self.worker = max(self.worker, proc.memory_info().rss)
             time.sleep(0.1)
 
     def __enter__(self) -> PeakMemory:
@@ -155,6 +161,10 @@ def bare_tokenizer(tok: Any, files: list[Path], chats: Path) -> dict[str, float]
         "tokens_per_s": tokens / seconds,
         "seconds": seconds,
     }
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h"
 
 
 def main() -> None:
@@ -201,16 +211,17 @@ def main() -> None:
         # whose speed drifts (a shared VM) one lucky or unlucky run must not decide the ratio.
         bare_runs: list[dict[str, float]] = []
         stage_seconds: list[float] = []
-        peak = 0
+        driver_peak = worker_peak = 0
         for repeat in range(args.repeat):
             print(f"bare tokenizer ({repeat + 1}/{args.repeat}) ...", flush=True)
             bare_runs.append(bare_tokenizer(tok, files, chats))
-            print(f"prepare_data with {args.workers} processes ({repeat + 1}/{args.repeat}) ...")
+            print(f"prepare_data on {args.workers} Ray CPUs ({repeat + 1}/{args.repeat}) ...")
             with PeakMemory() as memory:
                 started = time.perf_counter()
                 manifest = prepare(config, str(root / f"out-{repeat}"))
                 stage_seconds.append(time.perf_counter() - started)
-            peak = max(peak, memory.peak)
+            driver_peak = max(driver_peak, memory.driver)
+            worker_peak = max(worker_peak, memory.worker)
         print("bare tokenizer (last) ...", flush=True)
         bare_runs.append(bare_tokenizer(tok, files, chats))
         bare = max(bare_runs, key=lambda run: run["mb_per_s"])
@@ -228,19 +239,23 @@ def main() -> None:
         "stage_runs_seconds": [round(t, 2) for t in stage_seconds],
         "stage": {k: round(v, 2) for k, v in stage.items()},
         "ratio_to_bare_tokenizer": round(stage["mb_per_s"] / bare["mb_per_s"], 3),
-        "peak_memory_mb": round(peak / 2**20),
+        "seconds_per_gb_per_core": round(seconds / (input_mb / 1000) * args.workers, 1),
+        "driver_peak_mb": round(driver_peak / 2**20),
+        "worker_peak_mb": round(worker_peak / 2**20),
         "cpt_packing_efficiency": splits["cpt_train"]["packing_efficiency"],
         "sft_packing_efficiency": splits["sft_train"]["packing_efficiency"],
         "counts": {
             k: manifest["counts"][k] for k in ("read", "quarantined", "pii", "documents", "chats")
         },
     }
+    per_gb_core = result["seconds_per_gb_per_core"]
     rows = [
         ("input", f"{result['input_mb']} MB, {tokens:,} tokens"),
         ("bare fast tokenizer", f"{bare['mb_per_s']:.2f} MB/s, {bare['tokens_per_s']:,.0f} tokens/s ({os.cpu_count()} cores; best of {', '.join(f'{r:.2f}' for r in result['bare_tokenizer_runs_mb_per_s'])})"),
-        ("prepare_data stage", f"{stage['mb_per_s']:.2f} MB/s, {stage['tokens_per_s']:,.0f} tokens/s ({args.workers} processes, {seconds:.1f} s; best of {', '.join(f'{t:.1f}' for t in stage_seconds)} s)"),
+        ("prepare_data stage", f"{stage['mb_per_s']:.2f} MB/s, {stage['tokens_per_s']:,.0f} tokens/s ({args.workers} Ray CPUs, {seconds:.1f} s; best of {', '.join(f'{t:.1f}' for t in stage_seconds)} s)"),
         ("stage / bare tokenizer", f"{result['ratio_to_bare_tokenizer']:.3f} (target >= 0.5)"),
-        ("peak memory (driver + workers)", f"{result['peak_memory_mb']} MB"),
+        ("seconds per GB per core", f"{per_gb_core:.0f} s: 100 GB {_hours(per_gb_core * 100 / 16)} on one 16-core node, {_hours(per_gb_core * 100 / 64)} on four; 1 TB {_hours(per_gb_core * 1000 / 16)} / {_hours(per_gb_core * 1000 / 64)}"),
+        ("peak memory: driver / one worker", f"{result['driver_peak_mb']} MB / {result['worker_peak_mb']} MB"),
         ("packing efficiency cpt_train", f"{result['cpt_packing_efficiency']:.4f} (target >= 0.99)"),
         ("packing efficiency sft_train", f"{result['sft_packing_efficiency']:.4f} (target >= 0.99)"),
     ]  # fmt: skip

@@ -75,6 +75,16 @@ def test_prepare_data_job_commits_and_a_retry_reuses_it(hook: RayJobsHook, tmp_p
     assert train.trained_tokens == metrics["sft_train_trained_tokens"]
     heldout = json.loads((stage_dir / "data" / "heldout.json").read_text())
     assert not any("@example.com" in doc for doc in heldout["documents"])
+    # Progress went to the stage's MLflow run as it ran; its last point is the whole input.
+    from mlflow import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
+        result["mlflow_run_id"], "prepare_records"
+    )
+    assert history and history[-1].value == manifest["counts"]["read"]
+    assert "prepare_data: " in hook.get_job_logs("it-prepare-1") and "ETA" in hook.get_job_logs(
+        "it-prepare-1"
+    )
 
     retry = _run_job(hook, entry, "it-prepare-2")
     assert retry["status"] == "SUCCEEDED"
