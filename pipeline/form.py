@@ -241,6 +241,8 @@ def _entries(spec: str | list[str] | None) -> list[str]:
 
 
 def _inside(entry: str, prefix: str, base: Path) -> bool:
+    if entry.startswith(STREAM) or prefix.startswith(STREAM):
+        return _stream_inside(entry, prefix, base)
     if "://" in entry or "://" in prefix:
         rest = entry.partition("://")[2]
         if any(part in ("..", ".") for part in rest.split("/")):
@@ -248,6 +250,25 @@ def _inside(entry: str, prefix: str, base: Path) -> bool:
         return entry == prefix or entry.startswith(prefix + "/")
     path = Path(entry) if Path(entry).is_absolute() else base / entry
     return path.resolve().is_relative_to(Path(prefix).resolve())
+
+
+STREAM = "hf:"
+"""A streamed ``datasets`` source (``pipeline.data.hf_inputs``)."""
+
+
+def _stream_inside(entry: str, prefix: str, base: Path) -> bool:
+    """An ``hf:`` entry names a local folder (checked as a path: it must be absolute, since a
+    relative one that is missing on the worker falls through to the Hub) or a Hub dataset,
+    allowed only under an ``hf:`` prefix of ``PIPELINE_DATA_PREFIXES`` (``hf:my-org/``)."""
+    if not entry.startswith(STREAM):
+        return False
+    target = entry.removeprefix(STREAM).partition("#")[0]
+    if not target or ".." in target.split("/"):
+        return False
+    if prefix.startswith(STREAM):
+        allowed = prefix.removeprefix(STREAM).rstrip("/")
+        return target == allowed or target.startswith(allowed + "/")
+    return Path(target).is_absolute() and _inside(target, prefix, base)
 
 
 def check_data_overrides(config_path: Path, overrides: dict[str, Any]) -> None:

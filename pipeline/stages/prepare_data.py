@@ -145,101 +145,107 @@ def prepare(
         phases[name] = f"{now - clock:.1f} s, driver peak {peak_mb:.0f} MB"
         clock = now
 
-    with tempfile.TemporaryDirectory(prefix="prepare-data-") as local:
-        # Settings need the tokenizer folder; the domain units are planned first to train one.
-        domain_units = sources.plan_units(
-            sources.expand_inputs(d.domain_corpus, "data.domain_corpus"), d.chunk_bytes
-        )
-        tok = build_tokenizer(cfg, domain_units, local)
-        chat.check_chat_tokens(tok, d.chat_format)
-        tok_dir = Path(local) / "tokenizer"
-        tok.save_pretrained(str(tok_dir))
-        storage.upload_dir(tok_dir, storage.join(scratch, "tokenizer"))
-        if not storage.is_s3(scratch):
-            Path(scratch).mkdir(parents=True, exist_ok=True)
-        settings = chunks.ChunkSettings(
-            storage.join(scratch, "tokenizer"), scratch, d.fields, d.chat_format, d.scrub_pii,
-            dict(d.pii_patterns), d.min_chars, d.max_doc_chars, d.long_doc_action,
-            d.max_record_bytes, tuple(d.pii_types), dict(d.pii_placeholders),
-            tuple(d.phone_regions),
-        )  # fmt: skip
-        jobs = plan_jobs(cfg, settings)
-        every = [job for corpus_jobs in jobs.values() for job in corpus_jobs]
-        phase("tokenizer")
-        rows = engine.process_units(every, dict(d.worker_resources), d.num_workers, on_progress)
-        phase("units")
-        results = {job.index: chunks.read_summary(scratch, job.index) for job in every}
+    try:
+        with tempfile.TemporaryDirectory(prefix="prepare-data-") as local:
+            # Settings need the tokenizer folder; the domain units are planned first to train one.
+            domain_units = sources.plan_units(
+                sources.expand_inputs(d.domain_corpus, "data.domain_corpus"), d.chunk_bytes
+            )
+            tok = build_tokenizer(cfg, domain_units, local)
+            chat.check_chat_tokens(tok, d.chat_format)
+            tok_dir = Path(local) / "tokenizer"
+            tok.save_pretrained(str(tok_dir))
+            storage.upload_dir(tok_dir, storage.join(scratch, "tokenizer"))
+            if not storage.is_s3(scratch):
+                Path(scratch).mkdir(parents=True, exist_ok=True)
+            settings = chunks.ChunkSettings(
+                storage.join(scratch, "tokenizer"), scratch, d.fields, d.chat_format, d.scrub_pii,
+                dict(d.pii_patterns), d.min_chars, d.max_doc_chars, d.long_doc_action,
+                d.max_record_bytes, tuple(d.pii_types), dict(d.pii_placeholders),
+                tuple(d.phone_regions),
+            )  # fmt: skip
+            jobs = plan_jobs(cfg, settings)
+            every = [job for corpus_jobs in jobs.values() for job in corpus_jobs]
+            phase("tokenizer")
+            rows = engine.process_units(every, dict(d.worker_resources), d.num_workers, on_progress)
+            phase("units")
+            results = {job.index: chunks.read_summary(scratch, job.index) for job in every}
 
-        with storage.local_staging(data_uri) as out:
-            first_bad = select.merge_quarantine(every, results, scratch, out / QUARANTINE_FILE)
-            quarantine_uri = storage.join(data_uri, QUARANTINE_FILE)
-            if storage.is_s3(data_uri):
-                # Now, not with the rest: the gate below fails exactly when someone must read it.
-                storage.upload_file(out / QUARANTINE_FILE, quarantine_uri)
-            read = sum(r.counts["read"] for r in results.values())
-            bad: Counter[str] = sum((r.bad for r in results.values()), Counter())
-            select.check_bad_fraction(read, bad, first_bad, d.max_bad_fraction, quarantine_uri)
-            thresholds = {
-                chunks.DOCUMENTS: d.near_dup_threshold,
-                chunks.CHATS: d.chat_near_dup_threshold,
-            }
-            a, b, exact = engine.duplicate_edges(rows, thresholds, d.num_workers or usable_cpus())
-            phase("dedup")
-            group_of = {job.index: job.group for job in every}
-            edge_group = np.array([group_of[int(i)] for i in a >> 32], dtype=np.int8)
-            doc_units = [j.index for j in jobs["domain"] + jobs["replay"]]
-            chat_units = [j.index for j in jobs["instructions"]]
-            # Replay documents are held out too: their held-out part is the general corpus.
-            doc_sel = select.select(
-                doc_units,
-                _group_edges(a, b, exact, edge_group == chunks.DOCUMENTS),
-                set(doc_units),
-                d.heldout_fraction,
-                scratch,
-            )
-            chat_sel = select.select(
-                chat_units,
-                _group_edges(a, b, exact, edge_group == chunks.CHATS),
-                set(chat_units),
-                d.heldout_fraction,
-                scratch,
-            )
-            _check_split(doc_sel, "documents", d.heldout_fraction)
-            _check_split(chat_sel, "chats", d.heldout_fraction)
-            selections = {"domain": doc_sel, "replay": doc_sel, "instructions": chat_sel}
-            units = {
-                job.index: (corpus, job.unit.uri)
-                for corpus, corpus_jobs in jobs.items()
-                if corpus in selections
-                for job in corpus_jobs
-            }
-            records_files = engine.write_records(
-                units, selections, scratch, data_uri, dict(d.worker_resources), d.num_workers
-            )
-            phase("selection")
-            manifest = assemble(cfg, tok, jobs, doc_sel, chat_sel, scratch, out)
-            phase("shards")
-            manifest["sources"] = {
-                corpus: [sources.fingerprint(u) for u in dict.fromkeys(j.unit.uri for j in js)]
-                for corpus, js in jobs.items()
-                if js
-            }
-            manifest["sources_digest"] = sources.sources_digest(
-                [p for prints in manifest["sources"].values() for p in prints]
-            )
-            manifest["counts"] = report.counts(jobs, results, doc_sel, chat_sel, bad, manifest)
-            manifest["files"] = {
-                "heldout": HELDOUT_FILE,
-                "quarantine": QUARANTINE_FILE,
-                "report": DATA_REPORT_FILE,
-            }
-            manifest["records"] = records_files
-            # Nothing that depends on the cluster or the clock: the same inputs, config and
-            # seed give the same bytes on one node or four.
-            storage.write_json(str(out / MANIFEST_FILE), manifest)
-            (out / DATA_REPORT_FILE).write_text(report.markdown(manifest))
-        storage.upload_dir(tok_dir, storage.join(output_uri, "tokenizer"))
-    storage.delete_tree(scratch)
+            with storage.local_staging(data_uri) as out:
+                first_bad = select.merge_quarantine(every, results, scratch, out / QUARANTINE_FILE)
+                quarantine_uri = storage.join(data_uri, QUARANTINE_FILE)
+                if storage.is_s3(data_uri):
+                    # Now, not with the rest: the gate below fails exactly when someone must read it.
+                    storage.upload_file(out / QUARANTINE_FILE, quarantine_uri)
+                read = sum(r.counts["read"] for r in results.values())
+                bad: Counter[str] = sum((r.bad for r in results.values()), Counter())
+                select.check_bad_fraction(read, bad, first_bad, d.max_bad_fraction, quarantine_uri)
+                thresholds = {
+                    chunks.DOCUMENTS: d.near_dup_threshold,
+                    chunks.CHATS: d.chat_near_dup_threshold,
+                }
+                a, b, exact = engine.duplicate_edges(
+                    rows, thresholds, d.num_workers or usable_cpus()
+                )
+                phase("dedup")
+                group_of = {job.index: job.group for job in every}
+                edge_group = np.array([group_of[int(i)] for i in a >> 32], dtype=np.int8)
+                doc_units = [j.index for j in jobs["domain"] + jobs["replay"]]
+                chat_units = [j.index for j in jobs["instructions"]]
+                # Replay documents are held out too: their held-out part is the general corpus.
+                doc_sel = select.select(
+                    doc_units,
+                    _group_edges(a, b, exact, edge_group == chunks.DOCUMENTS),
+                    set(doc_units),
+                    d.heldout_fraction,
+                    scratch,
+                )
+                chat_sel = select.select(
+                    chat_units,
+                    _group_edges(a, b, exact, edge_group == chunks.CHATS),
+                    set(chat_units),
+                    d.heldout_fraction,
+                    scratch,
+                )
+                _check_split(doc_sel, "documents", d.heldout_fraction)
+                _check_split(chat_sel, "chats", d.heldout_fraction)
+                selections = {"domain": doc_sel, "replay": doc_sel, "instructions": chat_sel}
+                units = {
+                    job.index: (corpus, job.unit.uri)
+                    for corpus, corpus_jobs in jobs.items()
+                    if corpus in selections
+                    for job in corpus_jobs
+                }
+                records_files = engine.write_records(
+                    units, selections, scratch, data_uri, dict(d.worker_resources), d.num_workers
+                )
+                phase("selection")
+                manifest = assemble(cfg, tok, jobs, doc_sel, chat_sel, scratch, out)
+                phase("shards")
+                manifest["sources"] = {
+                    corpus: [sources.fingerprint(u) for u in dict.fromkeys(j.unit.uri for j in js)]
+                    for corpus, js in jobs.items()
+                    if js
+                }
+                manifest["sources_digest"] = sources.sources_digest(
+                    [p for prints in manifest["sources"].values() for p in prints]
+                )
+                manifest["counts"] = report.counts(jobs, results, doc_sel, chat_sel, bad, manifest)
+                manifest["files"] = {
+                    "heldout": HELDOUT_FILE,
+                    "quarantine": QUARANTINE_FILE,
+                    "report": DATA_REPORT_FILE,
+                }
+                manifest["records"] = records_files
+                # Nothing that depends on the cluster or the clock: the same inputs, config and
+                # seed give the same bytes on one node or four.
+                storage.write_json(str(out / MANIFEST_FILE), manifest)
+                (out / DATA_REPORT_FILE).write_text(report.markdown(manifest))
+            storage.upload_dir(tok_dir, storage.join(output_uri, "tokenizer"))
+    finally:
+        # The spill is a copy of the corpus: not left behind on a failure either (a rerun starts
+        # from the inputs).
+        storage.delete_tree(scratch)
     log.info(
         "prepare_data: done in %.1f s (%s)",
         time.monotonic() - started,

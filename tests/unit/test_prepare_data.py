@@ -214,6 +214,10 @@ def test_too_many_bad_records_fail_listing_lines_and_reasons(tmp_path: Path) -> 
     assert re.search(r"31 of \d+ records are bad", message)
     assert "malformed_json: 30, final_turn_not_assistant: 1" in message
     assert f"{tmp_path / 'b.jsonl'}:84: not valid JSON" in message
+    # The quarantine stays for a person to read; the spill (a copy of the corpus) does not.
+    data = tmp_path / "out" / "data"
+    assert (data / "quarantine.jsonl").read_text().count("malformed_json") == 30
+    assert sorted(p.name for p in data.iterdir()) == ["quarantine.jsonl"]
 
 
 def test_replay_corpus_is_mixed_at_the_token_ratio(tmp_path: Path) -> None:

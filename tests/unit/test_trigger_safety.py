@@ -68,6 +68,10 @@ def test_the_config_file_must_be_under_an_allowed_folder(
         ("data.domain_corpus", "demo_data/../../../pyproject.toml"),
         ("data.domain_corpus", "s3://other-bucket/customers.jsonl"),
         ("data.domain_corpus", "s3://datasets/demo/../../secrets/x.jsonl"),
+        # Streamed datasets sources: a local folder outside, a Hub dataset nobody allowed.
+        ("data.domain_corpus", "hf:/etc"),
+        ("data.domain_corpus", "hf:someone/their-dataset"),
+        ("data.instructions", "hf:demo_data/../../../.."),
     ],
 )
 def test_a_trigger_reads_data_only_from_the_configured_places(
@@ -87,9 +91,11 @@ def test_a_trigger_reads_data_only_from_the_configured_places(
     assert trigger_overrides(inside, {}, allowed_config_dirs(DEMO))[1][field].endswith(
         "domain.jsonl"
     )
-    monkeypatch.setenv("PIPELINE_DATA_PREFIXES", "s3://datasets/demo")
+    monkeypatch.setenv("PIPELINE_DATA_PREFIXES", "s3://datasets/demo,hf:my-org/")
     fresh = {**params, field: ["s3://datasets/demo/2026-12/corpus.jsonl"]}
     assert trigger_overrides(fresh, {}, allowed_config_dirs(DEMO))[1][field] == (fresh[field])
+    streamed = {**params, field: [f"hf:{demo_data}#train", "hf:my-org/tickets-2026#train"]}
+    assert trigger_overrides(streamed, {}, allowed_config_dirs(DEMO))[1][field] == streamed[field]
 
 
 # --- remote clusters -------------------------------------------------------------------------
