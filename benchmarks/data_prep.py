@@ -178,14 +178,15 @@ def main() -> None:
     import logging
 
     from pipeline.config import load_config
-    from pipeline.data import engine
     from pipeline.data.tokenizer import train_bpe_tokenizer
     from pipeline.stages.prepare_data import prepare
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # A running cluster, as in production (the stage runs as a job on it): starting Ray is not
     # part of the stage's throughput.
-    engine.connect(args.workers)
+    import ray
+
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
         root = Path(scratch)

@@ -15,12 +15,14 @@ for the union-find.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,17 +38,37 @@ _SIDE_ROW_BYTES = 4 * dedup.NUM_PERM + 13
 _PROGRESS_SECONDS = 5.0
 
 
-def connect(num_cpus: int | None) -> None:
-    """Join the Ray cluster this process runs in (a Ray job's ``RAY_ADDRESS``), or start a
-    local one with ``num_cpus`` CPUs (``pipeline prepare`` and tests outside a cluster)."""
+@contextlib.contextmanager
+def cluster(num_cpus: int | None) -> Iterator[None]:
+    """Ray for the stage: the cluster this process runs in (a Ray job's ``RAY_ADDRESS``), or a
+    local one with ``num_cpus`` CPUs (``pipeline prepare-data`` and tests), shut down on exit
+    so that its workers never outlive the environment (S3 endpoint, credentials) they were
+    started with. A Ray the caller already started is used as it is and left running."""
     import ray
 
     if ray.is_initialized():
+        yield
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
-        return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory (``VmHWM``: unlike ``ru_maxrss`` it does not start
+    from the parent's peak after a fork and exec)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _quiet_context() -> None:

@@ -17,7 +17,6 @@ shards (``{split}-NNNNN.{ids,flags}.npy``), ``heldout.json``, ``quarantine.jsonl
 from __future__ import annotations
 
 import logging
-import resource
 import tempfile
 import time
 from collections import Counter
@@ -133,7 +132,6 @@ def prepare(
     # Every node reaches the scratch folder: it sits beside the outputs (S3 on a cluster).
     scratch = storage.join(data_uri, SCRATCH)
     storage.delete_tree(scratch)  # a killed earlier attempt's leftovers
-    engine.connect(d.num_workers or usable_cpus())
     phases: dict[str, str] = {}
     clock = time.monotonic()
 
@@ -141,12 +139,15 @@ def prepare(
         # Seconds, and the driver's peak memory so far: it must not follow the corpus.
         nonlocal clock
         now = time.monotonic()
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mb = engine.peak_memory_mb()
         phases[name] = f"{now - clock:.1f} s, driver peak {peak_mb:.0f} MB"
         clock = now
 
     try:
-        with tempfile.TemporaryDirectory(prefix="prepare-data-") as local:
+        with (
+            engine.cluster(d.num_workers or usable_cpus()),
+            tempfile.TemporaryDirectory(prefix="prepare-data-") as local,
+        ):
             # Settings need the tokenizer folder; the domain units are planned first to train one.
             domain_units = sources.plan_units(
                 sources.expand_inputs(d.domain_corpus, "data.domain_corpus"), d.chunk_bytes

@@ -63,13 +63,14 @@ WORDS = np.array(
     ]
 )
 DRIVER = """
-import json, logging, resource, sys
+import json, logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 from pipeline.config import load_config
+from pipeline.data.engine import peak_memory_mb
 from pipeline.stages.prepare_data import prepare
 prepare(load_config(Path(sys.argv[1]), json.loads(sys.argv[2])), sys.argv[3])
-print("DRIVER_PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+print("DRIVER_PEAK_KB", int(peak_memory_mb() * 1024), flush=True)
 """
 
 
