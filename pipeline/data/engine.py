@@ -21,7 +21,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +38,35 @@ _SIDE_ROW_BYTES = 4 * dedup.NUM_PERM + 13
 _PROGRESS_SECONDS = 5.0
 
 
-@contextlib.contextmanager
-def cluster(num_cpus: int | None) -> Iterator[None]:
-    """Ray for the stage: the cluster this process runs in (a Ray job's ``RAY_ADDRESS``), or a
-    local one with ``num_cpus`` CPUs (``pipeline prepare-data`` and tests), shut down on exit
-    so that its workers never outlive the environment (S3 endpoint, credentials) they were
-    started with. A Ray the caller already started is used as it is and left running."""
+_started_here = False
+"""Whether this process started the local Ray it is connected to."""
+
+
+def connect(num_cpus: int | None) -> None:
+    """Join the Ray cluster this process runs in (a Ray job's ``RAY_ADDRESS``), or start a
+    local one with ``num_cpus`` CPUs (``pipeline prepare-data`` and tests). A local Ray is kept
+    for the process's later runs: starting one forks this process, which fails once the process
+    maps much memory (a test worker after many DeepSpeed engines)."""
     import ray
 
+    global _started_here
     if ray.is_initialized():
-        yield
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    _started_here = True
+
+
+def storage_env() -> dict[str, Any] | None:
+    """The runtime env of tasks that read or write storage. On a cluster, None: its nodes and
+    the job carry the storage settings. On a local Ray this process started (no dashboard),
+    the driver's ``AWS_*`` settings as they are now: the Ray's workers were started with the
+    environment of its first run, which a later run may have changed (another endpoint)."""
+    if not _started_here:
+        return None
+    return {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
 
 
 def peak_memory_mb() -> float:
@@ -177,6 +187,7 @@ def process_units(
         batch_size=1,
         batch_format="numpy",
         fn_kwargs={"jobs": {job.index: job for job in jobs}, "progress": progress},
+        runtime_env=storage_env(),
         **options,
     )
     started = time.monotonic()
@@ -345,6 +356,7 @@ def write_records(
         batch_size=1,
         batch_format="numpy",
         fn_kwargs=kwargs,
+        runtime_env=storage_env(),
         **options,
     )
     rows = [

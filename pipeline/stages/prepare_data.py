@@ -144,10 +144,8 @@ def prepare(
         clock = now
 
     try:
-        with (
-            engine.cluster(d.num_workers or usable_cpus()),
-            tempfile.TemporaryDirectory(prefix="prepare-data-") as local,
-        ):
+        engine.connect(d.num_workers or usable_cpus())
+        with tempfile.TemporaryDirectory(prefix="prepare-data-") as local:
             # Settings need the tokenizer folder; the domain units are planned first to train one.
             domain_units = sources.plan_units(
                 sources.expand_inputs(d.domain_corpus, "data.domain_corpus"), d.chunk_bytes

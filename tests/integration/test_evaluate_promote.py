@@ -90,6 +90,8 @@ def local_ray() -> Iterator[None]:
     pytest-xdist worker (``make test`` keeps the files in collection order)."""
     import ray
 
+    if ray.is_initialized():  # an earlier module's in-process prepare_data left its local Ray
+        ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
