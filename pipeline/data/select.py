@@ -117,14 +117,12 @@ def check_bad_fraction(
 def select(
     indices: list[int],
     edges: tuple[np.ndarray, np.ndarray, np.ndarray],
-    heldout_from: set[int],
     fraction: float,
     scratch: str,
 ) -> Selection:
     """Drop exact then near duplicates (the earliest record of each cluster wins), and draw the
     held-out split by cluster: only a cluster's representative survives, so no near-duplicate
-    pair straddles training and held-out data. Only units in ``heldout_from`` contribute
-    held-out records.
+    pair straddles training and held-out data.
 
     Args:
         indices: the group's units; edges: its duplicate edges (``engine.duplicate_edges``).
@@ -137,7 +135,7 @@ def select(
     counts: Counter[str] = Counter(
         exact_duplicates=exact_dropped, near_duplicates=len(drops) - exact_dropped
     )
-    selection = Selection(list(indices), drops, heldout_from, fraction, counts)
+    selection = Selection(list(indices), drops, set(indices), fraction, counts)
     for index in indices:
         with chunks.local_spill(scratch, index, ("split.npy",)) as folder:
             split_keys = np.load(chunks.spill_path(folder, index, "split.npy"))

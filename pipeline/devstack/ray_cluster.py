@@ -188,17 +188,23 @@ def ray_head(
         stop_process_group(proc)
 
 
+def state_list(head: RayHead, resource: str, limit: int = 1000) -> list[dict[str, Any]]:
+    """Every entry of one of the dashboard state API's lists (``nodes``, ``tasks``...), in
+    detail."""
+    token = head.token_path.read_text().strip()
+    request = urllib.request.Request(
+        f"{head.dashboard_url}/api/v0/{resource}?detail=1&limit={limit}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        entries: list[dict[str, Any]] = json.load(response)["data"]["result"]["result"]
+    return entries
+
+
 def alive_nodes(head: RayHead) -> list[dict[str, Any]]:
     """The cluster's live nodes from the dashboard's state API: ``node_id``, ``is_head_node``,
     ``resources_total``, ``labels``..."""
-    token = head.token_path.read_text().strip()
-    request = urllib.request.Request(
-        f"{head.dashboard_url}/api/v0/nodes?detail=1&limit=1000",
-        headers={"Authorization": f"Bearer {token}"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        nodes: list[dict[str, Any]] = json.load(response)["data"]["result"]["result"]
-    return [node for node in nodes if node.get("state") == "ALIVE"]
+    return [node for node in state_list(head, "nodes") if node.get("state") == "ALIVE"]
 
 
 @contextmanager

@@ -189,22 +189,19 @@ def prepare(
                 phase("dedup")
                 group_of = {job.index: job.group for job in every}
                 edge_group = np.array([group_of[int(i)] for i in a >> 32], dtype=np.int8)
-                doc_units = [j.index for j in jobs["domain"] + jobs["replay"]]
-                chat_units = [j.index for j in jobs["instructions"]]
                 # Replay documents are held out too: their held-out part is the general corpus.
-                doc_sel = select.select(
-                    doc_units,
-                    _group_edges(a, b, exact, edge_group == chunks.DOCUMENTS),
-                    set(doc_units),
-                    d.heldout_fraction,
-                    scratch,
-                )
-                chat_sel = select.select(
-                    chat_units,
-                    _group_edges(a, b, exact, edge_group == chunks.CHATS),
-                    set(chat_units),
-                    d.heldout_fraction,
-                    scratch,
+                groups = {
+                    chunks.DOCUMENTS: [j.index for j in jobs["domain"] + jobs["replay"]],
+                    chunks.CHATS: [j.index for j in jobs["instructions"]],
+                }
+                doc_sel, chat_sel = (
+                    select.select(
+                        units,
+                        _group_edges(a, b, exact, edge_group == group),
+                        d.heldout_fraction,
+                        scratch,
+                    )
+                    for group, units in groups.items()
                 )
                 _check_split(doc_sel, "documents", d.heldout_fraction)
                 _check_split(chat_sel, "chats", d.heldout_fraction)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from pipeline.devstack.ray_cluster import (
     _ray_env,
     ray_head,
     ray_worker_node,
+    state_list,
     wait_for_nodes,
 )
 
@@ -135,14 +135,7 @@ def digests(out: Path) -> dict[str, str]:
 
 def unit_tasks(head: RayHead) -> list[dict[str, Any]]:
     """Every attempt of every unit task the cluster ran (the dashboard's state API)."""
-    token = head.token_path.read_text().strip()
-    request = urllib.request.Request(
-        f"{head.dashboard_url}/api/v0/tasks?detail=1&limit=10000",
-        headers={"Authorization": f"Bearer {token}"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        tasks: list[dict[str, Any]] = json.load(response)["data"]["result"]["result"]
-    return [t for t in tasks if "_run_units" in t.get("name", "")]
+    return [t for t in state_list(head, "tasks", 10000) if "_run_units" in t.get("name", "")]
 
 
 @pytest.fixture(scope="module")
