@@ -40,6 +40,18 @@ os.environ.update(
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def in_process_ray() -> None:
+    """The local Ray that in-process ``prepare_data`` runs join (``engine.connect``), started
+    with each worker's first test. ``ray.init`` forks its GCS and raylet from this process
+    (with a ``preexec_fn``, so never by vfork): started later, after the modules that train
+    many DeepSpeed engines in-process (tens of GB mapped), the fork fails with ENOMEM."""
+    from pipeline.cpus import usable_cpus
+    from pipeline.data import engine
+
+    engine.connect(usable_cpus())
+
+
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """A migrated Airflow metadata DB (SQLite) for ``dag.test()``."""

@@ -82,19 +82,12 @@ def _damage(good: Path, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """A private in-process cluster (``address="local"``: never another test's head).
-
-    ``ray.init`` forks its GCS from this process: this module must run before the modules that
-    train many DeepSpeed engines in-process (``test_resume_integrity.py`` leaves ~37 GB mapped,
-    and the fork then fails with ENOMEM), which alphabetical order gives, also within each
-    pytest-xdist worker (``make test`` keeps the files in collection order)."""
+    """A private in-process cluster, never another test's head: the worker's local Ray of
+    ``in_process_ray`` (tests/conftest.py), started before anything could make its fork fail."""
     import ray
 
-    if ray.is_initialized():  # an earlier module's in-process prepare_data left its local Ray
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    assert ray.is_initialized()
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
