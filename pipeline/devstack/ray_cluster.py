@@ -47,7 +47,9 @@ def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen[bytes], log
     )
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray head exited with {proc.returncode}; see {log}")
+            raise RuntimeError(
+                f"ray head exited with {proc.returncode}; {log} ends:\n{_log_tail(log)}"
+            )
         try:
             with urllib.request.urlopen(request, timeout=2):
                 return
@@ -227,23 +229,49 @@ def ray_worker_node(
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     before = {node["node_id"] for node in wait_for_nodes(head, 1)}
-    node_port = free_port()
-    log = workdir / f"ray-node-{node_port}.log"
-    cmd = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        f"--address={head.gcs_address}",
-        "--block",
-        *_resource_flags(num_cpus, num_gpus, resources or {}),
-        "--disable-usage-stats",
-        f"--temp-dir={Path('/tmp') / f'ray-node-{node_port}'}",
-        *(f"--{flag}={value}" for flag, value in _node_ports().items()),
-    ]
-    proc = _start_blocking(cmd, _ray_env(head.token_path), log)
+    for attempt in range(1, _NODE_START_ATTEMPTS + 1):
+        node_port = free_port()
+        log = workdir / f"ray-node-{node_port}.log"
+        cmd = [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            f"--address={head.gcs_address}",
+            "--block",
+            *_resource_flags(num_cpus, num_gpus, resources or {}),
+            "--disable-usage-stats",
+            f"--temp-dir={Path('/tmp') / f'ray-node-{node_port}'}",
+            *(f"--{flag}={value}" for flag, value in _node_ports().items()),
+        ]
+        proc = _start_blocking(cmd, _ray_env(head.token_path), log)
+        try:
+            node_id = _wait_for_new_node(head, before, proc, log)
+        except _NodeExited:
+            stop_process_group(proc)
+            if attempt == _NODE_START_ATTEMPTS:
+                raise
+            continue
+        try:
+            yield node_id
+        finally:
+            stop_process_group(proc)
+        return
+
+
+_NODE_START_ATTEMPTS = 3
+"""A node's ports are picked free before ``ray start`` binds them; another process on the
+machine (a test worker's own Ray spawning workers) can take one in between, and the node exits
+at once. Fresh ports on a second try get past that; a third failure is a real one."""
+
+
+class _NodeExited(RuntimeError):
+    """``ray start`` exited before its node joined (its log's last lines in the message)."""
+
+
+def _log_tail(log: Path, lines: int = 15) -> str:
     try:
-        yield _wait_for_new_node(head, before, proc, log)
-    finally:
-        stop_process_group(proc)
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def _wait_for_new_node(
@@ -252,7 +280,9 @@ def _wait_for_new_node(
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray worker node exited with {proc.returncode}; see {log}")
+            raise _NodeExited(
+                f"ray worker node exited with {proc.returncode}; {log} ends:\n{_log_tail(log)}"
+            )
         new = [node["node_id"] for node in alive_nodes(head) if node["node_id"] not in before]
         if new:
             return str(new[0])
