@@ -8,6 +8,7 @@ stopping it never touches another Ray cluster on the same machine, which ``ray s
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import secrets
@@ -209,6 +210,17 @@ def alive_nodes(head: RayHead) -> list[dict[str, Any]]:
     return [node for node in state_list(head, "nodes") if node.get("state") == "ALIVE"]
 
 
+_DROPPED = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+"""What a busy dashboard's answer can end in (a closed connection, a timeout): asked again."""
+
+
+def _alive_nodes_or_none(head: RayHead) -> list[dict[str, Any]] | None:
+    try:
+        return alive_nodes(head)
+    except _DROPPED:
+        return None
+
+
 @contextmanager
 def ray_worker_node(
     head: RayHead,
@@ -283,7 +295,8 @@ def _wait_for_new_node(
             raise _NodeExited(
                 f"ray worker node exited with {proc.returncode}; {log} ends:\n{_log_tail(log)}"
             )
-        new = [node["node_id"] for node in alive_nodes(head) if node["node_id"] not in before]
+        nodes = _alive_nodes_or_none(head) or []
+        new = [node["node_id"] for node in nodes if node["node_id"] not in before]
         if new:
             return str(new[0])
         time.sleep(1)
@@ -294,11 +307,12 @@ def wait_for_nodes(head: RayHead, count: int, timeout: float = 60) -> list[dict[
     """The live nodes once at least ``count`` are listed (the dashboard answers before its own
     node has registered)."""
     deadline = time.monotonic() + timeout
-    while len(nodes := alive_nodes(head)) < count:
+    while (nodes := _alive_nodes_or_none(head)) is None or len(nodes) < count:
         if time.monotonic() > deadline:
+            listed = "no answer" if nodes is None else f"{len(nodes)} live node(s)"
             raise RuntimeError(
-                f"the Ray head at {head.dashboard_url} lists {len(nodes)} live node(s), "
-                f"not {count}, after {timeout:.0f} s"
+                f"the Ray head at {head.dashboard_url} lists {listed}, not {count} live "
+                f"node(s), after {timeout:.0f} s"
             )
         time.sleep(0.5)
     return nodes
