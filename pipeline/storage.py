@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,13 +43,30 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+_clients = threading.local()
+
+
 def _s3_client() -> Any:
+    """An S3 client for this thread and the current ``AWS_*`` settings.
+
+    AWS_ENDPOINT_URL is honoured by boto3 itself; it points at MinIO or moto in development.
+    A session per thread: boto3's default session is not thread-safe, and checkpoints upload
+    from a background thread while the training loop goes on. Clients are kept, because making
+    one loads the service model again (about 0.1 s, more than a small request), keyed by the
+    process and the settings (a fork, or a run pointed at another endpoint, gets a new one).
+    """
     import boto3
 
-    # AWS_ENDPOINT_URL is honoured by boto3 itself; it points at MinIO or moto in development.
-    # A session per client: boto3's default session is not thread-safe, and checkpoints upload
-    # from a background thread while the training loop goes on.
-    return boto3.session.Session().client("s3")
+    key = (
+        os.getpid(),
+        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))),
+    )
+    cache: dict[Any, Any] = getattr(_clients, "by_settings", None) or {}
+    _clients.by_settings = cache
+    if key not in cache:
+        cache.clear()  # settings changed: the old client's endpoint or credentials are stale
+        cache[key] = boto3.session.Session().client("s3")
+    return cache[key]
 
 
 def write_bytes(uri: str, data: bytes) -> None:
