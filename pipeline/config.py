@@ -241,6 +241,12 @@ class DataConfig(_Section):
     shard_blocks: int = Field(4096, ge=1)
     """Packed blocks per shard file."""
 
+    shard_task_tokens: int = Field(1 << 22, ge=1)
+    """Least tokens per shard-writing task: the training splits' shards are written by tasks
+    of whole consecutive shards, grouped until a task holds this many tokens. Larger tasks
+    read each unit's spill fewer times (from S3, once per task that needs it); smaller ones
+    spread a small corpus over more workers. The shards' bytes do not depend on it."""
+
 
 class ModelConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -1,10 +1,12 @@
-"""The second pass of prepare_data: selected records from the spill files into shards.
+"""The last pass of prepare_data: selected records from the spill files into shards.
 
-Held-out records go first; the token n-grams of ``data.eval_sets`` (and of the held-out
-records with ``data.decontaminate_heldout``) are what training records must not share
-(decontamination). Training documents are then packed with the
-replay corpus interleaved at ``data.replay_ratio``; chats are packed best-fit. Everything
-streams: one unit's spill is memory-mapped at a time and blocks go to disk shard by shard.
+Held-out records go first, streamed by the driver into ``heldout.json`` and the held-out
+shards; their token n-grams and those of ``data.eval_sets`` (the held-out ones with
+``data.decontaminate_heldout``) are what training records must not share (decontamination).
+Tasks then mark each unit's contaminated training records; the driver lays the training splits
+out from lengths alone (documents with the replay corpus interleaved at ``data.replay_ratio``,
+chats best-fit; ``layout``), and tasks write those shards in parallel (``shard_tasks``), the
+bytes the sequential packers would have written.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.config import PipelineConfig
 from pipeline.contract import HELDOUT_FILE, SPLITS
-from pipeline.data import chunks, dedup, shards
+from pipeline.data import chunks, layout, shard_tasks, shards
+from pipeline.data.decontaminate import Decontaminator
 from pipeline.data.pack import BlockBuffer, DocumentPacker, ExamplePacker
 from pipeline.data.select import HELDOUT, TRAIN, Selection
 
@@ -66,31 +70,6 @@ def records(
                     lines.close()
 
 
-class Decontaminator:
-    """Flags records sharing a run of ``n`` tokens with the evaluation data."""
-
-    def __init__(self, n: int | None) -> None:
-        self.n = n
-        self.parts: list[np.ndarray] = []
-        self.banned = np.zeros(0, dtype=np.uint64)
-
-    def add_eval(self, ids: np.ndarray, mask: np.ndarray) -> None:
-        if self.n is not None and len(ids[mask]) >= self.n:
-            self.parts.append(dedup.ngram_hashes(ids[mask], self.n))
-
-    def freeze(self) -> None:
-        if self.parts:
-            self.banned = np.unique(np.concatenate(self.parts))
-        self.parts = []
-
-    def contaminated(self, ids: np.ndarray, mask: np.ndarray) -> bool:
-        if self.n is None or not len(self.banned) or len(ids[mask]) < self.n:
-            return False
-        hashes = dedup.ngram_hashes(ids[mask], self.n)
-        at = np.minimum(np.searchsorted(self.banned, hashes), len(self.banned) - 1)
-        return bool((self.banned[at] == hashes).any())
-
-
 class HeldoutWriter:
     """Streams ``heldout.json`` (``documents``: domain texts, ``general_documents``: replay
     texts, ``chats``: message lists) to disk."""
@@ -121,15 +100,26 @@ def assemble(
     chat_sel: Selection,
     scratch: str,
     out: Path,
+    data_uri: str,
 ) -> dict[str, Any]:
-    """Write the four splits and ``heldout.json`` into ``out``; returns the manifest's splits
-    part and the counts made here (decontaminated, truncated, replay share)."""
+    """Write the four splits and ``heldout.json``; returns the manifest's splits part and the
+    counts made here (decontaminated, truncated, replay share).
+
+    The driver streams the held-out records into ``heldout.json`` and the held-out shards in
+    ``out`` (the evaluation n-grams come from them); the training splits are laid out from
+    lengths (``layout``) and written into ``data_uri`` by tasks (``shard_tasks``).
+    """
+    import ray
+
+    from pipeline.data import engine
+
     d = cfg.data
     dtype = shards.token_dtype(len(tok))
-    writers = {s: shards.ShardWriter(out, s, d.shard_blocks, dtype) for s in SPLITS}
+    held_splits = ("cpt_heldout", "sft_heldout")
+    writers = {s: shards.ShardWriter(out, s, d.shard_blocks, dtype) for s in held_splits}
     buffers = {
         s: BlockBuffer(d.seq_len, tok.pad_token_id, writers[s], rows=256, dtype=dtype)
-        for s in SPLITS
+        for s in held_splits
     }
     ids_of = {corpus: [j.index for j in js] for corpus, js in jobs.items()}
     counts: Counter[str] = Counter()
@@ -149,7 +139,7 @@ def assemble(
             decon.add_eval(ids, mask)
         heldout.add(text)
     heldout.next_list("chats")
-    chat_held = ExamplePacker(buffers["sft_heldout"])
+    chat_held = ExamplePacker(buffers["sft_heldout"], layout.CHAT_WINDOW)
     for ids, mask, messages in records(scratch, chat_sel, ids_of["instructions"], HELDOUT, True):
         chat_held.add(ids, mask)
         if d.decontaminate_heldout:
@@ -162,72 +152,69 @@ def assemble(
     chat_held.close()
     buffers["cpt_heldout"].close()
 
-    domain = records(scratch, doc_sel, ids_of["domain"], TRAIN)
-    replay = records(scratch, doc_sel, ids_of["replay"], TRAIN)
-    cpt = _pack_cpt(
-        DocumentPacker(buffers["cpt_train"], tok.eos_token_id),
-        domain,
-        replay,
-        decon,
-        d.replay_ratio,
-        counts,
-    )
-    buffers["cpt_train"].close()
-    sft = ExamplePacker(buffers["sft_train"])
-    for ids, mask, _ in records(scratch, chat_sel, ids_of["instructions"], TRAIN):
-        if decon.contaminated(ids, mask):
-            counts["chats_decontaminated"] += 1
-            continue
-        sft.add(ids, mask)
-    sft.close()
+    resources, workers = dict(d.worker_resources), d.num_workers
+    selection_of = {"domain": doc_sel, "replay": doc_sel, "instructions": chat_sel}
+    units = [(i, selection_of[c]) for c in ("domain", "replay", "instructions") for i in ids_of[c]]
+    banned = [ray.put(decon.banned)]  # in a list: a task resolves it, once per node
 
-    examples = {"cpt_train": cpt.documents, "cpt_heldout": doc_held.documents}
-    examples |= {"sft_train": sft.examples, "sft_heldout": chat_held.examples}
-    splits = {}
-    for name in SPLITS:
+    def mark_unit(unit: tuple[int, Selection]) -> None:
+        shard_tasks.mark_unit(scratch, unit[0], unit[1], d.decontaminate_ngram, ray.get(banned[0]))
+
+    engine.map_tasks(mark_unit, units, resources, workers)
+    cpt = layout.lay_out_documents(
+        layout.document_order(scratch, ids_of["domain"], ids_of["replay"], d.replay_ratio, counts),
+        scratch, "cpt_train", d.seq_len, d.shard_blocks, d.shard_task_tokens,
+    )  # fmt: skip
+    sft = layout.lay_out_chats(
+        layout.chat_order(scratch, ids_of["instructions"], d.seq_len, counts),
+        scratch, "sft_train", d.seq_len, d.shard_blocks, d.shard_task_tokens,
+    )  # fmt: skip
+
+    def write_shards(task: layout.ShardTask) -> dict[str, Any]:
+        return shard_tasks.write_planned(
+            task, scratch, data_uri, d.seq_len, tok.pad_token_id, tok.eos_token_id, dtype.name,
+            d.shard_blocks,
+        )  # fmt: skip
+
+    try:
+        written = engine.map_tasks(write_shards, cpt.tasks + sft.tasks, resources, workers)
+    except BaseException:
+        # No manifest names them: a folder of some shards and no manifest would only mislead.
+        for name in storage.list_children(data_uri):
+            if name.startswith(("cpt_train-", "sft_train-")):
+                storage.remove(storage.join(data_uri, name))
+        raise
+    splits: dict[str, Any] = {}
+    for name, laid in (("cpt_train", cpt), ("sft_train", sft)):
+        parts = [
+            w for task, w in zip(cpt.tasks + sft.tasks, written, strict=True) if task.split == name
+        ]
+        blocks = sum(p["blocks"] for p in parts)
+        splits[name] = {
+            "shards": [shard for p in parts for shard in p["shards"]],
+            "blocks": blocks,
+            "trained_tokens": sum(p["trained_tokens"] for p in parts),
+            "dtype": dtype.name,
+            "records": laid.records,
+            "tokens": laid.tokens,
+            "packing_efficiency": round(laid.tokens / max(1, blocks * d.seq_len), 5),
+        }
+    held_examples = {"cpt_heldout": doc_held.documents, "sft_heldout": chat_held.examples}
+    for name in held_splits:
         entry = writers[name].close()
-        entry["records"] = examples[name]
+        entry["records"] = held_examples[name]
         entry["tokens"] = buffers[name].tokens
         entry["packing_efficiency"] = round(buffers[name].efficiency, 5)
         splits[name] = entry
-    counts["chats_truncated"] = sft.truncated + chat_held.truncated
+    counts["chats_truncated"] += chat_held.truncated
     return {
         "format": shards.FORMAT,
         "seq_len": d.seq_len,
         "vocab_size": len(tok),
         "token_dtype": dtype.name,
         "chat_format": d.chat_format,
-        "splits": splits,
-        "assembly": dict(counts),
+        "splits": {name: splits[name] for name in SPLITS},
+        # Counts that stayed zero are left out, as they always were.
+        "assembly": {k: v for k, v in counts.items() if v or k == "chats_truncated"},
         "decontamination": {"ngram": d.decontaminate_ngram, "eval_ngrams": len(decon.banned)},
     }
-
-
-def _pack_cpt(
-    packer: DocumentPacker,
-    domain: Iterator[Item],
-    replay: Iterator[Item],
-    decon: Decontaminator,
-    ratio: float,
-    counts: Counter[str],
-) -> DocumentPacker:
-    """Domain documents, with replay documents interleaved until replay holds ``ratio`` of the
-    tokens."""
-    per_domain_token = ratio / (1 - ratio)
-    for ids, mask, _ in domain:
-        if decon.contaminated(ids, mask):
-            counts["documents_decontaminated"] += 1
-            continue
-        packer.add(ids)
-        counts["domain_tokens"] += len(ids) + 1
-        while counts["replay_tokens"] < per_domain_token * counts["domain_tokens"]:
-            item = next(replay, None)
-            if item is None:
-                break
-            if decon.contaminated(item[0], item[1]):
-                counts["replay_decontaminated"] += 1
-                continue
-            packer.add(item[0])
-            counts["replay_tokens"] += len(item[0]) + 1
-            counts["replay_documents"] += 1
-    return packer

@@ -16,6 +16,7 @@ for the union-find.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -311,19 +312,33 @@ def duplicate_edges(
     return edges_a, edges_b, np.r_[np.ones(int(exact.sum()), bool), np.zeros(len(confirmed), bool)]
 
 
-def _write_records(
-    batch: dict[str, np.ndarray],
-    units: dict[int, tuple[str, str]],
-    selections: dict[str, Any],
-    scratch: str,
-    data_uri: str,
-) -> dict[str, np.ndarray]:
-    from pipeline.data import documents
+def map_tasks(
+    fn: Callable[[Any], Any],
+    payloads: list[Any],
+    resources: dict[str, float],
+    max_workers: int | None,
+) -> list[Any]:
+    """``fn(payload)`` for each payload as one Ray Data task on the CPU nodes (``resources``,
+    at most ``max_workers`` at once), retried like every task when its worker dies; returns
+    the results (JSON values) in payload order. The tasks are named after ``fn``."""
+    import ray.data
 
-    [index] = batch["index"].tolist()
-    corpus, source = units[int(index)]
-    entry = documents.write_unit(scratch, corpus, int(index), source, selections[corpus], data_uri)
-    return {key: np.array([value]) for key, value in entry.items()}
+    if not payloads:
+        return []
+
+    def run(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        [index] = batch["index"].tolist()
+        return {"index": np.array([index]), "result": np.array([json.dumps(fn(payloads[index]))])}
+
+    run.__name__ = run.__qualname__ = fn.__name__
+    options: dict[str, Any] = {"num_cpus": 1, "resources": dict(resources) or None}
+    if max_workers:
+        options["concurrency"] = max_workers
+    done = ray.data.from_items(
+        [{"index": i} for i in range(len(payloads))], override_num_blocks=len(payloads)
+    ).map_batches(run, batch_size=1, batch_format="numpy", runtime_env=storage_env(), **options)
+    results = {int(r["index"]): json.loads(str(r["result"])) for r in done.take_all()}
+    return [results[i] for i in range(len(payloads))]
 
 
 def write_records(
@@ -335,33 +350,16 @@ def write_records(
     max_workers: int | None,
 ) -> list[dict[str, Any]]:
     """Every unit's kept records as Parquet (``documents.write_unit``), one task per unit;
-    returns the files' manifest entries in unit order.
+    returns the files' manifest entries, sorted by file.
 
     Args:
         units: corpus and source file per unit index; selections: the ``Selection`` per corpus.
     """
-    import ray.data
+    from pipeline.data import documents
 
-    if not units:
-        return []
-    options: dict[str, Any] = {"num_cpus": 1, "resources": dict(resources) or None}
-    if max_workers:
-        options["concurrency"] = max_workers
-    write: Any = _write_records
-    kwargs = {"units": units, "selections": selections, "scratch": scratch, "data_uri": data_uri}
-    written = ray.data.from_items(
-        [{"index": i} for i in sorted(units)], override_num_blocks=len(units)
-    ).map_batches(
-        write,
-        batch_size=1,
-        batch_format="numpy",
-        fn_kwargs=kwargs,
-        runtime_env=storage_env(),
-        **options,
-    )
-    rows = [
-        {"file": str(r["file"]), "rows": int(r["rows"]), "sha256": str(r["sha256"])}
-        for r in written.take_all()
-        if int(r["rows"])
-    ]
-    return sorted(rows, key=lambda r: r["file"])
+    def write_records_of_unit(index: int) -> dict[str, Any]:
+        corpus, source = units[index]
+        return documents.write_unit(scratch, corpus, index, source, selections[corpus], data_uri)
+
+    entries = map_tasks(write_records_of_unit, sorted(units), resources, max_workers)
+    return sorted((e for e in entries if e["rows"]), key=lambda e: e["file"])

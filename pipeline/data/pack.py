@@ -174,8 +174,12 @@ class DocumentPacker:
         self.documents = 0
 
     def add(self, tokens: np.ndarray | list[int]) -> None:
-        rest = np.append(np.asarray(tokens, dtype=np.int64), self.eos_id)
         self.documents += 1
+        self.add_piece(np.append(np.asarray(tokens, dtype=np.int64), self.eos_id))
+
+    def add_piece(self, rest: np.ndarray) -> None:
+        """Tokens of a document, EOS included, from where it starts or from the first token
+        of a row (a document that began in an earlier shard task)."""
         while len(rest):
             if self.buffer.room() == 0:
                 self.buffer.end_row()
@@ -214,26 +218,32 @@ class ExamplePacker:
         self.buffer.close()
 
     def _pack_pending(self) -> None:
-        seq_len = self.buffer.seq_len
-        order = sorted(range(len(self.pending)), key=lambda i: -len(self.pending[i][0]))
-        bins: list[list[int]] = []
-        rooms: list[tuple[int, int]] = []  # (room left, bin), sorted
-        for i in order:
-            size = len(self.pending[i][0])
-            at = bisect.bisect_left(rooms, (size, -1))
-            if at < len(rooms):
-                room, chosen = rooms.pop(at)
-                bins[chosen].append(i)
-                bisect.insort(rooms, (room - size, chosen))
-            else:
-                bins.append([i])
-                bisect.insort(rooms, (seq_len - size, len(bins) - 1))
-        for members in bins:
+        for members in best_fit([len(ids) for ids, _ in self.pending], self.buffer.seq_len):
             self.buffer.end_row()
             for i in members:
                 self.buffer.put(*self.pending[i])
         self.buffer.end_row()
         self.pending = []
+
+
+def best_fit(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: bins of item indices (each bin's sizes sum to at most
+    ``capacity``), in the order they were opened. Ties go to the earlier item and bin, so the
+    bins depend on the sizes alone (``layout`` plans shards with it)."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    bins: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, bin), sorted
+    for i in order:
+        size = sizes[i]
+        at = bisect.bisect_left(rooms, (size, -1))
+        if at < len(rooms):
+            room, chosen = rooms.pop(at)
+            bins[chosen].append(i)
+            bisect.insort(rooms, (room - size, chosen))
+        else:
+            bins.append([i])
+            bisect.insort(rooms, (capacity - size, len(bins) - 1))
+    return bins
 
 
 class _Collect:

@@ -42,8 +42,18 @@ def _sha256(path: Path) -> str:
 class ShardWriter:
     """A row sink (see ``pack.BlockBuffer``) that writes one split's shards into ``folder``."""
 
-    def __init__(self, folder: Path, split: str, shard_blocks: int, dtype: np.dtype[Any]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        split: str,
+        shard_blocks: int,
+        dtype: np.dtype[Any],
+        first_index: int = 0,
+    ) -> None:
+        """``first_index``: number of the first shard written (a task writing from the middle
+        of a split)."""
         self.folder, self.split, self.shard_blocks, self.dtype = folder, split, shard_blocks, dtype
+        self.first_index = first_index
         self.shards: list[dict[str, Any]] = []
         self.ids: list[np.ndarray] = []
         self.flags: list[np.ndarray] = []
@@ -64,7 +74,7 @@ class ShardWriter:
                 self._write()
 
     def _write(self) -> None:
-        index = len(self.shards)
+        index = self.first_index + len(self.shards)
         ids, flags = np.concatenate(self.ids), np.concatenate(self.flags)
         files = {
             "ids": f"{self.split}-{index:05d}.ids.npy",

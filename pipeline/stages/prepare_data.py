@@ -4,10 +4,12 @@ Read it top to bottom: fetch (or train) the tokenizer; split every input into un
 tasks on the cluster's CPU nodes read, validate, clean, scrub, tokenize and sign each unit into
 spill files (``data/engine.py``); the driver checks the bad-record share; a shuffle finds exact
 and near duplicates, whose edges alone come back to the driver; the held-out split is drawn by
-cluster, then the kept records stream into shards, one unit at a time, dropping training
-records that overlap the evaluation data. A worker's memory is bounded by ``chunk_bytes``; the
-driver's by one unit plus 8 bytes per duplicate (nothing per kept record); the corpus itself
-only ever sits in the scratch folder (``data/.scratch`` under the stage, removed at the end).
+cluster; the driver streams the held-out records into ``heldout.json`` and their shards, tasks
+mark the training records that overlap the evaluation data, and the training shards are laid
+out from lengths and written by tasks (``data/assemble.py``). A worker's memory is bounded by
+``chunk_bytes``; the driver's by one unit plus 8 bytes per duplicate (nothing per kept record);
+the corpus itself only ever sits in the scratch folder (``data/.scratch`` under the stage,
+removed at the end).
 
 Outputs (under ``<run>/prepare_data/``): ``tokenizer/`` and ``data/`` with ``manifest.json``,
 shards (``{split}-NNNNN.{ids,flags}.npy``), ``heldout.json``, ``quarantine.jsonl`` and
@@ -216,7 +218,7 @@ def prepare(
                     units, selections, scratch, data_uri, dict(d.worker_resources), d.num_workers
                 )
                 phase("selection")
-                manifest = assemble(cfg, tok, jobs, doc_sel, chat_sel, scratch, out)
+                manifest = assemble(cfg, tok, jobs, doc_sel, chat_sel, scratch, out, data_uri)
                 phase("shards")
                 manifest["sources"] = {
                     corpus: [sources.fingerprint(u) for u in dict.fromkeys(j.unit.uri for j in js)]

@@ -106,6 +106,9 @@ def write_corpus(folder: Path, documents: int, seed: int = 0, every: int = 20) -
         "data.instructions": str(folder / "chats.jsonl"),
         "data.chunk_bytes": 65536,
         "data.seq_len": 128,
+        # A task per shard (demo shards hold 256 blocks): the shards are written all over the
+        # cluster too.
+        "data.shard_task_tokens": 1,
         "storage.artifact_root": str(folder / "artifacts"),
     }
 
@@ -133,9 +136,10 @@ def digests(out: Path) -> dict[str, str]:
     }
 
 
-def unit_tasks(head: RayHead) -> list[dict[str, Any]]:
-    """Every attempt of every unit task the cluster ran (the dashboard's state API)."""
-    return [t for t in state_list(head, "tasks", 10000) if "_run_units" in t.get("name", "")]
+def unit_tasks(head: RayHead, name: str = "_run_units") -> list[dict[str, Any]]:
+    """Every attempt of every task of one map the cluster ran (the dashboard's state API):
+    the units (``_run_units``) or the shards (``write_shards``)."""
+    return [t for t in state_list(head, "tasks", 10000) if f"({name})" in t.get("name", "")]
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +163,14 @@ def test_one_node_two_nodes_and_a_killed_worker_give_the_same_bytes(
 
     with ray_worker_node(head, workdir, num_cpus=1) as worker_node:
         before = {(t["task_id"], t["attempt_number"]) for t in unit_tasks(head)}
+        shards_before = {t["task_id"] for t in unit_tasks(head, "write_shards")}
         _, log = run_driver(head, overrides, workdir / "two-nodes")
         tasks = [t for t in unit_tasks(head) if (t["task_id"], t["attempt_number"]) not in before]
         assert {t["node_id"] for t in tasks} == {head_node, worker_node}
+        shard_writers = [
+            t for t in unit_tasks(head, "write_shards") if t["task_id"] not in shards_before
+        ]
+        assert {t["node_id"] for t in shard_writers} == {head_node, worker_node}
         assert digests(workdir / "two-nodes") == one_node
         assert "ETA" in log and "MB/s" in log  # progress lines
 
@@ -185,11 +194,17 @@ def test_one_node_two_nodes_and_a_killed_worker_give_the_same_bytes(
         stop.set()
         thread.join()
         assert killed, "no unit task was seen running"
-        retried = [
-            t for t in unit_tasks(head)
-            if (t["task_id"], t["attempt_number"]) not in before and t["attempt_number"] > 0
-        ]  # fmt: skip
-        assert retried, "the killed task was not retried"
+        # Workers report task events every second or so: the retry may be listed a bit later.
+        deadline = time.monotonic() + 20
+        while True:
+            attempts = [
+                t for t in unit_tasks(head) if (t["task_id"], t["attempt_number"]) not in before
+            ]
+            if any(t["attempt_number"] > 0 for t in attempts) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        summary = sorted((t["task_id"][-6:], t["attempt_number"], t.get("state")) for t in attempts)
+        assert any(t["attempt_number"] > 0 for t in attempts), f"no retry: {summary}"
         assert digests(workdir / "killed") == one_node
 
 
