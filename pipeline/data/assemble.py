@@ -1,12 +1,11 @@
 """The last pass of prepare_data: selected records from the spill files into shards.
 
-Held-out records go first, streamed by the driver into ``heldout.json`` and the held-out
-shards; their token n-grams and those of ``data.eval_sets`` (the held-out ones with
-``data.decontaminate_heldout``) are what training records must not share (decontamination).
-Tasks then mark each unit's contaminated training records; the driver lays the training splits
-out from lengths alone (documents with the replay corpus interleaved at ``data.replay_ratio``,
-chats best-fit; ``layout``), and tasks write those shards in parallel (``shard_tasks``), the
-bytes the sequential packers would have written.
+The driver streams the held-out records into ``heldout.json``; their token n-grams and those of
+``data.eval_sets`` (the held-out ones with ``data.decontaminate_heldout``) are what training
+records must not share (decontamination). Tasks mark each unit's contaminated training
+records; the driver lays every split out from lengths alone (documents with the replay corpus
+interleaved at ``data.replay_ratio``, chats best-fit; ``layout``), and tasks write the shards in
+parallel (``shard_tasks``): the bytes the sequential packers would have written.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from pipeline.config import PipelineConfig
 from pipeline.contract import HELDOUT_FILE, SPLITS
 from pipeline.data import chunks, layout, shard_tasks, shards
 from pipeline.data.decontaminate import Decontaminator
-from pipeline.data.pack import BlockBuffer, DocumentPacker, ExamplePacker
 from pipeline.data.select import HELDOUT, TRAIN, Selection
 
 if TYPE_CHECKING:
@@ -102,33 +100,20 @@ def assemble(
     out: Path,
     data_uri: str,
 ) -> dict[str, Any]:
-    """Write the four splits and ``heldout.json``; returns the manifest's splits part and the
-    counts made here (decontaminated, truncated, replay share).
-
-    The driver streams the held-out records into ``heldout.json`` and the held-out shards in
-    ``out`` (the evaluation n-grams come from them); the training splits are laid out from
-    lengths (``layout``) and written into ``data_uri`` by tasks (``shard_tasks``).
-    """
+    """Write ``heldout.json`` (in ``out``) and the four splits' shards (into ``data_uri``, by
+    tasks); returns the manifest's splits part and the counts made here (decontaminated,
+    truncated, replay share)."""
     import ray
 
     from pipeline.data import engine
 
     d = cfg.data
     dtype = shards.token_dtype(len(tok))
-    held_splits = ("cpt_heldout", "sft_heldout")
-    writers = {s: shards.ShardWriter(out, s, d.shard_blocks, dtype) for s in held_splits}
-    buffers = {
-        s: BlockBuffer(d.seq_len, tok.pad_token_id, writers[s], rows=256, dtype=dtype)
-        for s in held_splits
-    }
     ids_of = {corpus: [j.index for j in js] for corpus, js in jobs.items()}
     counts: Counter[str] = Counter()
     decon = Decontaminator(d.decontaminate_ngram)
     heldout = HeldoutWriter(out / HELDOUT_FILE)
-
-    doc_held = DocumentPacker(buffers["cpt_heldout"], tok.eos_token_id)
     for ids, mask, text in records(scratch, doc_sel, ids_of["domain"], HELDOUT, True):
-        doc_held.add(ids)
         if d.decontaminate_heldout:
             decon.add_eval(ids, mask)
         heldout.add(text)
@@ -139,9 +124,7 @@ def assemble(
             decon.add_eval(ids, mask)
         heldout.add(text)
     heldout.next_list("chats")
-    chat_held = ExamplePacker(buffers["sft_heldout"], layout.CHAT_WINDOW)
     for ids, mask, messages in records(scratch, chat_sel, ids_of["instructions"], HELDOUT, True):
-        chat_held.add(ids, mask)
         if d.decontaminate_heldout:
             decon.add_eval(ids, mask)
         heldout.add(messages)
@@ -149,8 +132,6 @@ def assemble(
     for ids, mask, _ in records(scratch, None, ids_of["eval"], TRAIN):
         decon.add_eval(ids, mask)
     decon.freeze()
-    chat_held.close()
-    buffers["cpt_heldout"].close()
 
     resources, workers = dict(d.worker_resources), d.num_workers
     selection_of = {"domain": doc_sel, "replay": doc_sel, "instructions": chat_sel}
@@ -161,14 +142,29 @@ def assemble(
         shard_tasks.mark_unit(scratch, unit[0], unit[1], d.decontaminate_ngram, ray.get(banned[0]))
 
     engine.map_tasks(mark_unit, units, resources, workers)
-    cpt = layout.lay_out_documents(
-        layout.document_order(scratch, ids_of["domain"], ids_of["replay"], d.replay_ratio, counts),
-        scratch, "cpt_train", d.seq_len, d.shard_blocks, d.shard_task_tokens,
-    )  # fmt: skip
-    sft = layout.lay_out_chats(
-        layout.chat_order(scratch, ids_of["instructions"], d.seq_len, counts),
-        scratch, "sft_train", d.seq_len, d.shard_blocks, d.shard_task_tokens,
-    )  # fmt: skip
+    laid = {
+        "cpt_train": layout.lay_out_documents(
+            layout.document_order(
+                scratch, ids_of["domain"], ids_of["replay"], d.replay_ratio, counts
+            ),
+            scratch, "cpt_train", d.seq_len, d.shard_blocks, d.shard_task_tokens,
+        ),
+        "cpt_heldout": layout.lay_out_documents(
+            layout.heldout_documents(scratch, ids_of["domain"]),
+            scratch, "cpt_heldout", d.seq_len, d.shard_blocks, d.shard_task_tokens,
+        ),
+        "sft_train": layout.lay_out_chats(
+            layout.chat_order(scratch, ids_of["instructions"], d.seq_len, counts),
+            scratch, "sft_train", d.seq_len, d.shard_blocks, d.shard_task_tokens,
+        ),
+        "sft_heldout": layout.lay_out_chats(
+            layout.chat_order(
+                scratch, ids_of["instructions"], d.seq_len, counts, layout.HELDOUT
+            ),
+            scratch, "sft_heldout", d.seq_len, d.shard_blocks, d.shard_task_tokens,
+        ),
+    }  # fmt: skip
+    tasks = [task for name in SPLITS for task in laid[name].tasks]
 
     def write_shards(task: layout.ShardTask) -> dict[str, Any]:
         return shard_tasks.write_planned(
@@ -177,43 +173,33 @@ def assemble(
         )  # fmt: skip
 
     try:
-        written = engine.map_tasks(write_shards, cpt.tasks + sft.tasks, resources, workers)
+        written = engine.map_tasks(write_shards, tasks, resources, workers)
     except BaseException:
         # No manifest names them: a folder of some shards and no manifest would only mislead.
         for name in storage.list_children(data_uri):
-            if name.startswith(("cpt_train-", "sft_train-")):
+            if name.startswith(tuple(f"{split}-" for split in SPLITS)):
                 storage.remove(storage.join(data_uri, name))
         raise
     splits: dict[str, Any] = {}
-    for name, laid in (("cpt_train", cpt), ("sft_train", sft)):
-        parts = [
-            w for task, w in zip(cpt.tasks + sft.tasks, written, strict=True) if task.split == name
-        ]
+    for name in SPLITS:
+        parts = [w for task, w in zip(tasks, written, strict=True) if task.split == name]
         blocks = sum(p["blocks"] for p in parts)
         splits[name] = {
             "shards": [shard for p in parts for shard in p["shards"]],
             "blocks": blocks,
             "trained_tokens": sum(p["trained_tokens"] for p in parts),
             "dtype": dtype.name,
-            "records": laid.records,
-            "tokens": laid.tokens,
-            "packing_efficiency": round(laid.tokens / max(1, blocks * d.seq_len), 5),
+            "records": laid[name].records,
+            "tokens": laid[name].tokens,
+            "packing_efficiency": round(laid[name].tokens / max(1, blocks * d.seq_len), 5),
         }
-    held_examples = {"cpt_heldout": doc_held.documents, "sft_heldout": chat_held.examples}
-    for name in held_splits:
-        entry = writers[name].close()
-        entry["records"] = held_examples[name]
-        entry["tokens"] = buffers[name].tokens
-        entry["packing_efficiency"] = round(buffers[name].efficiency, 5)
-        splits[name] = entry
-    counts["chats_truncated"] += chat_held.truncated
     return {
         "format": shards.FORMAT,
         "seq_len": d.seq_len,
         "vocab_size": len(tok),
         "token_dtype": dtype.name,
         "chat_format": d.chat_format,
-        "splits": {name: splits[name] for name in SPLITS},
+        "splits": splits,
         # Counts that stayed zero are left out, as they always were.
         "assembly": {k: v for k, v in counts.items() if v or k == "chats_truncated"},
         "decontamination": {"ngram": d.decontaminate_ngram, "eval_ngrams": len(decon.banned)},

@@ -65,9 +65,10 @@ def storage_env() -> dict[str, Any] | None:
     the job carry the storage settings. On a local Ray this process started (no dashboard),
     the driver's ``AWS_*`` settings as they are now: the Ray's workers were started with the
     environment of its first run, which a later run may have changed (another endpoint)."""
-    if not _started_here:
-        return None
-    return {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    settings = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    if not _started_here or not settings:
+        return None  # none: the tasks may run in the workers Ray started in advance
+    return {"env_vars": settings}
 
 
 def peak_memory_mb() -> float:

@@ -34,8 +34,7 @@ from pipeline.data.pack import best_fit
 SKIP, TRAIN_CLEAN, HELDOUT = select.DROP, select.TRAIN, select.HELDOUT
 CONTAMINATED = 3
 CHAT_WINDOW = 4096
-"""Examples per best-fit window (``pack.ExamplePacker``'s default, which the held-out split
-uses)."""
+"""Examples per best-fit window (``pack.ExamplePacker``'s default)."""
 
 
 @dataclass(frozen=True)
@@ -121,16 +120,26 @@ class _Replay:
         return taken
 
 
+def heldout_documents(
+    scratch: str, domain: list[int]
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The domain corpus's held-out documents in order, as ``(unit, record, tokens)`` arrays
+    per unit (the replay corpus's held-out part is never packed)."""
+    for index, lengths, codes in _records(scratch, domain):
+        chosen = np.flatnonzero(codes == HELDOUT)
+        yield np.full(len(chosen), index), chosen, lengths[chosen] + 1
+
+
 def document_order(
     scratch: str, domain: list[int], replay: list[int], ratio: float, counts: Counter[str]
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The CPT training documents in packing order, as ``(unit, record, tokens)`` arrays per
-    domain unit: ``assemble``'s interleave, after each domain document the replay documents
-    whose preceding replay tokens are below ``ratio / (1 - ratio)`` of the domain tokens so far.
+    domain unit: after each domain document, the replay documents whose preceding replay
+    tokens are below ``ratio / (1 - ratio)`` of the domain tokens so far.
 
-    Counts, as the sequential loop did: ``documents_decontaminated``, ``domain_tokens``,
-    ``replay_documents``, ``replay_tokens``, ``replay_decontaminated`` (the contaminated replay
-    documents that loop read past).
+    Counts: ``documents_decontaminated``, ``domain_tokens``, ``replay_documents``,
+    ``replay_tokens``, ``replay_decontaminated`` (the contaminated replay documents read past
+    before the last one packed: all of them when the replay corpus ran out first).
     """
     per_domain_token = ratio / (1 - ratio)
     pool = _Replay(scratch, replay)
@@ -181,13 +190,15 @@ def document_order(
 
 
 def chat_order(
-    scratch: str, indices: list[int], seq_len: int, counts: Counter[str]
+    scratch: str, indices: list[int], seq_len: int, counts: Counter[str], code: int = TRAIN_CLEAN
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The SFT training examples in order, as ``(unit, record, tokens)`` arrays per unit,
-    cut to ``seq_len`` (``chats_truncated``, ``chats_decontaminated`` counted)."""
+    """The SFT examples with pack code ``code`` (training, or ``HELDOUT``) in order, as
+    ``(unit, record, tokens)`` arrays per unit, cut to ``seq_len`` (``chats_truncated``
+    counted, and for training ``chats_decontaminated``)."""
     for index, lengths, codes in _records(scratch, indices):
-        counts["chats_decontaminated"] += int((codes == CONTAMINATED).sum())
-        clean = np.flatnonzero((codes == TRAIN_CLEAN) & (lengths > 0))
+        if code == TRAIN_CLEAN:
+            counts["chats_decontaminated"] += int((codes == CONTAMINATED).sum())
+        clean = np.flatnonzero((codes == code) & (lengths > 0))
         counts["chats_truncated"] += int((lengths[clean] > seq_len).sum())
         yield np.full(len(clean), index), clean, np.minimum(lengths[clean], seq_len)
 

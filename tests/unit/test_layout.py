@@ -219,3 +219,38 @@ def test_a_task_that_writes_other_blocks_than_its_plan_fails(tmp_path: Path) -> 
     write_unit(scratch, 0, np.array([10, 20, 5]), np.full(3, layout.TRAIN_CLEAN))
     with pytest.raises(RuntimeError, match="wrote 3 blocks, its plan 4"):
         shard_tasks.write_planned(task, str(scratch), str(tmp_path), SEQ, PAD, EOS, "uint16", 8)
+
+
+def test_heldout_splits_are_laid_out_from_the_heldout_codes_alone(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    scratch, planned, sequential = (tmp_path / n for n in ("scratch", "planned", "sequential"))
+    for folder in (scratch, planned, sequential):
+        folder.mkdir()
+    indices = synthetic(scratch, 0, 5, rng, 30)
+    laid = layout.lay_out_documents(
+        layout.heldout_documents(str(scratch), indices), str(scratch), "cpt_heldout", SEQ, 2, 40
+    )
+    got = run_tasks(scratch, planned, laid, 2)
+    writer = shards.ShardWriter(sequential, "cpt_heldout", 2, np.dtype(np.uint16))
+    buffer = BlockBuffer(SEQ, PAD, writer, rows=5, dtype=np.uint16)
+    packer = DocumentPacker(buffer, EOS)
+    for index in indices:
+        for i in np.flatnonzero(
+            np.load(chunks.spill_path(scratch, index, "pack.npy")) == layout.HELDOUT
+        ):
+            packer.add(record(scratch, index, i)[0])
+    buffer.close()
+    want = writer.close()
+    assert got == want and shard_bytes(planned, got) == shard_bytes(sequential, want)
+    assert laid.records == packer.documents > 0 and len(laid.tasks) > 1
+
+    counts: Counter[str] = Counter()
+    chats = layout.lay_out_chats(
+        layout.chat_order(str(scratch), indices, SEQ, counts, layout.HELDOUT),
+        str(scratch), "sft_heldout", SEQ, 4, 10**6,
+    )  # fmt: skip
+    held = sum(
+        int((np.load(chunks.spill_path(scratch, i, "pack.npy")) == layout.HELDOUT).sum())
+        for i in indices
+    )
+    assert chats.records == held and "chats_decontaminated" not in counts
