@@ -134,14 +134,23 @@ def assemble(
     decon.freeze()
 
     resources, workers = dict(d.worker_resources), d.num_workers
-    selection_of = {"domain": doc_sel, "replay": doc_sel, "instructions": chat_sel}
-    units = [(i, selection_of[c]) for c in ("domain", "replay", "instructions") for i in ids_of[c]]
+    selection_of = {
+        index: selection
+        for corpus, selection in (
+            ("domain", doc_sel),
+            ("replay", doc_sel),
+            ("instructions", chat_sel),
+        )
+        for index in ids_of[corpus]
+    }
     banned = [ray.put(decon.banned)]  # in a list: a task resolves it, once per node
 
-    def mark_unit(unit: tuple[int, Selection]) -> None:
-        shard_tasks.mark_unit(scratch, unit[0], unit[1], d.decontaminate_ngram, ray.get(banned[0]))
+    ngram = d.decontaminate_ngram
 
-    engine.map_tasks(mark_unit, units, resources, workers)
+    def mark_unit(index: int) -> None:
+        shard_tasks.mark_unit(scratch, index, selection_of[index], ngram, ray.get(banned[0]))
+
+    engine.map_tasks(mark_unit, sorted(selection_of), resources, workers)
     laid = {
         "cpt_train": layout.lay_out_documents(
             layout.document_order(
@@ -166,11 +175,14 @@ def assemble(
     }  # fmt: skip
     tasks = [task for name in SPLITS for task in laid[name].tasks]
 
+    seq_len, blocks_per_shard = d.seq_len, d.shard_blocks
+    pad_id, eos_id, dtype_name = tok.pad_token_id, tok.eos_token_id, dtype.name
+
     def write_shards(task: layout.ShardTask) -> dict[str, Any]:
+        # Only plain values in the closure: it is sent to every node.
         return shard_tasks.write_planned(
-            task, scratch, data_uri, d.seq_len, tok.pad_token_id, tok.eos_token_id, dtype.name,
-            d.shard_blocks,
-        )  # fmt: skip
+            task, scratch, data_uri, seq_len, pad_id, eos_id, dtype_name, blocks_per_shard
+        )
 
     try:
         written = engine.map_tasks(write_shards, tasks, resources, workers)

@@ -16,7 +16,6 @@ for the union-find.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -313,33 +312,52 @@ def duplicate_edges(
     return edges_a, edges_b, np.r_[np.ones(int(exact.sum()), bool), np.zeros(len(confirmed), bool)]
 
 
+def _run_task(fn: Callable[[Any], Any], payload: Any) -> Any:
+    return fn(payload)
+
+
+_TASK_RETRIES = 3
+"""Retries of a task whose worker died (OOM, a lost node); a task that raises is not retried."""
+
+
 def map_tasks(
     fn: Callable[[Any], Any],
     payloads: list[Any],
     resources: dict[str, float],
     max_workers: int | None,
 ) -> list[Any]:
-    """``fn(payload)`` for each payload as one Ray Data task on the CPU nodes (``resources``,
-    at most ``max_workers`` at once), retried like every task when its worker dies; returns
-    the results (JSON values) in payload order. The tasks are named after ``fn``."""
-    import ray.data
+    """``fn(payload)`` for each payload as one Ray task on the CPU nodes (one CPU plus
+    ``resources``, at most ``max_workers`` at once), named after ``fn``; returns the results
+    in payload order. Payloads are sent one per task: what every task needs belongs in ``fn``'s
+    closure, which is sent once.
+
+    Plain tasks, not a Ray Data map: these are a few dozen coarse jobs (a unit's records, a
+    few shards), where a Ray Data execution's start (about half a second) would be most of
+    their cost.
+    """
+    import ray
 
     if not payloads:
         return []
-
-    def run(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        [index] = batch["index"].tolist()
-        return {"index": np.array([index]), "result": np.array([json.dumps(fn(payloads[index]))])}
-
-    run.__name__ = run.__qualname__ = fn.__name__
-    options: dict[str, Any] = {"num_cpus": 1, "resources": dict(resources) or None}
-    if max_workers:
-        options["concurrency"] = max_workers
-    done = ray.data.from_items(
-        [{"index": i} for i in range(len(payloads))], override_num_blocks=len(payloads)
-    ).map_batches(run, batch_size=1, batch_format="numpy", runtime_env=storage_env(), **options)
-    results = {int(r["index"]): json.loads(str(r["result"])) for r in done.take_all()}
-    return [results[i] for i in range(len(payloads))]
+    remote = ray.remote(_run_task).options(
+        name=fn.__name__,
+        num_cpus=1,
+        resources=dict(resources) or None,
+        max_retries=_TASK_RETRIES,
+        runtime_env=storage_env(),
+    )
+    shared = ray.put(fn)  # the closure and what it holds, sent once
+    limit = max_workers or len(payloads)
+    results: list[Any] = [None] * len(payloads)
+    pending: dict[Any, int] = {}
+    for index, payload in enumerate(payloads):
+        if len(pending) == limit:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(done)] = ray.get(done)
+        pending[remote.remote(shared, payload)] = index
+    for ref, index in pending.items():
+        results[index] = ray.get(ref)
+    return results
 
 
 def write_records(

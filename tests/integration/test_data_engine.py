@@ -136,10 +136,14 @@ def digests(out: Path) -> dict[str, str]:
     }
 
 
-def unit_tasks(head: RayHead, name: str = "_run_units") -> list[dict[str, Any]]:
-    """Every attempt of every task of one map the cluster ran (the dashboard's state API):
-    the units (``_run_units``) or the shards (``write_shards``)."""
-    return [t for t in state_list(head, "tasks", 10000) if f"({name})" in t.get("name", "")]
+def unit_tasks(head: RayHead) -> list[dict[str, Any]]:
+    """Every attempt of every unit task the cluster ran (the dashboard's state API)."""
+    return [t for t in state_list(head, "tasks", 10000) if "_run_units" in t.get("name", "")]
+
+
+def tasks_named(head: RayHead, name: str) -> list[dict[str, Any]]:
+    """Every attempt of the plain Ray tasks named ``name`` (``engine.map_tasks``)."""
+    return [t for t in state_list(head, "tasks", 10000) if t.get("name") == name]
 
 
 @pytest.fixture(scope="module")
@@ -163,12 +167,12 @@ def test_one_node_two_nodes_and_a_killed_worker_give_the_same_bytes(
 
     with ray_worker_node(head, workdir, num_cpus=1) as worker_node:
         before = {(t["task_id"], t["attempt_number"]) for t in unit_tasks(head)}
-        shards_before = {t["task_id"] for t in unit_tasks(head, "write_shards")}
+        shards_before = {t["task_id"] for t in tasks_named(head, "write_shards")}
         _, log = run_driver(head, overrides, workdir / "two-nodes")
         tasks = [t for t in unit_tasks(head) if (t["task_id"], t["attempt_number"]) not in before]
         assert {t["node_id"] for t in tasks} == {head_node, worker_node}
         shard_writers = [
-            t for t in unit_tasks(head, "write_shards") if t["task_id"] not in shards_before
+            t for t in tasks_named(head, "write_shards") if t["task_id"] not in shards_before
         ]
         assert {t["node_id"] for t in shard_writers} == {head_node, worker_node}
         assert digests(workdir / "two-nodes") == one_node
