@@ -178,14 +178,22 @@ def test_one_node_two_nodes_and_a_killed_worker_give_the_same_bytes(
         assert digests(workdir / "two-nodes") == one_node
         assert "ETA" in log and "MB/s" in log  # progress lines
 
-        # Kill the first worker process seen running a unit task, with SIGKILL.
+        # Kill the first worker process of this cluster seen running a unit task, with SIGKILL.
+        # Only this cluster's workers (its state API lists them): another test's Ray on the
+        # machine may be running unit tasks too.
         killed: list[int] = []
         stop = threading.Event()
 
         def killer() -> None:
+            ours: set[int] = set()
+            listed = 0.0
             while not stop.is_set() and not killed:
+                if time.monotonic() - listed > 0.5:
+                    ours = {int(w["pid"]) for w in state_list(head, "workers")}
+                    listed = time.monotonic()
                 for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if "_run_units" in " ".join(proc.info["cmdline"] or []):
+                    title = " ".join(proc.info["cmdline"] or [])
+                    if proc.info["pid"] in ours and "_run_units" in title:
                         os.kill(proc.info["pid"], 9)
                         killed.append(proc.info["pid"])
                         return
