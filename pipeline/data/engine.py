@@ -345,6 +345,9 @@ def map_tasks(
         resources=dict(resources) or None,
         max_retries=_TASK_RETRIES,
         runtime_env=storage_env(),
+        # Spread over the CPU nodes: the default packs a node before it uses the next, and
+        # these jobs are bound by storage, which every node has its own share of.
+        scheduling_strategy="SPREAD",
     )
     shared = ray.put(fn)  # the closure and what it holds, sent once
     limit = max_workers or len(payloads)
