@@ -214,9 +214,7 @@ class _PlanWriter:
     def write(self, pieces: list[np.ndarray], rows: int, shard_blocks: int) -> None:
         plan = np.concatenate(pieces) if pieces else np.zeros((0, 4), np.int64)
         uri = storage.join(self.scratch, "plans", f"{self.split}-{len(self.tasks):05d}.npy")
-        buffer = io.BytesIO()
-        np.save(buffer, plan)
-        storage.write_bytes(uri, buffer.getvalue())
+        write_array(uri, plan)
         self.tasks.append(ShardTask(self.split, self.kind, self.shards, rows, uri))
         self.shards += math.ceil(rows / shard_blocks)
 
@@ -310,6 +308,13 @@ def lay_out_chats(
     if pieces:
         plans.write(pieces, rows, shard_blocks)
     return layout
+
+
+def write_array(uri: str, array: np.ndarray) -> None:
+    """One ``.npy`` file at ``uri`` (a plan, a unit's pack codes), local or on S3."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    storage.write_bytes(uri, buffer.getvalue())
 
 
 def read_plan(uri: str) -> np.ndarray:

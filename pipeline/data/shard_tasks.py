@@ -10,7 +10,6 @@ node or task wrote them.
 from __future__ import annotations
 
 import contextlib
-import io
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,7 @@ def mark_unit(
                 lo, hi = bounds[i], bounds[i + 1]
                 if decon.contaminated(ids[lo:hi], mask[lo:hi]):
                     codes[i] = layout.CONTAMINATED
-    buffer = io.BytesIO()
-    np.save(buffer, codes.astype(np.int8))
-    storage.write_bytes(chunks.spill_uri(scratch, index, "pack.npy"), buffer.getvalue())
+    layout.write_array(chunks.spill_uri(scratch, index, "pack.npy"), codes.astype(np.int8))
 
 
 class _Spills:
